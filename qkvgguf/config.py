@@ -1,0 +1,143 @@
+"""ModelConfig: the hyperparameters of a decoder, read from GGUF metadata (never guessed).
+
+One frozen dataclass serves every supported architecture; the differences between families are
+flags (`qkv_bias`, `qk_norm`, `rope_neox`), not copies of the model code.
+
+    llama  : Llama 1/2/3, Mistral, SmolLM. Q/K rows were permuted by the converter, so rope rotates
+             adjacent pairs (x[2i], x[2i+1]) -- ggml's "normal" rope.
+    qwen2  : as llama plus biases on q/k/v; rope rotates halves (x[i], x[i + d/2]) -- "neox".
+    qwen3  : as qwen2 without biases, plus an RMSNorm over each head of q and k before rope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import GGUFError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    rope_neox: bool  # rotate halves (NeoX) instead of adjacent pairs
+    qkv_bias: bool = False  # optional biases on attn_q/k/v (present if the tensors exist)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (attn_q_norm / attn_k_norm)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec(rope_neox=False),
+    "qwen2": ArchSpec(rope_neox=True, qkv_bias=True),
+    "qwen3": ArchSpec(rope_neox=True, qk_norm=True),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layer: int  # transformer blocks
+    n_embd: int  # residual width
+    n_ff: int  # feed-forward hidden width
+    n_head: int  # query heads
+    n_head_kv: int  # key/value heads (GQA: n_head % n_head_kv == 0)
+    head_dim: int  # per-head width of q and k (and v)
+    n_ctx_train: int  # context length the model was trained for
+    vocab_size: int
+    norm_eps: float
+    rope_base: float
+    rope_dim: int  # leading dims of each head that rope rotates (== head_dim for these families)
+    rope_neox: bool
+    rope_scaling: str = "none"  # "none" | "linear"
+    rope_scale: float = 1.0  # positions are divided by this (linear scaling)
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tied_embeddings: bool = False  # no output.weight: logits use token_embd.weight
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_head // self.n_head_kv
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    @classmethod
+    def from_gguf(cls, gguf) -> "ModelConfig":
+        """Build from an open `GGUFFile` (metadata + tensor names)."""
+        md, path = gguf.metadata, gguf.path
+        arch = md.get("general.architecture")
+        if arch is None:
+            raise GGUFError(f"{path}: required metadata key 'general.architecture' is missing")
+        if arch not in ARCHITECTURES:
+            raise UnsupportedError(
+                f"{path}: architecture '{arch}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+            )
+        spec = ARCHITECTURES[arch]
+
+        def req(key: str, kind=int):
+            full = f"{arch}.{key}"
+            if full not in md:
+                raise GGUFError(f"{path}: required metadata key '{full}' is missing")
+            value = md[full]
+            if isinstance(value, list) and kind is int:
+                # per-layer arrays (e.g. head_count_kv) are allowed only when uniform
+                if len(set(value)) != 1:
+                    raise UnsupportedError(f"{path}: '{full}' varies by layer ({value[:4]}...), not supported")
+                value = value[0]
+            if isinstance(value, (str, list)) or value is None:
+                raise GGUFError(f"{path}: metadata key '{full}' should be a number, found {value!r}")
+            return kind(value)
+
+        def opt(key: str, default, kind=int):
+            return req(key, kind) if f"{arch}.{key}" in md else default
+
+        n_embd = req("embedding_length")
+        n_head = req("attention.head_count")
+        n_head_kv = opt("attention.head_count_kv", n_head)
+        head_dim = opt("attention.key_length", n_embd // n_head)
+        if head_dim != opt("attention.value_length", head_dim):
+            raise UnsupportedError(f"{path}: key_length != value_length is not supported")
+        if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+            raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+        if "token_embd.weight" not in gguf.tensors:
+            raise GGUFError(f"{path}: required tensor 'token_embd.weight' is missing")
+        vocab_size = gguf.tensors["token_embd.weight"].shape[0]
+        n_tokens = len(md.get("tokenizer.ggml.tokens", []) or [])
+        if n_tokens and n_tokens > vocab_size:
+            raise GGUFError(f"{path}: vocabulary has {n_tokens} tokens but token_embd.weight has {vocab_size} rows")
+
+        scaling = md.get(f"{arch}.rope.scaling.type", "none")
+        scale = 1.0
+        if scaling == "linear":
+            scale = float(md.get(f"{arch}.rope.scaling.factor", 1.0))
+        elif scaling not in ("none", None):
+            raise UnsupportedError(f"{path}: rope scaling '{scaling}' is not supported (supported: none, linear)")
+        if "rope_freqs.weight" in gguf.tensors:
+            scaling = "freqs" if scaling in ("none", None) else scaling
+
+        rope_dim = opt("rope.dimension_count", head_dim)
+        if rope_dim != head_dim:
+            raise UnsupportedError(f"{path}: partial rope ({rope_dim} of {head_dim} dims) is not supported")
+        return cls(
+            arch=arch,
+            n_layer=req("block_count"),
+            n_embd=n_embd,
+            n_ff=req("feed_forward_length"),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_ctx_train=req("context_length"),
+            vocab_size=vocab_size,
+            norm_eps=req("attention.layer_norm_rms_epsilon", float),
+            rope_base=opt("rope.freq_base", 10000.0, float),
+            rope_dim=rope_dim,
+            rope_neox=spec.rope_neox,
+            rope_scaling=scaling or "none",
+            rope_scale=scale,
+            qkv_bias=spec.qkv_bias and "blk.0.attn_q.bias" in gguf.tensors,
+            qk_norm=spec.qk_norm,
+            tied_embeddings="output.weight" not in gguf.tensors,
+        )

@@ -1,0 +1,60 @@
+"""Quant formats: one registry keyed by ggml type.
+
+Each format module registers a `QuantFormat` with its block layout, a vectorized torch
+dequantizer and, where we write the format, a numpy quantizer. Callers use the functions below and
+never branch on the type themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ..errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    type: T
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    # raw bytes (rows, row_bytes) uint8 -> values (rows, row_bytes // type_size * block_size) float32
+    dequantize: Callable[[torch.Tensor], torch.Tensor]
+    # values (rows, row_len) float32 -> bytes (rows, row_len // block_size * type_size) uint8
+    quantize: Optional[Callable[[np.ndarray], np.ndarray]] = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+
+FORMATS: dict[T, QuantFormat] = {}
+
+
+def register(fmt: QuantFormat) -> QuantFormat:
+    FORMATS[fmt.type] = fmt
+    return fmt
+
+
+def get_format(qtype: T) -> QuantFormat:
+    if qtype not in FORMATS:
+        names = ", ".join(t.name for t in FORMATS)
+        raise UnsupportedError(f"ggml type {T(qtype).name} is not supported (supported: {names})")
+    return FORMATS[qtype]
+
+
+def dequantize(raw: torch.Tensor, qtype: T) -> torch.Tensor:
+    """(rows, row_bytes) uint8 -> (rows, row_len) float32."""
+    return get_format(qtype).dequantize(raw)
+
+
+def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
+    """(rows, row_len) float32 -> (rows, row_bytes) uint8, bit-exact with gguf.quants."""
+    fmt = get_format(qtype)
+    if fmt.quantize is None:
+        raise UnsupportedError(f"quantizing to {T(qtype).name} is not implemented")
+    return fmt.quantize(values)
