@@ -1,0 +1,101 @@
+"""The decoder forward pass: plain functions over a weights mapping keyed by GGUF names.
+
+One implementation serves llama, qwen2 and qwen3; their differences are `ModelConfig` flags:
+
+    x = token_embd[tokens]                                   # (T, n_embd)
+    for each block i:
+        h = rms_norm(x) * attn_norm
+        q, k, v = h @ attn_q/k/v (+ bias if qkv_bias)        # (T, n_head*hd), (T, n_head_kv*hd) x2
+        q, k = rms_norm per head * attn_q/k_norm  (qk_norm)
+        q, k = rope(q, k, positions)                         # adjacent pairs, or halves (rope_neox)
+        x = x + attention(q, cache(k), cache(v)) @ attn_output
+        h = rms_norm(x) * ffn_norm
+        x = x + (silu(h @ ffn_gate) * (h @ ffn_up)) @ ffn_down
+    logits = (rms_norm(x) * output_norm) @ output            # output = token_embd when tied
+
+All arithmetic is float32 (the reference path). Weights are dequantized per matmul through the
+`Weights` cache; the one dispatch point for matmuls is `ops.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkvgguf.config import ModelConfig
+from qkvgguf.gguf_file import GGUFFile
+
+from . import ops
+from .kv_cache import KVCache
+from .weights import Weights
+
+
+class Model:
+    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0):
+        self.gguf = gguf
+        self.config = ModelConfig.from_gguf(gguf)
+        self.weights = Weights(gguf, cache_bytes)
+        self.output_name = "token_embd.weight" if self.config.tied_embeddings else "output.weight"
+        freq_factors = self.weights.dense("rope_freqs.weight") if "rope_freqs.weight" in self.weights else None
+        self.inv_freq = ops.rope_inv_freq(self.config, freq_factors)
+
+    def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32") -> KVCache:
+        return KVCache(self.config, n_ctx, type_k, type_v)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor:
+        """Run tokens (T,) at positions [cache.pos, cache.pos + T); return logits.
+
+        logits="last": (vocab,) for the last position; "all": (T, vocab); "none": nothing computed.
+        """
+        cfg, W = self.config, self.weights
+        T = tokens.shape[0]
+        start = cache.pos
+        if start + T > cache.n_ctx:
+            raise ValueError(f"{T} tokens at position {start} overflow the {cache.n_ctx}-token context")
+        positions = torch.arange(start, start + T)
+        cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2)
+        x = W.rows("token_embd.weight", tokens)  # (T, n_embd)
+        for i in range(cfg.n_layer):
+            x = x + self._attention(i, x, cos, sin, cache)
+            x = x + self._feed_forward(i, x)
+        cache.advance(T)
+        if logits == "none":
+            return torch.empty(0)
+        if logits == "last":
+            x = x[-1:]
+        x = ops.rms_norm(x, W.dense("output_norm.weight"), cfg.norm_eps)
+        out = ops.linear(x, W, self.output_name)  # (T or 1, vocab)
+        return out[0] if logits == "last" else out
+
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache) -> torch.Tensor:
+        cfg, W = self.config, self.weights
+        p = f"blk.{i}."
+        T = x.shape[0]
+        h = ops.rms_norm(x, W.dense(p + "attn_norm.weight"), cfg.norm_eps)
+        q = ops.linear(h, W, p + "attn_q.weight", p + "attn_q.bias" if cfg.qkv_bias else None)
+        k = ops.linear(h, W, p + "attn_k.weight", p + "attn_k.bias" if cfg.qkv_bias else None)
+        v = ops.linear(h, W, p + "attn_v.weight", p + "attn_v.bias" if cfg.qkv_bias else None)
+        q = q.view(T, cfg.n_head, cfg.head_dim).transpose(0, 1)  # (n_head, T, hd)
+        k = k.view(T, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)  # (n_head_kv, T, hd)
+        v = v.view(T, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
+        if cfg.qk_norm:
+            q = ops.rms_norm(q, W.dense(p + "attn_q_norm.weight"), cfg.norm_eps)
+            k = ops.rms_norm(k, W.dense(p + "attn_k_norm.weight"), cfg.norm_eps)
+        q = ops.rope(q, cos, sin, cfg.rope_neox)
+        k = ops.rope(k, cos, sin, cfg.rope_neox)
+        keys, values = cache.append(i, k, v)  # (n_head_kv, pos+T, hd)
+        out = ops.attention(q, keys, values, cache.pos)  # (n_head, T, hd)
+        out = out.transpose(0, 1).reshape(T, cfg.q_dim)
+        return ops.linear(out, W, p + "attn_output.weight")
+
+    def _feed_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        cfg, W = self.config, self.weights
+        p = f"blk.{i}."
+        h = ops.rms_norm(x, W.dense(p + "ffn_norm.weight"), cfg.norm_eps)
+        gate = ops.linear(h, W, p + "ffn_gate.weight")
+        up = ops.linear(h, W, p + "ffn_up.weight")
+        return ops.linear(ops.swiglu(gate, up), W, p + "ffn_down.weight")
+
+
+def load_model(path: str, cache_bytes: int = 0) -> Model:
+    return Model(GGUFFile(path), cache_bytes)

@@ -1,0 +1,68 @@
+"""Torch reference ops (float32): the CPU backend and the reference for the Triton kernels.
+
+`linear` is the single dispatch point for matmuls against GGUF weights; the Triton backend
+replaces it on CUDA devices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qkvgguf.config import ModelConfig
+
+
+def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
+    """x (T, in) @ W[name].T (out, in) -> (T, out), plus W[bias] if given."""
+    y = x @ W.dense(name).T
+    if bias is not None:
+        y = y + W.dense(bias)
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalize over the last dim: x / sqrt(mean(x^2) + eps) * weight."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """theta_i = base^(-2i/d) for i < d/2, divided by per-frequency factors (llama3's rope_freqs)."""
+    d = cfg.rope_dim
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if freq_factors is not None:
+        inv = inv / freq_factors.float()
+    return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0):
+    """Angles pos/scale * theta_i: cos, sin of shape (T, d/2)."""
+    angles = (positions.float() / scale)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate x (heads, T, d) by position.
+
+    Normal (llama GGUF): pairs (x[2i], x[2i+1]). NeoX (qwen): pairs (x[i], x[i + d/2]).
+    """
+    if neox:
+        half = x.shape[-1] // 2
+        x0, x1 = x[..., :half], x[..., half:]
+        return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int) -> torch.Tensor:
+    """Causal GQA attention. q (n_head, T, d) at positions [n_past, n_past+T); k, v (n_kv, n_past+T, d)."""
+    T, S = q.shape[1], k.shape[1]
+    if T == 1:
+        mask = None
+    else:
+        # query t (absolute position n_past + t) sees keys 0 .. n_past + t
+        mask = torch.arange(S)[None, :] <= (torch.arange(T)[:, None] + n_past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[0] != k.shape[0])

@@ -1,0 +1,112 @@
+"""Weights: GGUF tensors as lazily dequantized torch views of the memory map.
+
+`QTensor` holds a tensor's raw bytes (a zero-copy uint8 view of the mapped file) and its ggml type;
+nothing is read from disk until a kernel touches it. `Weights` maps GGUF names
+(`blk.{i}.attn_q.weight`) to QTensors and owns the one `DequantCache`.
+
+The torch backend multiplies by dequantized float32 weights. Dequantizing on every call is slow for
+decode (one token re-reads the whole model), so a `DequantCache` keeps dequantized copies up to a
+byte budget. It admits tensors first-come and never evicts: the forward pass visits layers in a
+fixed cycle, for which LRU would evict every entry just before its next use, while a static set
+keeps a stable fraction of the model hot. A budget of 0 disables it; the runtime then holds at most
+one dequantized weight at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from qkvgguf.errors import UnsupportedError
+from qkvgguf.gguf_file import GGUFFile
+from qkvgguf.quants import dequantize, get_format
+
+
+@dataclass
+class QTensor:
+    name: str
+    type: T
+    shape: tuple[int, ...]  # numpy order, row length last
+    raw: torch.Tensor  # uint8 (rows, row_bytes), a view of the file
+
+    @property
+    def n_bytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def dequantized_bytes(self) -> int:
+        return 4 * int(np.prod(self.shape))
+
+    def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """float32 values, all rows or the selected ones; reshaped to `shape` when all rows."""
+        if rows is None:
+            return dequantize(self.raw, self.type).view(self.shape)
+        return dequantize(self.raw[rows], self.type)
+
+
+def _from_memmap(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only map: we never write through these views
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+class DequantCache:
+    """Dequantized float32 copies of weights, admitted until `budget` bytes, never evicted."""
+
+    def __init__(self, budget: int):
+        self.budget = int(budget)
+        self.used = 0
+        self._store: dict[str, torch.Tensor] = {}
+        self._refused: set[str] = set()
+
+    def peek(self, name: str) -> torch.Tensor | None:
+        return self._store.get(name)
+
+    def get(self, w: QTensor) -> torch.Tensor:
+        hit = self._store.get(w.name)
+        if hit is not None:
+            return hit
+        values = w.dequantize()
+        if w.name not in self._refused:
+            if self.used + w.dequantized_bytes <= self.budget:
+                self._store[w.name] = values
+                self.used += w.dequantized_bytes
+            else:
+                self._refused.add(w.name)
+        return values
+
+
+class Weights:
+    """GGUF tensors by name, each a lazily dequantized QTensor."""
+
+    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0):
+        self.gguf = gguf
+        self.path = gguf.path
+        self.tensors: dict[str, QTensor] = {}
+        for name, info in gguf.tensors.items():
+            try:  # fail at load, naming the tensor, not mid-generation
+                get_format(info.type)
+            except UnsupportedError as e:
+                raise UnsupportedError(f"{gguf.path}: tensor '{name}': {e}") from None
+            self.tensors[name] = QTensor(name, info.type, info.shape, _from_memmap(gguf.raw(name)))
+        self.cache = DequantCache(cache_bytes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> QTensor:
+        return self.tensors[name]
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The whole tensor as float32, through the cache."""
+        return self.cache.get(self.tensors[name])
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Selected rows as float32 (embedding lookup): dequantizes only those rows."""
+        w = self.tensors[name]
+        hit = self.cache.peek(name)
+        return hit[ids] if hit is not None else w.dequantize(ids)
