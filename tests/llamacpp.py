@@ -64,3 +64,10 @@ def load(path: str, **kwargs):
 
 def tokenize(llm, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
     return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+
+def last_logits(llm):
+    """Logits of the last evaluated token (works without logits_all, where `llm.scores` is not filled)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))

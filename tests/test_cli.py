@@ -1,0 +1,96 @@
+"""The qkvgguf command: exit statuses, one-line errors, and the main jobs end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import texts
+from qkvgguf.cli import main
+
+from test_gguf_file import _write
+
+
+def _cli(*args, stdin=None):
+    """Run `python -m qkvgguf ARGS` in a subprocess: (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "qkvgguf", *args], capture_output=True, text=True, input=stdin,
+                       timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qkvgguf: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_run_default_model_greedy():
+    rc, out, err = _cli("run", "Once upon a time", "-n", "24", "--temp", "0", "--stats")
+    assert rc == 0, err
+    assert "default model SmolLM2-135M-Instruct" in err
+    assert out.startswith("Once upon a time") and len(out) > len("Once upon a time") + 40
+    assert "decode: " in err
+
+
+def test_run_truncated_file(tmp_path, smollm2_path):
+    bad = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as f:
+        bad.write_bytes(f.read(40_000_000))
+    rc, _, err = _cli("run", "-m", str(bad), "hello")
+    _one_line_error(rc, err, str(bad), "past the end")
+
+
+def test_empty_prompt(capsys):
+    assert main(["run", "   "]) == 2
+    _one_line_error(2, capsys.readouterr().err, "empty prompt")
+
+
+def test_context_larger_than_model(capsys, smollm2_path):
+    assert main(["run", "-m", smollm2_path, "-c", "100000", "hi"]) == 2
+    _one_line_error(2, capsys.readouterr().err, smollm2_path, "8192")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    path = _write(tmp_path / "a.gguf", arch="gpt2")
+    assert main(["run", "-m", path, "hi"]) == 2
+    _one_line_error(2, capsys.readouterr().err, path, "'gpt2'")
+
+
+def test_bad_size_flag(capsys):
+    assert main(["run", "--cpu-cache", "lots", "hi"]) == 2
+    _one_line_error(2, capsys.readouterr().err, "lots")
+
+
+def test_inspect_json(capsys, smollm2_path):
+    assert main(["inspect", smollm2_path, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    counts = {t["type"]: t["n_tensors"] for t in data["types"]}
+    assert counts == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert sum(t["n_bytes"] for t in data["tensors"]) == data["totals"]["n_bytes"] == 96_576_768
+
+
+def test_inspect_text_and_errors(capsys, tmp_path, smollm2_path):
+    assert main(["inspect", smollm2_path]) == 0
+    out = capsys.readouterr().out
+    assert "blk.29.ffn_down.weight" in out and "Q4_1" in out and "total: 272 tensors" in out
+    (tmp_path / "x.bin").write_bytes(b"\0" * 100)
+    assert main(["inspect", str(tmp_path / "x.bin")]) == 2
+    _one_line_error(2, capsys.readouterr().err, "not a GGUF file")
+
+
+def test_perplexity_command(capsys, tmp_path, smollm2_path):
+    text = tmp_path / "t.txt"
+    text.write_text(texts.sherlock()[30_000:36_000])
+    assert main(["perplexity", "-m", smollm2_path, "-f", str(text), "-c", "128", "--chunks", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["windows"] == 2 and res["tokens_scored"] == 2 * 127
+    assert 2 < res["ppl"] < 60  # a working model on English prose; a broken one is in the thousands
+
+
+def test_not_yet_implemented(capsys):
+    assert main(["convert", "x"]) == 2
+    _one_line_error(2, capsys.readouterr().err, "not implemented")
