@@ -58,3 +58,7 @@ def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
     if fmt.quantize is None:
         raise UnsupportedError(f"quantizing to {T(qtype).name} is not implemented")
     return fmt.quantize(values)
+
+
+# The format modules register themselves on import (they need `register` defined above).
+from . import floats, kquants, q4, q5, q8  # noqa: E402,F401

@@ -1,0 +1,101 @@
+"""Q4_0 and Q4_1: 4-bit weights in blocks of 32 with one f16 scale (and an f16 minimum for Q4_1).
+
+Layouts (elements, bytes per block), as in llama.cpp's ggml-common.h:
+
+    Q4_0: (32, 2 + 16)      # f16 d, 16 bytes of nibbles               x = d * (q - 8)
+    Q4_1: (32, 2 + 2 + 16)  # f16 d, f16 m, 16 bytes of nibbles        x = d * q + m
+
+Nibble order: byte j holds element j in its low nibble and element j + 16 in its high nibble.
+
+Arithmetic (bit-exact with `gguf.quants`): d and m are widened to float32, q to float32, then one
+float32 multiply (and for Q4_1 a separately rounded float32 add). The product is always exact
+(11 significant bits of f16 times 4 of q), so the add is the only rounding step: a fused
+multiply-add would agree too, but an add before the multiply would not.
+
+Quantizers (numpy, bit-exact with `gguf.quants.quantize`, which mirrors ggml's reference C):
+    Q4_0: a = the element of largest magnitude (first one on ties), d = a / -8,
+          q = min(15, trunc(x / d + 8.5))        # with 1/d as a float32 reciprocal, 0 when d = 0
+    Q4_1: d = (max - min) / 15, m = min,
+          q = min(15, trunc((x - min) / d + 0.5))
+
+Subsets of rows: pass `raw[rows]`; only those rows are read (see floats.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from . import QuantFormat, register
+from .floats import as_blocks, f16_at, np_f16_bytes, np_quantize_rows, shifts
+
+
+def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 16) -> uint8 (..., 2, 16): low nibbles (elements 0-15), then high (16-31)."""
+    return (qs.unsqueeze(-2) >> shifts([0, 4], qs)) & 15
+
+
+# -- Q4_0 ----------------------------------------------------------------------------------------
+def dequantize_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    blocks = as_blocks(raw, T.Q4_0, 18)  # (rows, nb, 18)
+    rows, nb, _ = blocks.shape
+    d = f16_at(blocks, 0)  # (rows, nb)
+    q = unpack_nibbles(blocks[..., 2:]).view(torch.int8) - 8  # (rows, nb, 2, 16), -8..7
+    out = torch.empty((rows, nb, 2, 16), dtype=torch.float32, device=raw.device)
+    out.copy_(q)
+    out.mul_(d[..., None, None])
+    return out.view(rows, nb * 32)
+
+
+def quantize_blocks_q4_0(blocks: np.ndarray) -> np.ndarray:
+    """float32 (n, 32) -> uint8 (n, 18)."""
+    imax = np.abs(blocks).argmax(axis=-1, keepdims=True)
+    amax = np.take_along_axis(blocks, imax, axis=-1)  # signed value of largest magnitude
+    d = amax / np.float32(-8)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+    out = np.empty((len(blocks), 18), dtype=np.uint8)
+    out[:, 0:2] = np_f16_bytes(d)
+    out[:, 2:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    return out
+
+
+def quantize_q4_0(values: np.ndarray) -> np.ndarray:
+    return np_quantize_rows(values, T.Q4_0, 32, 18, quantize_blocks_q4_0)
+
+
+# -- Q4_1 ----------------------------------------------------------------------------------------
+def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    blocks = as_blocks(raw, T.Q4_1, 20)  # (rows, nb, 20)
+    rows, nb, _ = blocks.shape
+    d, m = f16_at(blocks, 0), f16_at(blocks, 2)  # (rows, nb)
+    out = torch.empty((rows, nb, 2, 16), dtype=torch.float32, device=raw.device)
+    out.copy_(unpack_nibbles(blocks[..., 4:]))
+    out.mul_(d[..., None, None])
+    out.add_(m[..., None, None])
+    return out.view(rows, nb * 32)
+
+
+def quantize_blocks_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """float32 (n, 32) -> uint8 (n, 20)."""
+    hi = blocks.max(axis=-1, keepdims=True)
+    lo = blocks.min(axis=-1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.trunc((blocks - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
+    out = np.empty((len(blocks), 20), dtype=np.uint8)
+    out[:, 0:2] = np_f16_bytes(d)
+    out[:, 2:4] = np_f16_bytes(lo)
+    out[:, 4:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    return out
+
+
+def quantize_q4_1(values: np.ndarray) -> np.ndarray:
+    return np_quantize_rows(values, T.Q4_1, 32, 20, quantize_blocks_q4_1)
+
+
+register(QuantFormat(T.Q4_0, 32, 2 + 16, dequantize_q4_0, quantize_q4_0))
+register(QuantFormat(T.Q4_1, 32, 2 + 2 + 16, dequantize_q4_1, quantize_q4_1))
