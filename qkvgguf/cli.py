@@ -52,13 +52,14 @@ def _load(args):
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise QkvggufError(f"--batch-size must be at least 1, got {args.batch_size}")
+    cache_bytes = parse_size(args.cpu_cache)
     path = args.model
     if path is None:
         path = default_model_path()
         _log(f"no -m given: using the default model {os.path.basename(path)} ({path})")
     t0 = time.perf_counter()
     gguf = GGUFFile(path)
-    model = Model(gguf, cache_bytes=parse_size(args.cpu_cache))
+    model = Model(gguf, cache_bytes=cache_bytes)
     tokenizer = Tokenizer.from_gguf(gguf)
     n_train = model.config.n_ctx_train
     n_ctx = args.ctx_size if args.ctx_size is not None else min(4096, n_train)
@@ -99,7 +100,7 @@ def cmd_run(args) -> int:
     sys.stdout.flush()
     stream = tok.stream()
     for t in session.generate(ids, args.n_predict, sampler, tok.is_eog, stats):
-        sys.stdout.write(stream.push(t))
+        sys.stdout.write(stream.feed(t))
         sys.stdout.flush()
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
@@ -110,7 +111,6 @@ def cmd_run(args) -> int:
 
 def _chat(args, session, tok, sampler, first: str) -> int:
     from .runtime.generate import Stats
-    from .tokenizer.chat import render_chat
 
     if not tok.chat_template:
         raise QkvggufError(f"{args.model or 'the model'} has no tokenizer.chat_template: --chat needs one")
@@ -128,7 +128,7 @@ def _chat(args, session, tok, sampler, first: str) -> int:
                 continue
         messages.append({"role": "user", "content": pending})
         pending = None
-        text = render_chat(tok.chat_template, messages, tok.token_text(tok.bos_id), tok.token_text(tok.eos_id))
+        text = tok.render_chat(messages, add_generation_prompt=True)
         ids = tok.encode(text, add_special=True, parse_special=True)
         if len(ids) >= session.n_ctx:
             raise QkvggufError(f"the conversation has {len(ids)} tokens, more than the {session.n_ctx}-token context")
@@ -136,7 +136,7 @@ def _chat(args, session, tok, sampler, first: str) -> int:
         stream = tok.stream()
         reply = []
         for t in session.generate(ids, args.n_predict, sampler, tok.is_eog, stats):
-            piece = stream.push(t)
+            piece = stream.feed(t)
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

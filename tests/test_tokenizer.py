@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import texts
+
 import llamacpp
 from qkvgguf.errors import GGUFError, QkvggufError, UnsupportedError
 from qkvgguf.gguf_file import GGUFFile
@@ -25,16 +27,9 @@ pytestmark = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-pyth
 
 
 def real_prose() -> str:
-    """At least 40 KB of genuine English prose: the file named by $QKVGGUF_PROSE, else the GNU licences
-    that Debian ships in /usr/share/common-licenses (one function, so the source is easy to swap)."""
-    path = os.environ.get("QKVGGUF_PROSE")
-    if path:
-        return Path(path).read_text(encoding="utf-8")
-    licences = Path("/usr/share/common-licenses")
-    parts = [licences / name for name in ("GPL-3", "GPL-2", "GFDL-1.3")]
-    if not all(p.is_file() for p in parts):
-        pytest.skip("no English prose found (set QKVGGUF_PROSE to a UTF-8 text file of 40 KB or more)")
-    return "\n".join(p.read_text(encoding="utf-8") for p in parts)
+    """Genuine public-domain English prose: The Adventures of Sherlock Holmes (Project Gutenberg),
+    as shipped in `cherche==1.0.1` (see tests/texts.py); ~560 KB."""
+    return texts.sherlock()
 
 
 # Everything a pre-tokenizer regex can trip on: digits, contractions in both cases, runs of spaces,
