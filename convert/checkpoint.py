@@ -1,0 +1,189 @@
+"""Reading a Hugging Face checkpoint folder: config.json and weights, one tensor at a time.
+
+Weights come from, in this order of preference:
+- `model.safetensors`, or shards listed in `model.safetensors.index.json`;
+- `pytorch_model.bin`, or shards listed in `pytorch_model.bin.index.json`, read only through
+  `torch.load(weights_only=True, mmap=True)` (no pickled code runs, pages load on demand).
+
+A safetensors file is validated before any tensor is read (we parse its header ourselves):
+
+    u64 header length N | N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}} | data
+
+- N must fit in the file and the JSON must parse to an object of tensor records;
+- each record's byte count must equal prod(shape) * dtype size, and `8 + N + end` must not pass the
+  end of the file (a truncated download names the first tensor it cut).
+Tensor bytes are then read lazily through `safetensors.safe_open` (a memory map), so holding a
+`Checkpoint` costs nothing and `load(name)` costs one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qkvgguf.errors import QkvggufError
+
+
+class CheckpointError(QkvggufError):
+    """The Hugging Face folder is missing a file, or a weights file is malformed or truncated."""
+
+
+# safetensors dtype -> bytes per element
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    file: Path
+    shape: tuple[int, ...]  # PyTorch order
+    dtype: str  # as the file spells it: "F32", "BF16", "torch.float16", ...
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def safetensors_header(path: Path) -> dict[str, TensorRef]:
+    """Parse and validate a safetensors header; returns its tensors by name."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: safetensors file has {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: corrupt safetensors header: length {n:,} but the file has {size:,} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
+    refs = {}
+    for name, rec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = rec["dtype"], tuple(int(d) for d in rec["shape"]), rec["data_offsets"]
+            itemsize = SAFETENSORS_DTYPES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header: bad record for tensor '{name}'") from None
+        expected = math.prod(shape) * itemsize
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(f"{path}: tensor '{name}' spans {end - begin:,} bytes, expected {expected:,} "
+                                  f"for {dtype} {shape}")
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {8 + n + end:,} "
+                                  f"but the file has {size:,} bytes")
+        refs[name] = TensorRef(name, path, shape, dtype)
+    return refs
+
+
+class Checkpoint:
+    """A Hugging Face model folder: `config` (dict) and lazily read tensors."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: not a directory")
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: missing (a Hugging Face model folder needs config.json)")
+        self.config: dict[str, Any] = read_json(config_path)
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object")
+        self._open: dict[Path, Any] = {}  # safetensors file -> safe_open handle
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}  # .bin file -> mapped state dict
+        self.tensors: dict[str, TensorRef] = self._index()
+
+    # -- discovery -------------------------------------------------------------------------------
+
+    def _shards(self, index_name: str) -> list[Path]:
+        index_path = self.folder / index_name
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: no 'weight_map' of tensor names to shard files")
+        shards = list(dict.fromkeys(weight_map.values()))
+        for shard in shards:
+            if not (self.folder / shard).is_file():
+                raise CheckpointError(f"{self.folder / shard}: shard named in {index_name} is missing")
+        return [self.folder / s for s in shards]
+
+    def _index(self) -> dict[str, TensorRef]:
+        f = self.folder
+        if (f / "model.safetensors.index.json").is_file():
+            files, kind = self._shards("model.safetensors.index.json"), "safetensors"
+        elif (f / "model.safetensors").is_file():
+            files, kind = [f / "model.safetensors"], "safetensors"
+        elif (f / "pytorch_model.bin.index.json").is_file():
+            files, kind = self._shards("pytorch_model.bin.index.json"), "bin"
+        elif (f / "pytorch_model.bin").is_file():
+            files, kind = [f / "pytorch_model.bin"], "bin"
+        else:
+            raise CheckpointError(f"{f}: no weights found (expected model.safetensors, "
+                                  "model.safetensors.index.json or pytorch_model.bin)")
+        refs: dict[str, TensorRef] = {}
+        for path in files:
+            found = safetensors_header(path) if kind == "safetensors" else self._bin_refs(path)
+            for name, ref in found.items():
+                if name in refs:
+                    raise CheckpointError(f"{path}: tensor '{name}' is also in {refs[name].file.name}")
+                refs[name] = ref
+        return refs
+
+    def _bin_refs(self, path: Path) -> dict[str, TensorRef]:
+        state = self._torch_load(path)
+        return {name: TensorRef(name, path, tuple(t.shape), str(t.dtype)) for name, t in state.items()}
+
+    def _torch_load(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._bins:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # pickle errors, zip errors, refused globals: all mean a bad file
+                raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): "
+                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{path}: expected a state dict of tensors")
+            self._bins[path] = state
+        return self._bins[path]
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype (a copy for safetensors; a mapped view for .bin)."""
+        ref = self.tensors[name]
+        if ref.file.suffix == ".bin":
+            return self._torch_load(ref.file)[name]
+        handle = self._open.get(ref.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = self._open[ref.file] = safe_open(str(ref.file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{ref.file}: cannot open: {e}") from None
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()
+        self._bins.clear()

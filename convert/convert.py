@@ -1,0 +1,178 @@
+"""Hugging Face folder -> GGUF file, streaming one tensor at a time.
+
+    convert(hf_dir, out_path, outtype)   # outtype: f32, f16, bf16, q8_0, q4_0, q4_1
+
+Order of work, so that a bad input fails before anything is written and peak memory is one tensor:
+1. check the outtype and the output path (exists without force: error);
+2. read config.json and the weights' headers (Checkpoint), pick the architecture, read the vocab;
+3. plan every tensor: GGUF name, shape, ggml type (writer.tensor_type) and byte size, from the
+   headers alone;
+4. write header, metadata and tensor infos to a temporary file beside the target;
+5. for each tensor: load, float32, transform (llama's Q/K permutation), encode, write, drop;
+6. rename the temporary file onto the target (any error or Ctrl-C removes it instead).
+
+Metadata: what llama.cpp's converter writes for these families (see arch/base.py, vocab.py) plus
+general.name, general.file_type (uint32), general.quantization_version (uint32, 2), and our
+`qkvgguf.*` keys (docs/gguf-metadata.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from qkvgguf import __version__
+from qkvgguf.errors import QkvggufError
+
+from .arch import Arch, for_config
+from .checkpoint import Checkpoint, CheckpointError
+from .vocab import Vocab, load_vocab
+from .writer import AtomicOutput, OutType, encode, get_outtype, n_bytes, tensor_type
+
+log = logging.getLogger(__name__)
+
+# progress(bytes just written, total bytes of tensor data): the CLI turns this into a tqdm bar
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    hf_name: str
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # PyTorch order
+    type: T
+    n_bytes: int
+    reason: Optional[str]  # why the type differs from the outtype's, if it does
+
+
+@dataclass(frozen=True)
+class Converted:
+    path: Path
+    outtype: str
+    tensors: list[PlannedTensor]
+    n_bytes: int  # tensor data
+    seconds: float
+
+
+def _order(arch: Arch, name: str) -> tuple[int, int, int]:
+    """token_embd, then blocks in order (table order inside a block), then output_norm, output."""
+    templates = list(arch.TENSORS.values())
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return 1, int(parts[1]), templates.index(".".join(["blk", "{i}", *parts[2:]]))
+    return (0 if name == "token_embd.weight" else 2), 0, templates.index(name)
+
+
+def plan(ckpt: Checkpoint, arch: Arch, outtype: OutType) -> list[PlannedTensor]:
+    planned = []
+    for hf_name, ref in ckpt.tensors.items():
+        name = arch.gguf_name(hf_name)
+        if name is None:
+            continue
+        qtype, reason = tensor_type(name, ref.shape, outtype)
+        planned.append(PlannedTensor(hf_name, name, ref.shape, qtype, n_bytes(ref.shape, qtype), reason))
+    planned.sort(key=lambda p: _order(arch, p.name))
+    _check_complete(ckpt, arch, planned)
+    return planned
+
+
+def _check_complete(ckpt: Checkpoint, arch: Arch, planned: list[PlannedTensor]) -> None:
+    h, by_name = arch.hparams, {p.name: p for p in planned}
+    embd = by_name.get("token_embd.weight")
+    if embd is None:
+        raise CheckpointError(f"{ckpt.folder}: no token embedding ('model.embed_tokens.weight')")
+    if embd.shape != (h.vocab_size, h.n_embd):
+        raise CheckpointError(f"{ckpt.folder}: 'model.embed_tokens.weight' is {embd.shape}, config.json says "
+                              f"vocab_size {h.vocab_size} x hidden_size {h.n_embd}")
+    layer0 = sorted(n.split(".", 2)[2] for n in by_name if n.startswith("blk.0."))
+    for i in range(h.n_layer):
+        have = sorted(n.split(".", 2)[2] for n in by_name if n.startswith(f"blk.{i}."))
+        if have != layer0 or not have:
+            missing = sorted(set(layer0) - set(have)) or ["all tensors"]
+            raise CheckpointError(f"{ckpt.folder}: layer {i} lacks {', '.join(missing)}")
+
+
+def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, vocab: Vocab, outtype: OutType,
+                   planned: list[PlannedTensor]) -> None:
+    name = ckpt.config.get("_name_or_path") or ckpt.folder.resolve().name
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(Path(str(name)).name or str(name))
+    w.add_file_type(outtype.file_type)  # uint32
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # uint32 2, as llama.cpp writes for every file
+    arch.write_metadata(w)
+    vocab.write(w)
+    w.add_string("qkvgguf.version", __version__)
+    w.add_string("qkvgguf.source", f"{arch.hf_arch} {ckpt.folder.resolve().name}")
+    w.add_string("qkvgguf.outtype", outtype.name)
+    w.add_array("qkvgguf.tensor_types", [f"{p.name}={p.type.name}" for p in planned])
+
+
+def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[PlannedTensor],
+            progress: Optional[Progress], verbose: bool) -> None:
+    total = sum(p.n_bytes for p in planned)
+    level = logging.INFO if verbose else logging.DEBUG
+    width = max(len(p.name) for p in planned)
+    for p in planned:
+        source = ckpt.load(p.hf_name)
+        values = arch.transform(p.name, source.to(torch.float32)).numpy()
+        data = encode(values, p.type)
+        if data.nbytes != p.n_bytes:  # a bug in an encoder, never a user error
+            raise AssertionError(f"tensor '{p.name}': encoded {data.nbytes} bytes, planned {p.n_bytes} for {p.type.name}")
+        w.write_tensor_data(data)
+        log.log(level, "%-*s %-9s -> %-4s %s%s", width, p.name, str(source.dtype).removeprefix("torch."),
+                p.type.name, "x".join(map(str, p.shape[::-1])), f"  ({p.reason})" if p.reason else "")
+        del source, values, data
+        if progress is not None:
+            progress(p.n_bytes, total)
+
+
+def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16", force: bool = False,
+            vocab_pre: Optional[str] = None, verbose: bool = False,
+            progress: Optional[Progress] = None) -> Converted:
+    """Convert a Hugging Face checkpoint folder to a GGUF file at `out_path`.
+
+    Raises QkvggufError subclasses for bad input (one line, naming the file or tensor); on any
+    error or interrupt no file is left at `out_path` (nor a temporary one).
+    """
+    start = time.perf_counter()
+    otype = get_outtype(outtype)
+    output = AtomicOutput(out_path, force)
+    ckpt = Checkpoint(hf_dir)
+    try:
+        arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
+        vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
+        planned = plan(ckpt, arch, otype)
+        for p in planned:
+            if p.reason:
+                log.warning("%s: %s, using %s", p.name, p.reason, p.type.name)
+        with output as tmp:
+            w = gguf.GGUFWriter(tmp, arch.GGUF_ARCH)
+            try:
+                write_metadata(w, ckpt, arch, vocab, otype, planned)
+                for p in planned:
+                    # shape in PyTorch order; non-uint8 dtype so the writer takes it as elements
+                    w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.n_bytes, raw_dtype=p.type)
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                _stream(w, ckpt, arch, planned, progress, verbose)
+            finally:
+                w.close()
+    finally:
+        ckpt.close()
+    total = sum(p.n_bytes for p in planned)
+    seconds = time.perf_counter() - start
+    log.info("wrote %s: %d tensors, %.1f MiB, %s, %.1f s", out_path, len(planned), total / 2**20, otype.name, seconds)
+    return Converted(Path(out_path), otype.name, planned, total, seconds)
+
+
+__all__ = ["convert", "Converted", "PlannedTensor", "plan", "QkvggufError"]
