@@ -449,3 +449,34 @@ def test_other_outtypes_load_in_llamacpp_and_run_close(models, tmp_path, outtype
         llm.reset()
         llm.eval(ids.tolist())
         assert _rel(np.array(llm.scores[:len(ids)]), ref) <= tol
+
+
+# -- the convert subcommand's layer -----------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from qkvgguf.convert import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    return cli.run(p.parse_args(argv))
+
+
+def test_cli_run_logs_one_line_per_tensor(models, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert _cli([str(models["mistral"][1]["bpe"]), "-o", str(out), "--outtype", "q8_0", "--vocab-pre", "gpt-2",
+                 "-v"]) == 0
+    err = capsys.readouterr().err
+    n_tensors = len(GGUFFile(out).tensors)
+    tensor_lines = [line for line in err.splitlines() if line.startswith("qkvgguf: blk.") or "token_embd" in line]
+    assert len(tensor_lines) >= n_tensors
+    assert "qkvgguf: blk.0.ffn_down.weight: row length 80 is not a multiple of 32 for Q8_0, using F16" in err
+    assert f"qkvgguf: wrote {out} (q8_0, {n_tensors} tensors" in err and "2 tensors fell back" in err
+
+
+def test_cli_run_raises_user_errors(models, tmp_path):
+    with pytest.raises(VocabError, match="--vocab-pre NAME"):
+        _cli([str(models["llama"][1]["bpe"]), "-o", str(tmp_path / "m.gguf")])
+    assert list(tmp_path.iterdir()) == []
