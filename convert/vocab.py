@@ -290,6 +290,8 @@ def load_vocab(folder: Path, vocab_size: int, vocab_pre: Optional[str] = None) -
         if k not in adds and isinstance(tok_config.get(f"add_{k}_token"), bool):
             adds[k] = tok_config[f"add_{k}_token"]
     vocab.add_bos, vocab.add_eos = adds.get("bos"), adds.get("eos")
+    if isinstance(tok_config.get("add_prefix_space"), bool):  # llama.cpp copies it for any vocab kind
+        vocab.add_space_prefix = tok_config["add_prefix_space"]
 
     template = tok_config.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():

@@ -480,3 +480,25 @@ def test_cli_run_raises_user_errors(models, tmp_path):
     with pytest.raises(VocabError, match="--vocab-pre NAME"):
         _cli([str(models["llama"][1]["bpe"]), "-o", str(tmp_path / "m.gguf")])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_real_bpe_vocab_matches_llamacpps_converter(smollm2_path, tmp_path):
+    """SmolLM2's tokenizer (rebuilt by transformers from the llama.cpp-made GGUF, saved as
+    tokenizer.json): our vocab equals what llama.cpp's converter wrote, and the check-string hash
+    names the pre-tokenizer 'smollm' without an override."""
+    from transformers import AutoTokenizer
+
+    from qkvgguf.convert.vocab import load_vocab
+
+    AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path)) \
+        .save_pretrained(tmp_path)
+    md = GGUFFile(smollm2_path).metadata
+    v = load_vocab(tmp_path, len(md["tokenizer.ggml.tokens"]))
+    assert (v.model, v.pre) == ("gpt2", "smollm")
+    assert v.tokens == md["tokenizer.ggml.tokens"]
+    assert v.token_types == md["tokenizer.ggml.token_type"]
+    assert v.merges == md["tokenizer.ggml.merges"]
+    assert v.chat_template == md["tokenizer.chat_template"]
+    assert v.special == {"bos": md["tokenizer.ggml.bos_token_id"], "eos": md["tokenizer.ggml.eos_token_id"],
+                         "unk": md["tokenizer.ggml.unknown_token_id"], "pad": md["tokenizer.ggml.padding_token_id"]}
