@@ -502,3 +502,29 @@ def test_real_bpe_vocab_matches_llamacpps_converter(smollm2_path, tmp_path):
     assert v.chat_template == md["tokenizer.chat_template"]
     assert v.special == {"bos": md["tokenizer.ggml.bos_token_id"], "eos": md["tokenizer.ggml.eos_token_id"],
                          "unk": md["tokenizer.ggml.unknown_token_id"], "pad": md["tokenizer.ggml.padding_token_id"]}
+
+
+def test_linear_rope_scaling_and_bf16_source(models, tokenizers_dir, tmp_path):
+    """A bf16 checkpoint converts to bf16 bit for bit; linear rope scaling is written and honoured."""
+    import transformers as tf
+
+    model = models["llama"][0]
+    cfg = tf.LlamaConfig(**{**model.config.to_dict(), "rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                                          "rope_theta": 10000.0}})
+    scaled = tf.LlamaForCausalLM(cfg).eval()
+    scaled.load_state_dict(model.state_dict())
+    scaled.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    for f in tokenizers_dir["spm"].iterdir():
+        shutil.copy(f, tmp_path / "hf" / f.name)
+    convert(tmp_path / "hf", tmp_path / "bf16.gguf", "bf16")
+    convert(tmp_path / "hf", tmp_path / "f32.gguf", "f32")
+    g = GGUFFile(tmp_path / "bf16.gguf")
+    assert (g.metadata["llama.rope.scaling.type"], g.metadata["llama.rope.scaling.factor"]) == ("linear", 2.0)
+    up = scaled.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert np.array_equal(np.asarray(g.raw("blk.0.ffn_up.weight")).view(np.uint16), up.view(torch.int16).numpy()
+                          .view(np.uint16))
+    ids = _ids()
+    ref = _reference(scaled.float(), ids)
+    assert _rel(_reference(model, ids), ref) > 1e-3  # the scaling changes the function
+    ours = Model(GGUFFile(tmp_path / "f32.gguf"))
+    assert _rel(ours.forward(ids, ours.new_cache(32), logits="all"), ref) <= 1e-4
