@@ -252,11 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tensors", action="store_true", help="omit the per-tensor table")
     p.set_defaults(func=cmd_inspect)
 
-    for name, text in (("convert", "convert a Hugging Face checkpoint to GGUF (not yet implemented)"),
-                       ("bench", "benchmark prompt and decode speed (not yet implemented)")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=cmd_unavailable)
+    from .convert import cli as convert_cli
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to a GGUF file")
+    convert_cli.add_arguments(p)
+    p.set_defaults(func=convert_cli.run)
+
+    p = sub.add_parser("bench", help="benchmark prompt and decode speed (not yet implemented)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_unavailable)
     return ap
 
 

@@ -4,8 +4,9 @@ Layout: `k[layer]`, `v[layer]` are (n_head_kv, n_ctx, head_dim) tensors, preallo
 whole context so decode never allocates. `pos` counts the filled positions; the model writes
 positions [pos, pos + T) and then advances it.
 
-Cache types: f32 and f16 here (llama.cpp's `--cache-type-k/v` names). Quantized q8_0/q4_0 caches
-belong to the KV-cache issue and plug in behind the same `append`/`view` interface.
+Cache types: f32 and f16 here (llama.cpp's `--cache-type-k/v` names). The model calls only
+`attend(layer, q, k, v)`: store the new keys/values, attend over everything stored. A quantized
+cache implements the same method over its own storage (and may transform q, e.g. a rotation).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
+
+from . import ops
 
 CACHE_DTYPES = {"f32": torch.float32, "f16": torch.float16}
 
@@ -46,6 +49,11 @@ class KVCache:
         self.k[layer, :, self.pos:end] = k
         self.v[layer, :, self.pos:end] = v
         return self.k[layer, :, :end].float(), self.v[layer, :, :end].float()
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append k, v (n_head_kv, T, hd) at [pos, pos+T); causal attention of q (n_head, T, hd) over all."""
+        keys, values = self.append(layer, k, v)
+        return ops.attention(q, keys, values, self.pos)
 
     def advance(self, n: int) -> None:
         self.pos += n

@@ -83,8 +83,7 @@ class Model:
             k = ops.rms_norm(k, W.dense(p + "attn_k_norm.weight"), cfg.norm_eps)
         q = ops.rope(q, cos, sin, cfg.rope_neox)
         k = ops.rope(k, cos, sin, cfg.rope_neox)
-        keys, values = cache.append(i, k, v)  # (n_head_kv, pos+T, hd)
-        out = ops.attention(q, keys, values, cache.pos)  # (n_head, T, hd)
+        out = cache.attend(i, q, k, v)  # (n_head, T, hd) over positions [0, pos+T)
         out = out.transpose(0, 1).reshape(T, cfg.q_dim)
         return ops.linear(out, W, p + "attn_output.weight")
 

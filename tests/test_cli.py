@@ -91,6 +91,12 @@ def test_perplexity_command(capsys, tmp_path, smollm2_path):
     assert 2 < res["ppl"] < 60  # a working model on English prose; a broken one is in the thousands
 
 
+def test_convert_missing_folder(capsys, tmp_path):
+    assert main(["convert", str(tmp_path / "nope"), "-o", str(tmp_path / "o.gguf")]) == 2
+    _one_line_error(2, capsys.readouterr().err, "nope")
+    assert not (tmp_path / "o.gguf").exists()
+
+
 def test_not_yet_implemented(capsys):
-    assert main(["convert", "x"]) == 2
+    assert main(["bench"]) == 2
     _one_line_error(2, capsys.readouterr().err, "not implemented")
