@@ -24,17 +24,39 @@ product is exact in float32: f16 has 11 significant bits, sc, m < 64 and q < 32 
 Q6_K's int8 scale and q - 32 at most 7 + 5 (-128 and -32 are powers of two), all within float32's 24.
 The subtract is the only rounding step.
 
-Dequantizers only: K-quant quantizers are written elsewhere. Subsets of rows: pass `raw[rows]`;
-only those rows are read (see floats.py).
+Quantizers (numpy, vectorized over blocks): the algorithm of ggml's reference quantizers
+(`quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, what llama.cpp's quantizer runs without an
+importance matrix), in float32 with the same order of operations:
+
+    Q4_K / Q5_K  per sub-block of 32: weights w = rms(x) + |x|; `make_qkx2_quants` picks scale s
+                 and min m (m <= 0) minimizing sum w (s q + m - x)^2 over a grid of inverse scales
+                 (nmax + rmin + rdelta i) / (max - m), each refined by weighted least squares (m:
+                 the best min so far, as in ggml);
+                 then the 8 scales and 8 mins are quantized to 6 bits against the super-block's
+                 largest (d = max s / 63, dmin = max -m / 63, both f16) and q is recomputed with
+                 the quantized scales: q = round((x - m') / s'), clamped to 0..nmax.
+                 Q4_K: nmax 15, grid -1 + 0.1 i, i = 0..20.  Q5_K: nmax 31, grid -0.5 + 0.1 i, i = 0..15.
+    Q6_K         per sub-block of 16: `make_qx_quants` (nmax 32, weights x^2): the symmetric scale
+                 -max / 32 (max: the signed element of largest magnitude), then 19 others,
+                 -max / (32 + 0.1 i), i = -9..9, each refined by least squares, best kept;
+                 the 16 scales become int8 against the largest (d = f16(max / -128)), q recomputed.
+
+Rounding is ggml's `nearest_int` (round half to even, as `np.rint`); sums run element by element
+in order (reductions over axis 0 of (elements, sub-blocks) arrays), as in the C loops. Results
+agree with llama.cpp's bytes except where its compiler fuses a multiply-add (an ulp apart), and
+its error is the same (tests/test_kquants_quantize.py measures both).
+
+Subsets of rows (dequantizers): pass `raw[rows]`; only those rows are read (see floats.py).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
 from . import QuantFormat, register
-from .floats import as_blocks, f16_at, shifts
+from .floats import as_blocks, f16_at, np_quantize_rows, shifts
 
 QK_K = 256
 
@@ -91,6 +113,201 @@ def dequantize_q6_k(raw: torch.Tensor) -> torch.Tensor:
     return out.view(rows, nsb * QK_K)
 
 
-register(QuantFormat(T.Q4_K, QK_K, 2 + 2 + 12 + 128, dequantize_q4_k))
-register(QuantFormat(T.Q5_K, QK_K, 2 + 2 + 12 + 32 + 128, dequantize_q5_k))
-register(QuantFormat(T.Q6_K, QK_K, 128 + 64 + 16 + 2, dequantize_q6_k))
+# -- quantizers -----------------------------------------------------------------------------------
+# Arrays are (elements, sub-blocks): sums over axis 0 add element after element, as the C loops do.
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def _sum(a: np.ndarray) -> np.ndarray:
+    return np.add.reduce(a, axis=0)
+
+
+def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x float32 (n, m): m sub-blocks of n -> (q uint8 (n, m) in 0..nmax, scale (m,), -min (m,) >= 0).
+
+    x ~ scale * q + min with min <= 0, minimizing the weighted squared error (weights rms + |x|).
+    As in ggml, a better candidate's min replaces the min the next candidates are measured from
+    (both in (x - min) and in the range max - min).
+    """
+    n = x.shape[0]
+    w = np.sqrt(_sum(x * x) / F32(n)) + np.abs(x)  # av_x + |x|
+    hi = x.max(axis=0)
+    lo = np.minimum(x.min(axis=0), F32(0))
+    sum_w, sum_x = _sum(w), _sum(w * x)
+    flat = hi == lo  # constant (or all-zero) sub-block: q = 0, scale 0, min = lo
+    nmax_f = F32(nmax)
+
+    def levels(iscale, lo):
+        return np.clip(np.rint(iscale * (x - lo)), 0, nmax).astype(F32)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = nmax_f / (hi - lo)
+        scale = F32(1) / iscale
+        q = levels(iscale, lo)
+        diff = scale * q + lo - x
+        best = _sum(w * (diff * diff))
+        for i in range(nstep + 1):
+            iscale = (F32(rmin) + F32(rdelta) * F32(i) + nmax_f) / (hi - lo)
+            qa = levels(iscale, lo)
+            wl = w * qa
+            sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * qa), _sum(wl * x)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            pos = this_min > 0
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            this_min = np.where(pos, F32(0), this_min)
+            diff = this_scale * qa + this_min - x
+            err = _sum(w * (diff * diff))
+            better = (det > 0) & (err < best) & ~flat
+            q = np.where(better, qa, q)
+            best = np.where(better, err, best)
+            scale = np.where(better, this_scale, scale)
+            lo = np.where(better, this_min, lo)
+    q = np.where(flat, F32(0), q).astype(np.uint8)
+    scale = np.where(flat, F32(0), scale)
+    return q, scale, -lo
+
+
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """6-bit scales and mins uint8 (n, 8) -> the 12 scale bytes (n, 12) (inverse of scale_min_k4)."""
+    out = np.empty((len(ls), 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 15) | ((lm[:, 4:] & 15) << 4)
+    return out
+
+
+def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shared head of Q4_K / Q5_K: float32 (n, 256) -> (d|dmin|scales bytes (n, 16), q (n, 8, 32))."""
+    n = len(blocks)
+    x = blocks.reshape(n * 8, 32).T  # (32, n * 8): element, sub-block
+    q, scales, mins = make_qkx2_quants(x, nmax, rmin, 0.1, nstep)
+    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+    max_scale = np.maximum(scales.max(axis=1, keepdims=True), F32(0))
+    max_min = np.maximum(mins.max(axis=1, keepdims=True), F32(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+    # C: uint8_t ls = nearest_int(...); MIN(63, ls): the cast (wrapping) comes before the clamp
+    ls = np.minimum(np.rint(inv_scale * scales).astype(np.int32).astype(np.uint8), 63)
+    lm = np.minimum(np.rint(inv_min * mins).astype(np.int32).astype(np.uint8), 63)
+    d16, dmin16 = (max_scale / F32(63)).astype(np.float16), (max_min / F32(63)).astype(np.float16)
+    d = (d16.astype(F32) * ls.astype(F32)).reshape(1, -1)  # (1, n * 8)
+    dm = (dmin16.astype(F32) * lm.astype(F32)).reshape(1, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(np.rint((x + dm) / d), 0, nmax).astype(np.uint8)
+    q = np.where(d != 0, requant, q)  # a zero scale keeps the search's q (its values are all -m)
+    head = np.empty((n, 16), dtype=np.uint8)
+    head[:, 0:2] = d16.view(np.uint8)
+    head[:, 2:4] = dmin16.view(np.uint8)
+    head[:, 4:16] = pack_scale_min_k4(ls, lm)
+    return head, q.T.reshape(n, 8, 32)
+
+
+def quantize_blocks_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """float32 (n, 256) -> uint8 (n, 144)."""
+    head, q = _quantize_k4(blocks, 15, -1.0, 20)
+    out = np.empty((len(blocks), 144), dtype=np.uint8)
+    out[:, :16] = head
+    q = q.reshape(-1, 4, 2, 32)  # sub-block 2i + h -> nibble h of qs bytes 32i ..
+    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return out
+
+
+def quantize_blocks_q5_k(blocks: np.ndarray) -> np.ndarray:
+    """float32 (n, 256) -> uint8 (n, 176)."""
+    head, q = _quantize_k4(blocks, 31, -0.5, 15)
+    out = np.empty((len(blocks), 176), dtype=np.uint8)
+    out[:, :16] = head
+    high = (q >> 4).astype(np.uint8)  # (n, 8, 32): fifth bit of sub-block j -> bit j of qh
+    out[:, 16:48] = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[:, None], axis=1)
+    low = (q & 15).reshape(-1, 4, 2, 32)
+    out[:, 48:] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    return out
+
+
+def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 (n, m) -> (q uint8 (n, m) in 0..2 nmax - 1, scale (m,)): x ~ scale * (q - nmax).
+
+    ggml's `make_qx_quants` with rmse_type 1 (weights x^2), no importance weights.
+    """
+    imax = np.abs(x).argmax(axis=0)  # first element of largest magnitude
+    vmax = np.take_along_axis(x, imax[None], axis=0)[0]
+    zero = np.abs(vmax) < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    w = x * x
+    wx = w * x
+    nmax_f = F32(nmax)
+
+    def levels(iscale):
+        return np.clip(np.rint(iscale * x), -nmax, nmax - 1).astype(F32)
+
+    def sums(lv):
+        return _sum(wx * lv), _sum((w * lv) * lv)
+
+    q = levels(-nmax_f / vmax)
+    sumlx, suml2 = sums(q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for i in range(-9, 10):
+            if i == 0:
+                continue
+            qa = levels(-(nmax_f + F32(0.1) * F32(i)) / vmax)
+            sumlx, suml2 = sums(qa)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            q = np.where(better, qa, q)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+    q = np.where(zero, F32(0), q + nmax_f).astype(np.uint8)  # ggml leaves L = 0 for an all-zero group
+    return q, np.where(zero, F32(0), scale)
+
+
+def quantize_blocks_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """float32 (n, 256) -> uint8 (n, 210)."""
+    n = len(blocks)
+    x = blocks.reshape(n * 16, 16).T  # (16, n * 16): element, sub-block
+    q, scales = make_qx_quants(x, 32)
+    scales = scales.reshape(n, 16)
+    imax = np.abs(scales).argmax(axis=1)[:, None]
+    max_scale = np.take_along_axis(scales, imax, axis=1)  # (n, 1), signed
+    zero = np.abs(max_scale) < GROUP_MAX_EPS  # the whole super-block is zero: all bytes 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-128) / np.where(zero, F32(1), max_scale)
+        d16 = (F32(1) / iscale).astype(np.float16)
+        sc = np.minimum(np.rint(iscale * scales), 127).astype(np.int8)
+        d = (d16.astype(F32) * sc.astype(F32)).reshape(1, -1)  # (1, n * 16)
+        requant = (np.clip(np.rint(x / d), -32, 31) + 32).astype(np.uint8)
+    q = np.where(d != 0, requant, q).T.reshape(n, 2, 4, 32)  # half, quarter s, l
+    out = np.empty((n, 210), dtype=np.uint8)
+    # ql byte 64k + 32(s % 2) + l: low nibble quarter s (s < 2), high nibble quarter s + 2
+    out[:, 0:128] = ((q[:, :, 0:2] & 15) | ((q[:, :, 2:4] & 15) << 4)).reshape(n, 128)
+    # qh byte 32k + l: bits 2s, 2s + 1 hold quarter s's high two bits
+    qh = (q >> 4) << (np.arange(4, dtype=np.uint8) * 2)[:, None]
+    out[:, 128:192] = np.bitwise_or.reduce(qh, axis=2).reshape(n, 64)
+    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 208:210] = d16.view(np.uint8)
+    zero = zero[:, 0]
+    out[zero] = 0
+    return out
+
+
+def quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    return np_quantize_rows(values, T.Q4_K, QK_K, 144, quantize_blocks_q4_k, chunk_blocks=1024)
+
+
+def quantize_q5_k(values: np.ndarray) -> np.ndarray:
+    return np_quantize_rows(values, T.Q5_K, QK_K, 176, quantize_blocks_q5_k, chunk_blocks=1024)
+
+
+def quantize_q6_k(values: np.ndarray) -> np.ndarray:
+    return np_quantize_rows(values, T.Q6_K, QK_K, 210, quantize_blocks_q6_k, chunk_blocks=1024)
+
+
+register(QuantFormat(T.Q4_K, QK_K, 2 + 2 + 12 + 128, dequantize_q4_k, quantize_q4_k))
+register(QuantFormat(T.Q5_K, QK_K, 2 + 2 + 12 + 32 + 128, dequantize_q5_k, quantize_q5_k))
+register(QuantFormat(T.Q6_K, QK_K, 128 + 64 + 16 + 2, dequantize_q6_k, quantize_q6_k))
