@@ -34,14 +34,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log one line per tensor")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (it may be replaced after setup, e.g. by capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     log = logging.getLogger(LOGGER)
     if not any(getattr(h, "_qkvgguf", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("qkvgguf: %(message)s"))
         handler._qkvgguf = True  # type: ignore[attr-defined]
         log.addHandler(handler)
-        log.propagate = False
     log.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
