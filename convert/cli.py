@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="HF_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("-o", "--outfile", required=True, help="GGUF file to write")
     p.add_argument("--outtype", default="f16", choices=list(OUTTYPES),
-                   help="type of 2-D weights; norms and 1-D tensors stay f32 (default f16)")
+                   help="type of 2-D weights (q4_k_m, q5_k_m: llama.cpp's mixtures); norms and 1-D "
+                        "tensors stay f32 (default f16)")
     p.add_argument("--force", action="store_true", help="overwrite OUTFILE if it exists")
     p.add_argument("--vocab-pre", metavar="NAME", default=None,
                    help="tokenizer.ggml.pre for a BPE tokenizer whose pre-tokenizer is not recognized "

@@ -1,6 +1,6 @@
 """Hugging Face folder -> GGUF file, streaming one tensor at a time.
 
-    convert(hf_dir, out_path, outtype)   # outtype: f32, f16, bf16, q8_0, q4_0, q4_1
+    convert(hf_dir, out_path, outtype)   # outtype: see writer.OUTTYPES (f16, q8_0, q4_k_m, ...)
 
 Order of work, so that a bad input fails before anything is written and peak memory is one tensor:
 1. check the outtype and the output path (exists without force: error);
@@ -36,7 +36,7 @@ from qkvgguf.errors import QkvggufError
 from .arch import Arch, for_config
 from .checkpoint import Checkpoint, CheckpointError
 from .vocab import Vocab, load_vocab
-from .writer import AtomicOutput, OutType, encode, get_outtype, n_bytes, tensor_type
+from .writer import AtomicOutput, ModelFacts, OutType, encode, get_outtype, n_bytes, tensor_type
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class PlannedTensor:
     shape: tuple[int, ...]  # PyTorch order
     type: T
     n_bytes: int
-    reason: Optional[str]  # why the type differs from the outtype's, if it does
+    reason: Optional[str]  # why the row length forced a fallback type, if it did (a warning)
+    rule: Optional[str] = None  # the recipe rule that chose this type, if not the outtype's (-v log)
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,24 @@ def _order(arch: Arch, name: str) -> tuple[int, int, int]:
     return (0 if name == "token_embd.weight" else 2), 0, templates.index(name)
 
 
+def model_facts(arch: Arch, names: set[str]) -> ModelFacts:
+    """What the type policy needs about the whole model. "70B" is llama.cpp's LLM_TYPE_70B, which
+    its quantizer consults: llama with 80 layers and grouped-query attention, qwen2 with 80 layers."""
+    h = arch.hparams
+    is_70b = h.n_layer == 80 and (arch.GGUF_ARCH == "qwen2" or (arch.GGUF_ARCH == "llama" and h.n_head_kv != h.n_head))
+    return ModelFacts(n_layer=h.n_layer, has_output="output.weight" in names, is_70b=is_70b)
+
+
 def plan(ckpt: Checkpoint, arch: Arch, outtype: OutType) -> list[PlannedTensor]:
+    names = {hf_name: arch.gguf_name(hf_name) for hf_name in ckpt.tensors}
+    facts = model_facts(arch, {n for n in names.values() if n is not None})
     planned = []
     for hf_name, ref in ckpt.tensors.items():
-        name = arch.gguf_name(hf_name)
+        name = names[hf_name]
         if name is None:
             continue
-        qtype, reason = tensor_type(name, ref.shape, outtype)
-        planned.append(PlannedTensor(hf_name, name, ref.shape, qtype, n_bytes(ref.shape, qtype), reason))
+        c = tensor_type(name, ref.shape, outtype, facts)
+        planned.append(PlannedTensor(hf_name, name, ref.shape, c.type, n_bytes(ref.shape, c.type), c.fallback, c.rule))
     planned.sort(key=lambda p: _order(arch, p.name))
     _check_complete(ckpt, arch, planned)
     return planned
@@ -128,8 +139,9 @@ def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[Plan
         if data.nbytes != p.n_bytes:  # a bug in an encoder, never a user error
             raise AssertionError(f"tensor '{p.name}': encoded {data.nbytes} bytes, planned {p.n_bytes} for {p.type.name}")
         w.write_tensor_data(data)
+        notes = "; ".join(n for n in (p.rule, p.reason) if n)
         log.log(level, "%-*s %-9s -> %-4s %s%s", width, p.name, str(source.dtype).removeprefix("torch."),
-                p.type.name, "x".join(map(str, p.shape[::-1])), f"  ({p.reason})" if p.reason else "")
+                p.type.name, "x".join(map(str, p.shape[::-1])), f"  ({notes})" if notes else "")
         del source, values, data
         if progress is not None:
             progress(p.n_bytes, total)

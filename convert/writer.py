@@ -2,17 +2,39 @@
 
 Output types (`--outtype`) and what they mean, as in llama.cpp:
 
-    name    general.file_type         type of 2-D weights
-    f32     ALL_F32                   F32
-    f16     MOSTLY_F16                F16
-    bf16    MOSTLY_BF16               BF16
-    q8_0    MOSTLY_Q8_0               Q8_0   (32, 2 + 32)       # elements, bytes per block
-    q4_0    MOSTLY_Q4_0               Q4_0   (32, 2 + 16)
-    q4_1    MOSTLY_Q4_1               Q4_1   (32, 2 + 2 + 16)
+    name    general.file_type   2-D weights                   (elements, bytes per block)
+    f32     ALL_F32             F32
+    f16     MOSTLY_F16          F16
+    bf16    MOSTLY_BF16         BF16
+    q8_0    MOSTLY_Q8_0         Q8_0                          (32, 2 + 32)
+    q4_0    MOSTLY_Q4_0         Q4_0                          (32, 2 + 16)
+    q4_1    MOSTLY_Q4_1         Q4_1                          (32, 2 + 2 + 16)
+    q5_0    MOSTLY_Q5_0         Q5_0                          (32, 2 + 4 + 16)
+    q5_1    MOSTLY_Q5_1         Q5_1                          (32, 2 + 2 + 4 + 16)
+    q4_k    MOSTLY_Q4_K_S *     Q4_K                          (256, 2 + 2 + 12 + 128)
+    q5_k    MOSTLY_Q5_K_S *     Q5_K                          (256, 2 + 2 + 12 + 32 + 128)
+    q6_k    MOSTLY_Q6_K         Q6_K                          (256, 128 + 64 + 16 + 2)
+    q4_k_m  MOSTLY_Q4_K_M       Q4_K, some Q6_K (recipe below)
+    q5_k_m  MOSTLY_Q5_K_M       Q5_K, some Q6_K
+  * llama.cpp has no file type for all-Q4_K (all-Q5_K) weights; the _S label is the nearest.
+Q5_0 and Q5_1 (outtypes, and the fallback of Q4_K / Q5_K) are encoded by `gguf.quants` (our
+registry has only their dequantizers); tests find its bytes equal to llama.cpp's quantizer's.
 
-Policy (`tensor_type`, a pure function): 1-D tensors and every `*_norm.weight` stay F32; other
-tensors get the outtype's type; a row length that is not a multiple of the type's block size falls
-back as llama.cpp's quantizer does (`FALLBACK`; a 32-block type goes to F16).
+Policy (`tensor_type`, a pure function of name, shape, outtype and a few model facts), following
+llama.cpp's quantizer (`llama_tensor_get_type` in src/llama-quant.cpp, without an imatrix):
+1. 1-D tensors, biases and every `*_norm.weight` stay F32; float outtypes give every weight their type.
+2. Quantized outtypes:
+   - the output tensor (`output.weight`, or `token_embd.weight` when embeddings are tied and there
+     is no `output.weight`) is Q6_K, except for q8_0 (stays Q8_0) and where its row length is not
+     a multiple of the outtype's block (Q8_0);
+   - q4_k_m and q5_k_m: `attn_v` and `ffn_down` are Q6_K in the layers where llama.cpp's
+     `use_more_bits(i, n)` holds (the first and last eighth of the layers and every third layer
+     between); on a "70B" model (llama.cpp's LLM_TYPE_70B) a Q4_K `attn_v` becomes Q5_K;
+   - everything else (token_embd with an output tensor, attn_q/k/output, ffn_gate/up, ...) gets
+     the outtype's type.
+3. A row length that is not a multiple of the chosen type's block falls back as llama.cpp does
+   (`FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; a 32-block type, or a fallback that still
+   does not fit, -> F16), with a warning.
 
 `AtomicOutput` writes to a temporary file beside the target and renames it over the target only
 when the file is complete; an error or Ctrl-C removes the temporary file.
@@ -23,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +67,8 @@ class OutputError(QkvggufError):
 class OutType:
     name: str
     file_type: FT  # general.file_type
-    weight_type: T  # the type of 2-D weights
+    weight_type: T  # the type of 2-D weights (the base type of a mixture)
+    mixture: bool = False  # q4_k_m / q5_k_m: llama.cpp's attn_v / ffn_down recipe
 
 
 OUTTYPES = {o.name: o for o in [
@@ -54,11 +78,35 @@ OUTTYPES = {o.name: o for o in [
     OutType("q8_0", FT.MOSTLY_Q8_0, T.Q8_0),
     OutType("q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
     OutType("q4_1", FT.MOSTLY_Q4_1, T.Q4_1),
+    OutType("q5_0", FT.MOSTLY_Q5_0, T.Q5_0),
+    OutType("q5_1", FT.MOSTLY_Q5_1, T.Q5_1),
+    OutType("q4_k", FT.MOSTLY_Q4_K_S, T.Q4_K),
+    OutType("q5_k", FT.MOSTLY_Q5_K_S, T.Q5_K),
+    OutType("q6_k", FT.MOSTLY_Q6_K, T.Q6_K),
+    OutType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K, mixture=True),
+    OutType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K, mixture=True),
 ]}
+
+FLOATS = (T.F32, T.F16, T.BF16)
 
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp): a 256-block type whose block does not fit
 # the row tries a 32-block type; whatever still does not fit becomes F16.
 FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the policy needs to know about the whole model."""
+    n_layer: int = 1
+    has_output: bool = True  # an output.weight is written; if not, token_embd is the output (tied)
+    is_70b: bool = False  # llama.cpp's LLM_TYPE_70B: llama with 80 layers and GQA, qwen2 with 80 layers
+
+
+@dataclass(frozen=True)
+class TypeChoice:
+    type: T
+    rule: Optional[str] = None  # the recipe rule that chose a type other than the outtype's
+    fallback: Optional[str] = None  # why the row length forced yet another type (logged as a warning)
 
 
 def get_outtype(name: str) -> OutType:
@@ -67,18 +115,54 @@ def get_outtype(name: str) -> OutType:
     return OUTTYPES[name]
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: OutType) -> tuple[T, Optional[str]]:
-    """(ggml type, why it differs from the outtype's weight type or None). Shape in PyTorch order."""
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
-        return T.F32, None
-    wanted = qtype = outtype.weight_type
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's choice of layers for extra bits: first and last eighth, every third between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def _recipe(name: str, row: int, outtype: OutType, model: ModelFacts) -> tuple[T, Optional[str]]:
+    """The type llama.cpp's recipe picks before the row-length fallback, and the rule that did."""
+    base = outtype.weight_type
+    if name == "output.weight" or (name == "token_embd.weight" and not model.has_output):
+        what = "output tensor" if name == "output.weight" else "tied token_embd (the output tensor)"
+        if row % GGML_QUANT_SIZES[base][0]:
+            return T.Q8_0, f"{what}, row length {row} does not fit {base.name}"
+        return (base, None) if base == T.Q8_0 else (T.Q6_K, what)
+    if not outtype.mixture:
+        return base, None
+    m = _LAYER.match(name)
+    if m is None:
+        return base, None
+    layer = int(m[1])
+    if name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(layer, model.n_layer):
+        return T.Q6_K, f"{outtype.name}: {name.split('.')[2]} in layer {layer} (use_more_bits)"
+    if name.endswith("attn_v.weight") and model.is_70b and base == T.Q4_K:
+        return T.Q5_K, f"{outtype.name}: attn_v of a 70B model"
+    if name.endswith("attn_qkv.weight"):
+        return (T.Q5_K if base == T.Q4_K else T.Q6_K), f"{outtype.name}: fused attn_qkv"
+    return base, None
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: OutType,
+                model: ModelFacts = ModelFacts()) -> TypeChoice:
+    """The ggml type of one tensor (shape in PyTorch order, row length last); see the module doc."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return TypeChoice(T.F32)
+    if outtype.weight_type in FLOATS:
+        return TypeChoice(outtype.weight_type)
     row = shape[-1]
+    qtype, rule = _recipe(gguf_name, row, outtype, model)
+    wanted = qtype
     if row % GGML_QUANT_SIZES[qtype][0]:
         qtype = FALLBACK.get(qtype, T.F16)
         if row % GGML_QUANT_SIZES[qtype][0]:
             qtype = T.F16
-        return qtype, f"row length {row} is not a multiple of {GGML_QUANT_SIZES[wanted][0]} for {wanted.name}"
-    return qtype, None
+        why = f"row length {row} is not a multiple of {GGML_QUANT_SIZES[wanted][0]} for {wanted.name}"
+        return TypeChoice(qtype, rule, why)
+    return TypeChoice(qtype, rule)
 
 
 def n_bytes(shape: tuple[int, ...], qtype: T) -> int:

@@ -85,19 +85,24 @@ def tiny_llama_gguf(path, data: np.ndarray) -> None:
     w.close()
 
 
-def llamacpp_quantize(data: np.ndarray, qtype: T, tmp_path) -> np.ndarray:
-    """llama.cpp's bytes for `data` (rows, 256) as `qtype`: uint8 (rows, row_bytes)."""
+def quantize_file(src, dst, ftype: int, pure: bool = False, allow_requantize: bool = False) -> None:
+    """llama.cpp's quantizer (llama-quantize) on a GGUF file: `ftype` a llama_ftype (= gguf.LlamaFileType)."""
     import llama_cpp
 
-    ftype = {T.Q4_K: llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, T.Q5_K: llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
-             T.Q6_K: llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[qtype]
-    src, dst = tmp_path / f"in-{qtype.name}.gguf", tmp_path / f"out-{qtype.name}.gguf"
-    tiny_llama_gguf(src, data)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.nthread = ftype, True, 2  # pure: the ftype's base type everywhere
+    params.ftype, params.pure, params.allow_requantize, params.nthread = int(ftype), pure, allow_requantize, 2
     with llamacpp._quiet():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize returned {rc}"
+    assert rc == 0, f"llama_model_quantize({src}) returned {rc}"
+
+
+def llamacpp_quantize(data: np.ndarray, qtype: T, tmp_path) -> np.ndarray:
+    """llama.cpp's bytes for `data` (rows, 256) as `qtype`: uint8 (rows, row_bytes)."""
+    ftype = {T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M, T.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
+             T.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}[qtype]
+    src, dst = tmp_path / f"in-{qtype.name}.gguf", tmp_path / f"out-{qtype.name}.gguf"
+    tiny_llama_gguf(src, data)
+    quantize_file(src, dst, ftype, pure=True)  # pure: the ftype's base type for every tensor
     t = next(t for t in gguf.GGUFReader(dst).tensors if t.name == "token_embd.weight")
     assert t.tensor_type == qtype
     return np.array(t.data).reshape(len(data), -1)
