@@ -12,8 +12,10 @@ A safetensors file is validated before any tensor is read (we parse its header o
 - N must fit in the file and the JSON must parse to an object of tensor records;
 - each record's byte count must equal prod(shape) * dtype size, and `8 + N + end` must not pass the
   end of the file (a truncated download names the first tensor it cut).
-Tensor bytes are then read lazily through `safetensors.safe_open` (a memory map), so holding a
-`Checkpoint` costs nothing and `load(name)` costs one tensor.
+Tensor bytes are then read lazily with plain file reads into a fresh tensor, so holding a
+`Checkpoint` costs nothing and `load(name)` costs one tensor. (Not a memory map: the pages of a
+map that were read stay in the process's resident set until it is closed, so converting through
+one would grow RSS by the whole checkpoint; read pages stay in the OS page cache only.)
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -49,6 +56,7 @@ class TensorRef:
     file: Path
     shape: tuple[int, ...]  # PyTorch order
     dtype: str  # as the file spells it: "F32", "BF16", "torch.float16", ...
+    offset: int = -1  # safetensors: the tensor's first byte in the file
 
 
 def read_json(path: Path) -> Any:
@@ -94,7 +102,7 @@ def safetensors_header(path: Path) -> dict[str, TensorRef]:
         if 8 + n + end > size:
             raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {8 + n + end:,} "
                                   f"but the file has {size:,} bytes")
-        refs[name] = TensorRef(name, path, shape, dtype)
+        refs[name] = TensorRef(name, path, shape, dtype, 8 + n + begin)
     return refs
 
 
@@ -111,7 +119,7 @@ class Checkpoint:
         self.config: dict[str, Any] = read_json(config_path)
         if not isinstance(self.config, dict):
             raise CheckpointError(f"{config_path}: expected a JSON object")
-        self._open: dict[Path, Any] = {}  # safetensors file -> safe_open handle
+        self._open: dict[Path, Any] = {}  # safetensors file -> open binary file
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}  # .bin file -> mapped state dict
         self.tensors: dict[str, TensorRef] = self._index()
 
@@ -174,16 +182,26 @@ class Checkpoint:
         ref = self.tensors[name]
         if ref.file.suffix == ".bin":
             return self._torch_load(ref.file)[name]
-        handle = self._open.get(ref.file)
-        if handle is None:
-            from safetensors import safe_open
-
+        f = self._open.get(ref.file)
+        if f is None:
             try:
-                handle = self._open[ref.file] = safe_open(str(ref.file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{ref.file}: cannot open: {e}") from None
-        return handle.get_tensor(name)
+                f = self._open[ref.file] = open(ref.file, "rb")
+            except OSError as e:
+                raise CheckpointError(f"{ref.file}: cannot open ({e.strerror})") from None
+        tensor = torch.empty(ref.shape, dtype=TORCH_DTYPES[ref.dtype])
+        buf = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # little-endian, as safetensors stores
+        f.seek(ref.offset)
+        done = 0
+        while done < len(buf):
+            n = f.readinto(buf[done:])
+            if not n:  # the file shrank after its header was checked
+                raise CheckpointError(f"{ref.file}: truncated: tensor '{name}' ends at byte "
+                                      f"{ref.offset + len(buf):,} but reading stopped at {ref.offset + done:,}")
+            done += n
+        return tensor
 
     def close(self) -> None:
+        for f in self._open.values():
+            f.close()
         self._open.clear()
         self._bins.clear()

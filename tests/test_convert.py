@@ -799,3 +799,36 @@ def test_smollm2_q4_k_m_loads_in_llamacpp(smollm2_hf, smollm2_q8_0, tmp_path):
         ppl[name] = math.exp(-float(logp.gather(1, torch.tensor(ids[1:])[:, None]).mean()))
     # seen: q8_0 57.8, q4_k_m 63.0 on these 128 tokens (the weights were Q4_1 to begin with)
     assert ppl["q8_0"] < 100 and abs(ppl["q4_k_m"] / ppl["q8_0"] - 1) < 0.2, ppl
+
+
+PEAK_RSS_SCRIPT = """
+import json, sys
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import gguf.quants, numpy, torch, qkvgguf.quants
+from qkvgguf.convert import convert
+base = status("VmRSS")
+convert(sys.argv[1], sys.argv[2], sys.argv[3])
+print(json.dumps({"after_imports": base, "peak": status("VmHWM")}))
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_peak_rss_is_about_one_tensor(smollm2_hf, tmp_path):
+    """Issue 3, done-when 4: peak RSS minus RSS after imports < 2x the largest tensor + 64 MiB.
+    (seen: 227 MiB at f16, 201 MiB at q8_0; bound 280 MiB: token_embd is 108 MiB in f32)"""
+    import subprocess
+    import sys
+
+    from qkvgguf.convert.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(smollm2_hf)
+    largest = max(int(np.prod(r.shape)) * 4 for r in ckpt.tensors.values())
+    ckpt.close()
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(smollm2_hf), str(tmp_path / "m.gguf"), "f16"],
+                         capture_output=True, text=True, check=True)
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = rss["peak"] - rss["after_imports"]
+    assert grown < 2 * largest + 64 * 2**20, f"grew {grown / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB"
