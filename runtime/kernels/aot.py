@@ -86,7 +86,7 @@ def _specs(all_configs: bool, arch: int):
         gemm = qm.gemm_configs(qtype) if all_configs else qm.gemm_configs(qtype)[:1]
         for c in gemm:
             for f16 in (True, False) if all_configs else (True,):
-                sig = {**mm, "x_ptr": "*fp16" if f16 else "*fp32", "y_ptr": "*fp16" if f16 else "*fp32"}
+                sig = {**mm, "x_ptr": "*fp16" if f16 else "*fp32", "y_ptr": "*fp16" if f16 else "*fp32", "M_BUCKET": "i32"}
                 yield (qm._gemm_kernel, sig, {**fmt, **c.kwargs, "DOT_F16": f16, "PRECISION": prec},
                        c.num_warps, c.num_stages, f"gemm {qtype.name} {'f16' if f16 else 'f32'} {c.kwargs} w{c.num_warps}")
         yield (dq._dequant_rows_kernel,

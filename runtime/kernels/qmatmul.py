@@ -88,7 +88,7 @@ def _gemv_kernel(
 @triton.jit
 def _gemm_kernel(
     x_ptr, w8_ptr, w16_ptr, y_ptr,  # pointers
-    M, N, NBLK,  # sizes
+    M, N, NBLK, M_BUCKET,  # sizes; M_BUCKET (M rounded up to a power of two) only keys the autotuner
     stride_xm, stride_wn, stride_ym,  # strides (stride_wn in bytes)
     QTYPE: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,  # format
     G: tl.constexpr, INNER: tl.constexpr, PLANES: tl.constexpr,
@@ -167,7 +167,8 @@ def gemm_configs(qtype: T) -> list[triton.Config]:
 def _tuned(kind: str, qtype: T):
     """The autotuned kernel of one strategy and format, built on first use (never at import)."""
     kernel, configs = (_gemv_kernel, gemv_configs(qtype)) if kind == "gemv" else (_gemm_kernel, gemm_configs(qtype))
-    return triton.autotune(configs=configs, key=["M", "N", "NBLK"])(kernel)
+    key = ["M", "N", "NBLK"] if kind == "gemv" else ["M_BUCKET", "N", "NBLK"]  # not one tuning per prompt length
+    return triton.autotune(configs=configs, key=key)(kernel)
 
 
 # -- wrapper -------------------------------------------------------------------------------------
@@ -210,6 +211,7 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype 
         else:
             _gemv_kernel[(triton.cdiv(N, config["BLOCK_N"]),)](*args, **fmt, **config)
         return y
+    args = args[:7] + (next_pow2(M),) + args[7:]
     fmt["DOT_F16"] = x.dtype == torch.float16
     fmt["PRECISION"] = fp32_precision(x.device, precision)
     if config is None and interpreting():
