@@ -14,7 +14,8 @@ One implementation serves llama, qwen2 and qwen3; their differences are `ModelCo
     logits = (rms_norm(x) * output_norm) @ output            # output = token_embd when tied
 
 All arithmetic is float32 (the reference path). Weights are dequantized per matmul through the
-`Weights` cache; the one dispatch point for matmuls is `ops.linear`.
+`Weights` cache. The ops come from one backend, chosen once in `Model.__init__`: `ops` (torch) or
+`ops_triton` (Triton kernels); the code below calls `ops.<name>` and never branches on the device.
 """
 
 from __future__ import annotations
@@ -24,19 +25,35 @@ import torch
 from qkvgguf.config import ModelConfig
 from qkvgguf.gguf_file import GGUFFile
 
-from . import ops
+from . import ops as torch_ops
+from .backend import select_backend
 from .kv_cache import KVCache
 from .weights import Weights
 
 
 class Model:
-    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0):
+    """A GGUF decoder ready to run: config, weights (on `device`), and the ops of one backend.
+
+    backend: "auto" (Triton on a capable CUDA GPU, torch elsewhere), "triton" or "torch".
+    Activations are float32 on the CPU and float16 on CUDA with Triton.
+    """
+
+    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: str | torch.device = "cpu",
+                 backend: str = "auto"):
         self.gguf = gguf
+        self.device = torch.device(device)
+        self.backend = select_backend(backend, self.device)
+        if self.backend == "triton":
+            from . import ops_triton as ops
+        else:
+            ops = torch_ops
+        self.ops = ops
+        self.dtype = torch.float16 if (self.backend == "triton" and self.device.type == "cuda") else torch.float32
         self.config = ModelConfig.from_gguf(gguf)
-        self.weights = Weights(gguf, cache_bytes)
+        self.weights = Weights(gguf, cache_bytes, self.device)
         self.output_name = "token_embd.weight" if self.config.tied_embeddings else "output.weight"
         freq_factors = self.weights.dense("rope_freqs.weight") if "rope_freqs.weight" in self.weights else None
-        self.inv_freq = ops.rope_inv_freq(self.config, freq_factors)
+        self.inv_freq = ops.rope_inv_freq(self.config, freq_factors).to(self.device)
 
     def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32") -> KVCache:
         return KVCache(self.config, n_ctx, type_k, type_v)
@@ -47,14 +64,15 @@ class Model:
 
         logits="last": (vocab,) for the last position; "all": (T, vocab); "none": nothing computed.
         """
-        cfg, W = self.config, self.weights
+        cfg, W, ops = self.config, self.weights, self.ops
         T = tokens.shape[0]
         start = cache.pos
         if start + T > cache.n_ctx:
             raise ValueError(f"{T} tokens at position {start} overflow the {cache.n_ctx}-token context")
-        positions = torch.arange(start, start + T)
-        cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2)
-        x = W.rows("token_embd.weight", tokens)  # (T, n_embd)
+        tokens = tokens.to(self.device)
+        positions = torch.arange(start, start + T, device=self.device)
+        cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2) float32
+        x = W.rows("token_embd.weight", tokens).to(self.dtype)  # (T, n_embd)
         for i in range(cfg.n_layer):
             x = x + self._attention(i, x, cos, sin, cache)
             x = x + self._feed_forward(i, x)
@@ -64,11 +82,11 @@ class Model:
         if logits == "last":
             x = x[-1:]
         x = ops.rms_norm(x, W.dense("output_norm.weight"), cfg.norm_eps)
-        out = ops.linear(x, W, self.output_name)  # (T or 1, vocab)
+        out = ops.linear(x, W, self.output_name).float()  # (T or 1, vocab)
         return out[0] if logits == "last" else out
 
     def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache) -> torch.Tensor:
-        cfg, W = self.config, self.weights
+        cfg, W, ops = self.config, self.weights, self.ops
         p = f"blk.{i}."
         T = x.shape[0]
         h = ops.rms_norm(x, W.dense(p + "attn_norm.weight"), cfg.norm_eps)
@@ -88,7 +106,7 @@ class Model:
         return ops.linear(out, W, p + "attn_output.weight")
 
     def _feed_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        cfg, W = self.config, self.weights
+        cfg, W, ops = self.config, self.weights, self.ops
         p = f"blk.{i}."
         h = ops.rms_norm(x, W.dense(p + "ffn_norm.weight"), cfg.norm_eps)
         gate = ops.linear(h, W, p + "ffn_gate.weight")
@@ -96,5 +114,5 @@ class Model:
         return ops.linear(ops.swiglu(gate, up), W, p + "ffn_down.weight")
 
 
-def load_model(path: str, cache_bytes: int = 0) -> Model:
-    return Model(GGUFFile(path), cache_bytes)
+def load_model(path: str, cache_bytes: int = 0, device: str = "cpu", backend: str = "auto") -> Model:
+    return Model(GGUFFile(path), cache_bytes, device, backend)

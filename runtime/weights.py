@@ -83,8 +83,11 @@ class DequantCache:
 class Weights:
     """GGUF tensors by name, each a lazily dequantized QTensor."""
 
-    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0):
+    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: torch.device | str = "cpu"):
+        """Tensors stay memory-mapped on the CPU; on another device their raw bytes are copied there
+        once at load (all resident: paging under a VRAM budget is the planner's job)."""
         self.gguf = gguf
+        device = torch.device(device)
         self.path = gguf.path
         self.tensors: dict[str, QTensor] = {}
         for name, info in gguf.tensors.items():
@@ -92,7 +95,10 @@ class Weights:
                 get_format(info.type)
             except UnsupportedError as e:
                 raise UnsupportedError(f"{gguf.path}: tensor '{name}': {e}") from None
-            self.tensors[name] = QTensor(name, info.type, info.shape, _from_memmap(gguf.raw(name)))
+            raw = _from_memmap(gguf.raw(name))
+            if device.type != "cpu":
+                raw = raw.to(device)
+            self.tensors[name] = QTensor(name, info.type, info.shape, raw)
         self.cache = DequantCache(cache_bytes)
 
     def __contains__(self, name: str) -> bool:

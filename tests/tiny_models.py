@@ -13,11 +13,11 @@ import torch
 VOCAB = 320
 
 
-def hf_model(arch: str, tied: bool = False, seed: int = 0):
+def hf_model(arch: str, tied: bool = False, seed: int = 0, hidden: int = 64, ff: int = 96):
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied)
     if arch == "llama":
@@ -42,8 +42,11 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, arch: str, path: str) -> None:
+def write_gguf(model, arch: str, path: str, qtypes=None) -> None:
+    """qtypes: optional list of ggml types; 2-D weights are quantized with them in turn (our quantizers)."""
     import gguf
+
+    from qkvgguf.quants import get_format, quantize
 
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -77,6 +80,7 @@ def write_gguf(model, arch: str, path: str) -> None:
     for i in range(cfg.num_hidden_layers):
         for hf, gg in per_layer.items():
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+    n_quantized = 0
     for hf_name, gg_name in names.items():
         if hf_name not in sd:
             continue
@@ -84,7 +88,14 @@ def write_gguf(model, arch: str, path: str) -> None:
         if arch == "llama" and gg_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if "attn_q" in gg_name else cfg.num_key_value_heads
             t = _permute(t, heads)
-        w.add_tensor(gg_name, np.ascontiguousarray(t.numpy(), dtype=np.float32))
+        values = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+        if qtypes and values.ndim == 2:
+            qtype = qtypes[n_quantized % len(qtypes)]
+            n_quantized += 1
+            if values.shape[1] % get_format(qtype).block_size == 0:
+                w.add_tensor(gg_name, quantize(values, qtype), raw_dtype=qtype)
+                continue
+        w.add_tensor(gg_name, values)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,0 +1,52 @@
+"""Triton backend ops: the same functions as runtime/ops.py, backed by runtime/kernels.
+
+`Model` picks this module or `ops` once (backend.select_backend); the model code calls
+`self.ops.<name>` and never branches on the device. Quantized weights stay in their GGUF bytes
+and are dequantized in registers by `qmatmul`; float weights (F32/F16/BF16) use a torch matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+from . import kernels
+from . import ops as torch_ops
+
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+rope_inv_freq = torch_ops.rope_inv_freq
+rope_cos_sin = torch_ops.rope_cos_sin
+
+
+def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
+    """x (T, in) @ W[name].T -> (T, out) in x's dtype."""
+    w = W[name]
+    if w.type in FLOAT_TYPES:
+        y = x @ W.dense(name).to(x.dtype).T
+    else:
+        y = kernels.qmatmul(x, w.raw, w.type)
+    if bias is not None:
+        y = y + W.dense(bias).to(y.dtype)
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return kernels.rms_norm(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return kernels.swiglu(gate, up)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """x (heads, T, d); the kernel needs a contiguous last dim (views from a (T, heads*d) matmul have it)."""
+    return kernels.rope(x, cos.to(x.dtype) if x.dtype != torch.float32 else cos,
+                        sin.to(x.dtype) if x.dtype != torch.float32 else sin, neox)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int) -> torch.Tensor:
+    """q (n_head, T, d) at [n_past, n_past+T) over the first n_past+T rows of k, v (n_kv, >= n_past+T, d)."""
+    if q.shape[1] == 1:
+        return kernels.flash_decode(q, k, v, n_past + 1)
+    return kernels.flash_prefill(q, k, v, n_past)
