@@ -294,6 +294,19 @@ def test_flash_decode(num_splits, group, dtype):
     torch.testing.assert_close(out.float(), ref, **ATT_TOL[dtype])
 
 
+def test_flash_head_dim_not_a_power_of_two():
+    """head_dim 80 (phi-2-like): padded to 128 lanes, the padding masked."""
+    n_kv, group, d, n_past, T_ = 1, 2, 80, 6, 3
+    k, v = kv_cache(n_kv, 20, n_past + T_, d, torch.float32, seed=12)
+    q = torch.randn(n_kv * group, T_, d, generator=torch.Generator().manual_seed(13)).to(DEV)
+    S = n_past + T_
+    ref = ops.attention(q, k[:, :S], v[:, :S], n_past)
+    torch.testing.assert_close(flash_prefill(q, k, v, n_past, precision="tf32x3"), ref, **ATT_TOL[torch.float32])
+    ref = ops.attention(q[:, -1:], k[:, :S], v[:, :S], S - 1)
+    torch.testing.assert_close(flash_decode(q[:, -1:], k, v, S, 2, block_n=16, precision="tf32x3"), ref,
+                               **ATT_TOL[torch.float32])
+
+
 def test_flash_decode_device_length_and_empty_splits():
     """n_valid as a device tensor (CUDA-graph friendly): splits sized for the whole cache, most
     of them empty for a short prefix; and more splits than key tiles."""

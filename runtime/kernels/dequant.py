@@ -26,9 +26,10 @@ with their element index inside the row, so the caller loads the matching activa
     Q4_K, Q5_K    4  32    2       256b + 64g + 32p + i            sub-block 2g + p
     Q6_K          8  16    2       256b + 128(g//4) + 64p + 16(g%4) + i
 
-Every quant byte is loaded once per plane (L1 serves the second plane); scales are loaded once per
-(row, block) when the caller passes 3-D index tensors (the GEMV), once per element when it passes
-2-D ones (the GEMM: the loads hit L1, the tensor cores are the bound there).
+Every quant byte is loaded once per plane (L1 serves the second plane). Callers pass 3-D index
+tensors, (rows, groups, inner) for the GEMV and (groups, inner, rows) for the GEMM, so scales and
+minimums are loaded and decoded once per (row, group) and broadcast along `inner`
+(`_dequant_rows_kernel`, one row per program, passes 2-D (groups, inner)).
 
 Unaligned f16 scales: all type sizes and all f16 field offsets are even, so the kernels read every
 f16 (and Q5_0/Q5_1's 32 fifth bits, as two 16-bit words) through an int16 view of the same bytes
@@ -37,7 +38,9 @@ scale, no repack, no extra memory. The GGUF bytes are the only copy of a weight 
 
 Arithmetic follows `gguf.quants` (scale products in float32 first, then one multiply by q and, for
 the formats with a minimum, a separately rounded add/subtract), so a dequantized value is
-bit-exact with the numpy reference; only the summation order of the dot product differs.
+bit-exact with the numpy reference; only the summation order of the dot product differs. Every
+product before an add is exact in float32 (11-bit f16 times at most 6 + 5 bits; see
+qkvgguf/quants/kquants.py), so the GPU's FMA contraction changes no bit either.
 """
 
 from __future__ import annotations
@@ -189,8 +192,8 @@ def dequant(w8_ptr, w16_ptr, row_off, blk, g, i, mask,
 
     w8_ptr / w16_ptr: the weight's bytes as uint8 and as int16 (same storage).
     row_off: int64 byte offset of each row; blk, g, i: block, group and inner index tensors; all
-    four broadcast against each other (3-D for the GEMV, 2-D for the GEMM). mask: which (row,
-    block) are real; masked values are 0.
+    four broadcast against each other (any rank, any axis order). mask: which (row, block) are
+    real; masked values are 0.
     """
     base = row_off + blk.to(tl.int64) * TS
     if BS == 32:
