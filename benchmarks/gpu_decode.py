@@ -1,0 +1,234 @@
+"""End-to-end GPU speed: prompt and decode tokens/s, qkvgguf (Triton) vs llama.cpp (CUDA build).
+
+    python benchmarks/gpu_decode.py                        # SmolLM2 + synthetic 7B Q4_0 and Q4_K
+    python benchmarks/gpu_decode.py --shape tiny --device cpu --backend torch   # smoke test, no GPU
+
+Models: the default SmolLM2-135M file, and synthetic Llama-2-7B-shaped GGUFs (32 layers, n_embd
+4096, n_ff 11008, 32 heads, vocab 32000) whose quantized blocks are random bytes with realistic
+f16 scales, written on the machine that runs the benchmark (they are too big to carry). Speed does
+not depend on the values, only on the formats and shapes.
+
+Per model: prompt tokens/s (one pass of --prompt-tokens), decode tokens/s (median per-token time
+over --decode-tokens), and one decode step split into GPU kernel time and overhead (wall - kernels,
+from torch.profiler). llama.cpp runs when llama_cpp imports (build it with CUDA: see shared/GPU.md),
+with every layer offloaded. Writes benchmarks/gpu_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+from qkvgguf.default_model import default_model_path  # noqa: E402
+from qkvgguf.gguf_file import GGUFFile  # noqa: E402
+from qkvgguf.runtime import Model  # noqa: E402
+
+SHAPES = {  # n_layer, n_embd, n_ff, n_head, n_head_kv, vocab
+    "7b": (32, 4096, 11008, 32, 32, 32000),
+    "tiny": (2, 256, 512, 4, 4, 512),
+}
+
+
+def _random_blocks(rng, qtype, rows: int, cols: int) -> np.ndarray:
+    """Random quantized bytes (rows, row_bytes) with sane f16 scales for Q4_0 / Q4_K / Q6_K / Q8_0."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    nb = cols // bs
+    raw = rng.integers(0, 256, size=(rows, nb, ts), dtype=np.uint8)
+    scale = (np.abs(rng.standard_normal((rows, nb))) * 0.002 + 1e-4).astype(np.float16).view(np.uint8)
+    scale = scale.reshape(rows, nb, 2)
+    if qtype in (T.Q4_0, T.Q8_0):
+        raw[:, :, 0:2] = scale
+    elif qtype == T.Q4_K:  # d, dmin
+        raw[:, :, 0:2] = scale
+        raw[:, :, 2:4] = scale
+    elif qtype == T.Q6_K:  # d is the last 2 bytes
+        raw[:, :, ts - 2:ts] = scale
+    else:
+        raise ValueError(qtype)
+    return raw.reshape(rows, nb * ts)
+
+
+def write_synthetic(path: str, shape: str, weight_type: str, seed: int = 0) -> str:
+    """A Llama-shaped GGUF with random weights and a minimal SentencePiece-style vocabulary."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    n_layer, n_embd, n_ff, n_head, n_kv, vocab = SHAPES[shape]
+    main = {"q4_0": T.Q4_0, "q4_k": T.Q4_K}[weight_type]
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(f"synthetic-{shape}-{weight_type}")
+    w.add_block_count(n_layer)
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if main == T.Q4_0 else gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(vocab)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def quant(name, rows, cols, qtype=main):
+        w.add_tensor(name, _random_blocks(rng, qtype, rows, cols), raw_dtype=qtype)
+
+    def norm(name):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32))
+
+    quant("token_embd.weight", vocab, n_embd, T.Q8_0 if main == T.Q4_0 else T.Q4_K)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight")
+        quant(p + "attn_q.weight", n_embd, n_embd)
+        quant(p + "attn_k.weight", n_embd * n_kv // n_head, n_embd)
+        quant(p + "attn_v.weight", n_embd * n_kv // n_head, n_embd, main if main == T.Q4_0 else T.Q6_K)
+        quant(p + "attn_output.weight", n_embd, n_embd)
+        norm(p + "ffn_norm.weight")
+        quant(p + "ffn_gate.weight", n_ff, n_embd)
+        quant(p + "ffn_up.weight", n_ff, n_embd)
+        quant(p + "ffn_down.weight", n_embd, n_ff, main if main == T.Q4_0 else T.Q6_K)
+    norm("output_norm.weight")
+    quant("output.weight", vocab, n_embd, T.Q6_K if main == T.Q4_K else T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ours(path, device, backend, n_prompt, n_decode):
+    model = Model(GGUFFile(path), device=device, backend=backend)
+    dev = model.device
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab, (n_prompt,), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(n_prompt + n_decode + 8)
+    model.forward(prompt[:16], cache)  # warm-up: compiles the kernels
+    cache.reset()
+    _sync(dev)
+    t0 = time.perf_counter()
+    logits = model.forward(prompt, cache)
+    _sync(dev)
+    prompt_tps = n_prompt / (time.perf_counter() - t0)
+    tok = int(logits.argmax())
+    times = []
+    for _ in range(n_decode):
+        t0 = time.perf_counter()
+        tok = int(model.forward(torch.tensor([tok]), cache).argmax())
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    kernel_s = None
+    if dev.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.forward(torch.tensor([tok]), cache)
+            _sync(dev)
+        kernel_s = sum(e.device_time_total for e in prof.key_averages()) / 1e6
+    return {"prompt_tps": prompt_tps, "decode_tps": 1.0 / step, "decode_step_ms": 1e3 * step,
+            "kernel_ms": None if kernel_s is None else 1e3 * kernel_s,
+            "overhead_ms": None if kernel_s is None else 1e3 * (step - kernel_s),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30 if dev.type == "cuda" else None}
+
+
+def bench_llamacpp(path, n_prompt, n_decode):
+    try:
+        import llamacpp
+        llm = llamacpp.load(path, n_ctx=n_prompt + n_decode + 8, n_batch=512, n_gpu_layers=-1)
+    except Exception as e:  # not installed or not loadable: report, don't fail the run
+        return {"error": f"{type(e).__name__}: {e}"}
+    vocab = llm.n_vocab()
+    prompt = torch.randint(3, vocab, (n_prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.eval(prompt[:16])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prompt_tps = n_prompt / (time.perf_counter() - t0)
+    tok = int(llamacpp.last_logits(llm).argmax())
+    times = []
+    for _ in range(n_decode):
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        tok = int(llamacpp.last_logits(llm).argmax())
+        times.append(time.perf_counter() - t0)
+    return {"prompt_tps": prompt_tps, "decode_tps": 1.0 / statistics.median(times)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--shape", default="7b", choices=list(SHAPES))
+    ap.add_argument("--synthetic", default="q4_0,q4_k", help="comma list of q4_0, q4_k; empty for none")
+    ap.add_argument("--workdir", default="/tmp/qkvgguf-bench")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "gpu_decode.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_decode: no CUDA GPU here; run on a GPU machine (or --device cpu --backend torch --shape tiny)")
+        return
+    os.makedirs(args.workdir, exist_ok=True)
+    models = [("SmolLM2-135M Q4_1", default_model_path())]
+    for kind in filter(None, args.synthetic.split(",")):
+        path = os.path.join(args.workdir, f"synthetic-{args.shape}-{kind}.gguf")
+        if not os.path.exists(path):
+            t0 = time.perf_counter()
+            write_synthetic(path, args.shape, kind)
+            print(f"wrote {path} ({os.path.getsize(path) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
+        models.append((f"synthetic {args.shape} {kind}", path))
+    rows = []
+    for name, path in models:
+        row = {"model": name, "file": path, "ours": bench_ours(path, device, args.backend, args.prompt_tokens,
+                                                                args.decode_tokens)}
+        if not args.no_llamacpp:
+            row["llamacpp"] = bench_llamacpp(path, args.prompt_tokens, args.decode_tokens)
+        rows.append(row)
+        print(json.dumps(row))
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{dev_name}, {time.strftime('%Y-%m-%d')}, prompt {args.prompt_tokens}, decode {args.decode_tokens}")
+    print(f"{'model':28} {'prompt t/s':>11} {'decode t/s':>11} {'kernel ms':>10} {'overhead ms':>12} "
+          f"{'llama.cpp p/d':>16} {'decode ratio':>13}")
+    for r in rows:
+        o, lc = r["ours"], r.get("llamacpp", {})
+        lcs = f"{lc['prompt_tps']:.0f}/{lc['decode_tps']:.1f}" if "decode_tps" in lc else "-"
+        ratio = f"{o['decode_tps'] / lc['decode_tps']:.2f}" if "decode_tps" in lc else "-"
+        km = f"{o['kernel_ms']:.2f}" if o["kernel_ms"] is not None else "-"
+        om = f"{o['overhead_ms']:.2f}" if o["overhead_ms"] is not None else "-"
+        print(f"{r['model']:28} {o['prompt_tps']:>11.1f} {o['decode_tps']:>11.1f} {km:>10} {om:>12} {lcs:>16} {ratio:>13}")
+    with open(args.out, "w") as f:
+        json.dump({"device": dev_name, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
