@@ -199,14 +199,50 @@ def cmd_perplexity(args) -> int:
 def cmd_inspect(args) -> int:
     from .gguf_file import GGUFFile
     from .inspect import render, summarize
+    from .units import parse_size
 
+    if args.ref is not None and args.tensor is None:
+        raise QkvggufError("--ref needs --tensor NAME (the tensor to compare)")
+    if args.blocks < 0:
+        raise QkvggufError(f"--blocks must be 0 or more, got {args.blocks}")
+    plot_size = None
+    if args.plot is not None:
+        from .inspect_plot import parse_plot_size
+
+        plot_size = parse_plot_size(args.plot_size)
+    vram = parse_size(args.vram) if args.vram is not None else None
     gguf = GGUFFile(args.file)
+    other = GGUFFile(args.diff) if args.diff is not None else None
     summary = summarize(gguf, full_arrays=args.json and args.full)
+    views = []  # text sections, in order
+    if args.tensor is not None:
+        from .inspect_tensor import render_tensor, tensor_report
+
+        summary["tensor"] = tensor_report(gguf, args.tensor, n_blocks=args.blocks, ref=args.ref)
+        views.append(render_tensor(summary["tensor"]))
+    if other is not None:
+        from .inspect_diff import diff, render_diff
+
+        summary["diff"] = diff(gguf, other)
+        views.append(render_diff(summary["diff"]))
+    if not views:
+        views.append(render(summary, show_tensors=args.tensors, show_metadata=args.metadata))
+    if vram is not None or args.ctx_size is not None or args.cache_type_k or args.cache_type_v:
+        from .inspect_memory import DEFAULT_CACHE_TYPE, estimate, render_memory
+
+        summary["memory"] = estimate(gguf, vram, args.ctx_size, args.cache_type_k or DEFAULT_CACHE_TYPE,
+                                     args.cache_type_v or DEFAULT_CACHE_TYPE, args.batch_size)
+        views.append(render_memory(summary["memory"]))
+    if args.plot is not None:
+        from .inspect_plot import plot
+
+        summary["plot"] = plot(summary, args.plot, plot_size)
+        views.append(f"wrote {args.plot} ({summary['plot']['width']} x {summary['plot']['height']} px)")
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(render(summary, show_tensors=not args.no_tensors))
+        print("\n\n".join(views))
     return 0
 
 
@@ -245,11 +281,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("inspect", help="show a GGUF file's metadata and tensors")
+    p = sub.add_parser("inspect", help="show a GGUF file: types, layers, one tensor's blocks, memory, diffs, plots")
     p.add_argument("file", help="GGUF file")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (everything the text shows, and more)")
     p.add_argument("--full", action="store_true", help="with --json: include whole metadata arrays (vocabulary)")
-    p.add_argument("--no-tensors", action="store_true", help="omit the per-tensor table")
+    p.add_argument("--tensors", action="store_true", help="add the full tensor table (name, type, shape, bytes, offset)")
+    p.add_argument("--metadata", action="store_true", help="add every metadata key")
+    p.add_argument("--no-tensors", action="store_true", help=argparse.SUPPRESS)  # the old default view's opt-out
+    p.add_argument("--tensor", metavar="NAME", default=None,
+                   help="one tensor: block layout, first blocks decoded, value stats, histogram of quant codes")
+    p.add_argument("--blocks", type=int, default=3, help="with --tensor: blocks to decode (default 3)")
+    p.add_argument("--ref", metavar="OTHER", default=None,
+                   help="with --tensor: quantization error against the same tensor in another GGUF file or "
+                        "a Hugging Face folder")
+    p.add_argument("--vram", metavar="SIZE", default=None,
+                   help="estimate whether the model fits in SIZE of GPU memory (e.g. 8GiB)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="with --vram: context length (default: min(4096, the model's); 0 = the model's)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="with --vram: prompt batch (default 512)")
+    p.add_argument("-ctk", "--cache-type-k", default=None, help="with --vram: KV cache type for K (default f16)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, help="with --vram: KV cache type for V (default f16)")
+    p.add_argument("--diff", metavar="OTHER", default=None, help="metadata and tensor type/shape differences")
+    p.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="heat map of bits per weight (layer x tensor kind) and bytes by layer (needs matplotlib)")
+    p.add_argument("--plot-size", metavar="WxH", default="1200x800", help="with --plot: pixels (default 1200x800)")
     p.set_defaults(func=cmd_inspect)
 
     from .convert import cli as convert_cli
