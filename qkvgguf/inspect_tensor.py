@@ -517,11 +517,13 @@ def render_tensor(report: dict) -> str:
             else:
                 lists = {k: v for k, v in f.items() if isinstance(v, list)}
                 head = " ".join(f"{k:>4}" for k in lists)
-                out.append(f"    sub {head} {'scale':>11} {'bias':>11}  q")
+                has_bias = any(b["bias"])  # Q6_K has none: x = scale * (q - 32)
+                out.append(f"    sub {head} {'scale':>11}" + (f" {'bias':>11}" if has_bias else "") + "  q")
                 for j in range(n_sub):
                     vals = " ".join(f"{v[j]:>4}" for v in lists.values())
                     qs = " ".join(f"{q:>2}" for q in b["q"][j * per:(j + 1) * per])
-                    out.append(f"    {j:>3} {vals} {_g(b['scale'][j]):>11} {_g(b['bias'][j]):>11}  {qs}")
+                    bias = f" {_g(b['bias'][j]):>11}" if has_bias else ""
+                    out.append(f"    {j:>3} {vals} {_g(b['scale'][j]):>11}{bias}  {qs}")
             out.append("    x: " + " ".join(_g(v) for v in b["values"][:8]) + (" ..." if len(b["values"]) > 8 else ""))
     s = report["stats"]
     out.append("")
