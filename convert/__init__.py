@@ -8,6 +8,12 @@ vocab.py builds the tokenizer keys, writer.py holds the type policy and the atom
 convert.py streams one tensor at a time from one to the other. cli.py is the `convert` subcommand.
 """
 
-from .convert import Converted, convert
-
 __all__ = ["convert", "Converted"]
+
+
+def __getattr__(name):  # lazy: `qkvgguf --help` and `inspect` must not pay for importing torch
+    if name in __all__:
+        from . import convert as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

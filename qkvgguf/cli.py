@@ -34,6 +34,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ctv", "--cache-type-v", default="f32", help="KV cache type for V: f32, f16 (default f32)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
                    help=f"RAM for dequantized weights kept between tokens (default {DEFAULT_CPU_CACHE}; 0 = none)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="kernels: triton on CUDA GPUs (compute capability 7.5+), torch elsewhere (default auto)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("-v", "--verbose", action="store_true", help="print load and speed details")
 
 
@@ -42,6 +45,7 @@ def _load(args):
 
     from .default_model import default_model_path
     from .gguf_file import GGUFFile
+    from .runtime.backend import select_backend
     from .runtime.model import Model
     from .tokenizer import Tokenizer
     from .units import parse_size
@@ -53,13 +57,19 @@ def _load(args):
     if args.batch_size < 1:
         raise QkvggufError(f"--batch-size must be at least 1, got {args.batch_size}")
     cache_bytes = parse_size(args.cpu_cache)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise QkvggufError(f"--device must be cpu or cuda[:N], got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QkvggufError(f"--device {device}: CUDA is not available to torch on this machine")
+    select_backend(args.backend, device)  # a forced backend that cannot run fails before any loading
     path = args.model
     if path is None:
         path = default_model_path()
         _log(f"no -m given: using the default model {os.path.basename(path)} ({path})")
     t0 = time.perf_counter()
     gguf = GGUFFile(path)
-    model = Model(gguf, cache_bytes=cache_bytes)
+    model = Model(gguf, cache_bytes=cache_bytes, device=device, backend=args.backend)
     tokenizer = Tokenizer.from_gguf(gguf)
     n_train = model.config.n_ctx_train
     n_ctx = args.ctx_size if args.ctx_size is not None else min(4096, n_train)
@@ -71,7 +81,8 @@ def _load(args):
         raise QkvggufError(f"{path}: -c {n_ctx} is larger than the model's context length {n_train}")
     if args.verbose:
         cfg = model.config
-        _log(f"loaded {path} in {time.perf_counter() - t0:.2f} s: {cfg.arch}, {cfg.n_layer} layers, "
+        _log(f"loaded {path} in {time.perf_counter() - t0:.2f} s on {model.device} ({model.backend} backend): "
+             f"{cfg.arch}, {cfg.n_layer} layers, "
              f"n_embd {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_head_kv}, vocab {cfg.vocab_size}, ctx {n_ctx}")
     return model, tokenizer, n_ctx
 

@@ -74,7 +74,7 @@ def test_inspect_json(capsys, smollm2_path):
 
 
 def test_inspect_text_and_errors(capsys, tmp_path, smollm2_path):
-    assert main(["inspect", smollm2_path]) == 0
+    assert main(["inspect", smollm2_path, "--tensors"]) == 0
     out = capsys.readouterr().out
     assert "blk.29.ffn_down.weight" in out and "Q4_1" in out and "total: 272 tensors" in out
     (tmp_path / "x.bin").write_bytes(b"\0" * 100)
@@ -100,3 +100,11 @@ def test_convert_missing_folder(capsys, tmp_path):
 def test_not_yet_implemented(capsys):
     assert main(["bench"]) == 2
     _one_line_error(2, capsys.readouterr().err, "not implemented")
+
+
+def test_backend_flags(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["run", "--backend", "triton", "--device", "cpu", "hi"]) == 2
+    _one_line_error(2, capsys.readouterr().err, "backend triton is not available")
+    assert main(["run", "--device", "tpu", "hi"]) == 2
+    _one_line_error(2, capsys.readouterr().err, "--device")
