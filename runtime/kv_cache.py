@@ -1,12 +1,29 @@
-"""KV cache: keys and values of every past position, per layer.
+"""KV cache: keys and values of every past position, per layer, in one of the cache types.
 
-Layout: `k[layer]`, `v[layer]` are (n_head_kv, n_ctx, head_dim) tensors, preallocated for the
-whole context so decode never allocates. `pos` counts the filled positions; the model writes
-positions [pos, pos + T) and then advances it.
+The model calls only `attend(layer, q, k, v)` (store the new keys/values, attend over everything
+stored), `advance(n)`, `reset(pos)`, `pos` and `n_ctx`. K and V each live in a store of their own
+type (runtime/kv_quant.py: f32, f16, q8_0, q4_0, q4g; llama.cpp's `--cache-type-k/v` names), so K
+and V may differ. Attention always runs over the stored form: the reference reads the needed
+positions back as float32 and calls `ops.attention`; a fused kernel reads the same tensors.
 
-Cache types: f32 and f16 here (llama.cpp's `--cache-type-k/v` names). The model calls only
-`attend(layer, q, k, v)`: store the new keys/values, attend over everything stored. A quantized
-cache implements the same method over its own storage (and may transform q, e.g. a rotation).
+q8_0 and q4_0 follow llama.cpp's maths for a quantized cache (llama-graph.cpp `build_attn`,
+llama-kv-cache.cpp, ggml-cpu `flash_attn_ext`), the reason its q4_0 loses much less than a plain
+simulation of the format:
+
+    if K is quantized (and head_dim % 64 == 0): q, k <- q H_k, k H_k   (after rope)
+    if V is quantized (and head_dim % 64 == 0): v <- v H_v;  out <- out H_v  (undo, after attention)
+    if K is q8_0/q4_0: q goes through Q8_0 before the dot product (ggml's vec_dot type for K)
+    scores = q . k / sqrt(d) in float32 with k dequantized, softmax in float32, out = p . v
+
+H_k, H_v are orthonormal Walsh-Hadamard matrices (ggml_gen_hadamard) applied to runs of n elements
+of each head: n = the largest power of two >= 64 dividing head_dim for K, 64 for V. Rotating q and
+k alike leaves q . k unchanged and spreads outlier channels over the whole block before rounding.
+(Set LLAMA_ATTN_ROT_DISABLE=1 and llama.cpp drops the rotation, and its q4_0 loses as much as the
+plain simulation did.) Not reproduced: ggml accumulates an f16 V in f16; this reference in float32.
+
+q4g (the improved 4-bit mode) keeps q in float and needs no rotation: its keys are quantized per
+channel, and its newest partial group is f16. A batch of queries is split where a group completes,
+so every query sees exactly what it would see had the tokens come one at a time.
 """
 
 from __future__ import annotations
@@ -17,46 +34,84 @@ from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
 
 from . import ops
+from .kv_quant import KV_TYPES, KVType, hadamard, llama_rotation_size, q8_0_round_trip
 
-CACHE_DTYPES = {"f32": torch.float32, "f16": torch.float16}
+CACHE_TYPES = tuple(KV_TYPES)  # valid names, for CLI choices and error messages
+
+
+def cache_type(name: str, head_dim: int | None = None) -> KVType:
+    """The KVType called `name`; QkvggufError (one line) for an unknown name or a head_dim it cannot hold."""
+    if name not in KV_TYPES:
+        raise QkvggufError(f"cache type '{name}' is not supported (valid: {', '.join(CACHE_TYPES)})")
+    t = KV_TYPES[name]
+    if head_dim is not None and head_dim % t.head_dim_multiple:
+        raise QkvggufError(f"cache type '{name}' needs head_dim a multiple of {t.head_dim_multiple}, "
+                           f"the model has {head_dim}")
+    return t
 
 
 def kv_bytes_per_token(cfg: ModelConfig, type_k: str = "f16", type_v: str = "f16") -> int:
-    """Bytes one position costs across all layers, K and V."""
-    per = {name: torch.finfo(dt).bits // 8 for name, dt in CACHE_DTYPES.items()}
-    return cfg.n_layer * cfg.kv_dim * (per[type_k] + per[type_v])
+    """Bytes one more position costs across all layers, K and V (the rate; see kv_cache_bytes)."""
+    d = cfg.head_dim
+    return cfg.n_layer * cfg.n_head_kv * (cache_type(type_k, d).row_bytes(d) + cache_type(type_v, d).row_bytes(d))
+
+
+def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+    """Exact bytes a KVCache of n_ctx positions allocates: n_ctx * kv_bytes_per_token plus q4g's fixed
+    f16 rows (at most (4 + 64) * 2 * head_dim bytes per layer and KV head, for K and for V)."""
+    args = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
+    return cache_type(type_k, cfg.head_dim).store_bytes(*args, "k") + cache_type(type_v, cfg.head_dim).store_bytes(*args, "v")
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, n_ctx: int, type_k: str = "f32", type_v: str = "f32"):
-        for t in (type_k, type_v):
-            if t not in CACHE_DTYPES:
-                raise QkvggufError(f"cache type '{t}' is not supported (supported: {', '.join(CACHE_DTYPES)})")
-        self.n_ctx = n_ctx
-        self.pos = 0
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=CACHE_DTYPES[type_k])
-        self.v = torch.zeros(shape, dtype=CACHE_DTYPES[type_v])
+    def __init__(self, cfg: ModelConfig, n_ctx: int, type_k: str = "f32", type_v: str = "f32",
+                 device: str | torch.device = "cpu"):
+        d = cfg.head_dim
+        tk, tv = cache_type(type_k, d), cache_type(type_v, d)
+        self.n_ctx, self.pos = n_ctx, 0
+        self.type_k, self.type_v = type_k, type_v
+        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, d)
+        device = torch.device(device)
+        self.k_store, self.v_store = tk.make(shape, "k", device), tv.make(shape, "v", device)
+        self.rot_k = llama_rotation_size(d, True) if tk.llama_maths else 0
+        self.rot_v = llama_rotation_size(d, False) if tv.llama_maths else 0
+        self.q_as_q8_0 = tk.llama_maths
 
     @property
     def n_bytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (n_head_kv, T, head_dim) at [pos, pos+T); return all keys/values so far as float32."""
-        T = k.shape[1]
-        end = self.pos + T
-        self.k[layer, :, self.pos:end] = k
-        self.v[layer, :, self.pos:end] = v
-        return self.k[layer, :, :end].float(), self.v[layer, :, :end].float()
+        return self.k_store.n_bytes + self.v_store.n_bytes
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Append k, v (n_head_kv, T, hd) at [pos, pos+T); causal attention of q (n_head, T, hd) over all."""
-        keys, values = self.append(layer, k, v)
-        return ops.attention(q, keys, values, self.pos)
+        """Store k, v (n_head_kv, T, hd) at [pos, pos+T); causal attention of q (n_head, T, hd) over all."""
+        p0, T = self.pos, q.shape[1]
+        dtype = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        if self.rot_k:
+            q, k = hadamard(q, self.rot_k), hadamard(k, self.rot_k)
+        if self.rot_v:
+            v = hadamard(v, self.rot_v)
+        if self.q_as_q8_0:
+            q = q8_0_round_trip(q)
+        cuts = sorted(set(self.k_store.cuts(p0, p0 + T) + self.v_store.cuts(p0, p0 + T)))
+        bounds = [p0, *cuts, p0 + T]
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):  # queries [a, b) all see the same stored state
+            self.k_store.write(layer, a, k[:, a - p0:b - p0])
+            self.v_store.write(layer, a, v[:, a - p0:b - p0])
+            keys, values = self.k_store.read(layer, b), self.v_store.read(layer, b)
+            outs.append(ops.attention(q[:, a - p0:b - p0], keys, values, a))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if self.rot_v:
+            out = hadamard(out, self.rot_v)
+        return out.to(dtype)
 
     def advance(self, n: int) -> None:
         self.pos += n
 
     def reset(self, pos: int = 0) -> None:
+        """Forget positions >= pos."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot reset a cache holding {self.pos} positions to position {pos}")
+        self.k_store.truncate(self.pos, pos)
+        self.v_store.truncate(self.pos, pos)
         self.pos = pos

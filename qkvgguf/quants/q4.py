@@ -18,6 +18,10 @@ Quantizers (numpy, bit-exact with `gguf.quants.quantize`, which mirrors ggml's r
     Q4_1: d = (max - min) / 15, m = min,
           q = min(15, trunc((x - min) / d + 0.5))
 
+Torch quantizer `quantize_q4_0_torch` (any device, any leading dims): the same operations on
+float32 tensors, bytes equal to the numpy quantizer's (tested bit-exact vs gguf.quants); the KV
+cache quantizes new keys/values with it.
+
 Subsets of rows: pass `raw[rows]`; only those rows are read (see floats.py).
 """
 
@@ -60,6 +64,17 @@ def quantize_blocks_q4_0(blocks: np.ndarray) -> np.ndarray:
     out[:, 0:2] = np_f16_bytes(d)
     out[:, 2:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
     return out
+
+
+def quantize_q4_0_torch(x: torch.Tensor) -> torch.Tensor:
+    """float (..., n) -> uint8 (..., n // 32 * 18) Q4_0 blocks along the last dim; n % 32 == 0."""
+    b = x.float().unflatten(-1, (-1, 32))  # (..., nb, 32)
+    imax = b.abs().argmax(-1, keepdim=True)  # first index on ties, like numpy
+    d = b.gather(-1, imax) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(b * inv + 8.5).clamp_(0, 15).to(torch.uint8)
+    out = torch.cat([d.half().view(torch.uint8), q[..., :16] | (q[..., 16:] << 4)], dim=-1)
+    return out.flatten(-2)  # (..., nb * 18)
 
 
 def quantize_q4_0(values: np.ndarray) -> np.ndarray:

@@ -12,6 +12,10 @@ Quantizer (numpy, bit-exact with `gguf.quants.quantize` / ggml's reference C):
     d = max|x| / 127,  q = round_half_away_from_zero(x * (1/d))   # 1/d a float32 reciprocal, 0 when d = 0
 with the rounding written as gguf's `np_roundf`: sign(y) * (floor|y| + floor(2 (|y| - floor|y|))).
 
+Torch quantizer `quantize_q8_0_torch` (any device, any leading dims): the same operations in the
+same order on float32 tensors, so its bytes equal the numpy quantizer's (tested bit-exact vs
+gguf.quants). The KV cache uses it to quantize new keys/values (and llama.cpp's q8_0 copy of q).
+
 Subsets of rows (embedding lookups): pass `raw[ids]` or `raw[a:b]`; only those rows are read and
 converted, e.g. `dequantize_q8_0(raw[token_ids])` costs len(token_ids) rows, not the table.
 """
@@ -52,6 +56,23 @@ def quantize_blocks_q8_0(blocks: np.ndarray) -> np.ndarray:
     out[:, 0:2] = np_f16_bytes(d)
     out[:, 2:] = round_half_away(blocks * inv).astype(np.int8).view(np.uint8)
     return out
+
+
+def round_half_away_torch(y: torch.Tensor) -> torch.Tensor:
+    """`round_half_away` for float32 tensors, operation for operation."""
+    a = y.abs()
+    floored = a.floor()
+    return y.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def quantize_q8_0_torch(x: torch.Tensor) -> torch.Tensor:
+    """float (..., n) -> uint8 (..., n // 32 * 34) Q8_0 blocks along the last dim; n % 32 == 0."""
+    b = x.float().unflatten(-1, (-1, 32))  # (..., nb, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = round_half_away_torch(b * inv).to(torch.int8).view(torch.uint8)
+    out = torch.cat([d.half().view(torch.uint8), q], dim=-1)  # (..., nb, 34)
+    return out.flatten(-2)
 
 
 def quantize_q8_0(values: np.ndarray) -> np.ndarray:

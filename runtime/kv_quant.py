@@ -1,0 +1,299 @@
+"""KV cache storage formats: how the keys (or the values) of every layer, position and KV head are kept.
+
+The model hands the cache new keys/values as (n_head_kv, T, head_dim) per layer. A store keeps
+them in its format and reads any prefix back as float32. Each format is a few plain tensors with a
+leading layer dim, laid out so that a fused attention kernel can read them in place.
+
+Per-token layouts, d = head_dim (elements, bytes per block), and the rate in bytes per token and
+KV head (`KVType.row_bytes`):
+
+    f32   (1, 4)           d*4      float32
+    f16   (1, 2)           d*2      float16
+    q8_0  (32, 2 + 32)     d/32*34  ggml block_q8_0 along head_dim: f16 d, 32 int8       x = d*q
+    q4_0  (32, 2 + 16)     d/32*18  ggml block_q4_0 along head_dim: f16 d, 16 nibble bytes x = d*(q-8)
+    q4g   K: d/2 + 4*d/64  = 9d/16  4-bit codes + per-channel f16 (scale, min) per 64 tokens
+          V: d/32*18       = 9d/16  q4_0 blocks, as above
+
+q8_0/q4_0 rows are exactly ggml's: `blocks[layer, head, pos]` is the byte string llama.cpp keeps for
+that token and head (nibble order: byte j = element j low, element j+16 high). New tokens are
+quantized as they are written, with the quantizers of qkvgguf.quants (bit-exact with ggml).
+
+q4g, the improved 4-bit mode (4.5 bits per value, like q4_0), after KIVI (Liu et al. 2024) and
+StreamingLLM (Xiao et al. 2023):
+
+    positions 0 .. S-1            "attention sinks": float16 in `sink` (n_layer, n_kv, S, d)
+    positions S + 64g .. +63      group g; float16 in `tail` (n_layer, n_kv, 64, d) until its last
+                                  position is written, then quantized (from those f16 values)
+    K, per channel (keys have outlier channels; a channel's 64 values share one range):
+        scales (n_layer, n_kv, n_group, 2, d) f16  [scale, min] of each channel of each group
+        codes  (n_layer, n_kv, n_group*64, d/2) uint8: token rows, byte j = channel j (low nibble)
+               | channel j + d/2 (high nibble);   x = scale * q + min
+        like ggml's q4_1 over a channel's 64 tokens instead of 32 elements of a row: scale =
+        (max - min) / 15 and min in f16, q = floor((x - min) * (1/scale) + 0.5) in float32 with
+        those f16 values, clamped to 0..15
+    V, per token: q4_0 rows `blocks` (n_layer, n_kv, n_group*64, d/32*18) uint8
+
+So a query always sees the newest partial group (and the sinks) in float16 and every complete group
+quantized, whether its tokens came in one batch or one at a time. The fixed overhead is the f16
+sink and tail rows, (S + 64) * 2d bytes per layer and KV head, less the rate of the positions past
+the last whole group (`KVType.store_bytes` is exact; the cache's measured bytes equal it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from qkvgguf.quants.q4 import dequantize_q4_0, quantize_q4_0_torch, unpack_nibbles
+from qkvgguf.quants.q8 import dequantize_q8_0, quantize_q8_0_torch
+
+N_SINK = 4  # q4g: leading positions kept in f16
+GROUP = 64  # q4g: positions quantized together
+
+BlockCodec = tuple[int, int, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+BLOCKS: dict[str, BlockCodec] = {  # elements, bytes per block, quantize (..., n) -> bytes, dequantize
+    "q8_0": (32, 2 + 32, quantize_q8_0_torch, dequantize_q8_0),
+    "q4_0": (32, 2 + 16, quantize_q4_0_torch, dequantize_q4_0),
+}
+
+
+# -- stores ---------------------------------------------------------------------------------------
+class Store:
+    """One of K or V for all layers: (n_layer, n_kv, n_ctx, d) in some format.
+
+    write(layer, pos, x): x (n_kv, T, d) at positions [pos, pos + T).
+    read(layer, end): float32 (n_kv, end, d), positions [0, end) as stored once [0, end) is written.
+    cuts(start, end): positions c in (start, end) where a query at c sees earlier positions in a new
+    representation (a q4g group became complete): attention splits a batch of queries there.
+    truncate(old, new): forget positions >= new (the cache held `old`).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def cuts(self, start: int, end: int) -> list[int]:
+        return []
+
+    def truncate(self, old: int, new: int) -> None:
+        pass
+
+
+class DenseStore(Store):
+    def __init__(self, shape, dtype, device):
+        super().__init__({"data": torch.zeros(shape, dtype=dtype, device=device)})
+        self.data = self.tensors["data"]
+
+    def write(self, layer, pos, x):
+        self.data[layer, :, pos:pos + x.shape[1]] = x
+
+    def read(self, layer, end):
+        return self.data[layer, :, :end].float()
+
+
+class BlockStore(Store):
+    """ggml blocks along head_dim, one row of d/32 blocks per (layer, head, position)."""
+
+    def __init__(self, shape, name, device):
+        n_layer, n_kv, n_ctx, d = shape
+        self.block, self.size, self.quantize, self.dequantize = BLOCKS[name]
+        super().__init__({"blocks": torch.zeros((n_layer, n_kv, n_ctx, d // self.block * self.size),
+                                                dtype=torch.uint8, device=device)})
+        self.blocks = self.tensors["blocks"]
+
+    def write(self, layer, pos, x):
+        self.blocks[layer, :, pos:pos + x.shape[1]] = self.quantize(x)
+
+    def read(self, layer, end):
+        raw = self.blocks[layer, :, :end]
+        return dequantize_rows(raw, self.dequantize)
+
+
+class GroupStore(Store):
+    """q4g: f16 sinks and newest partial group, complete groups of 64 positions quantized."""
+
+    def __init__(self, shape, kind, device):
+        n_layer, n_kv, n_ctx, d = shape
+        self.kind, self.d = kind, d
+        self.n_group = max(0, (n_ctx - N_SINK) // GROUP)
+        n_q = self.n_group * GROUP
+        t = {
+            "sink": torch.zeros((n_layer, n_kv, N_SINK, d), dtype=torch.float16, device=device),
+            "tail": torch.zeros((n_layer, n_kv, GROUP, d), dtype=torch.float16, device=device),
+        }
+        if kind == "k":
+            t["codes"] = torch.zeros((n_layer, n_kv, n_q, d // 2), dtype=torch.uint8, device=device)
+            t["scales"] = torch.zeros((n_layer, n_kv, self.n_group, 2, d), dtype=torch.float16, device=device)
+        else:
+            t["blocks"] = torch.zeros((n_layer, n_kv, n_q, d // 32 * 18), dtype=torch.uint8, device=device)
+        super().__init__(t)
+        self.sink, self.tail = t["sink"], t["tail"]
+
+    def cuts(self, start, end):
+        # group g is complete once position S + 64(g+1) - 1 is written; a query there sees it quantized
+        first = N_SINK + GROUP - 1
+        c = first + max(0, -(-(start + 1 - first) // GROUP)) * GROUP  # smallest group end - 1 > start
+        return list(range(c, end, GROUP))
+
+    def write(self, layer, pos, x):
+        end = pos + x.shape[1]
+        if pos < N_SINK:
+            n = min(end, N_SINK) - pos
+            self.sink[layer, :, pos:pos + n] = x[:, :n]
+            x, pos = x[:, n:], pos + n
+        while pos < end:
+            i = (pos - N_SINK) % GROUP
+            n = min(end - pos, GROUP - i)
+            self.tail[layer, :, i:i + n] = x[:, :n]
+            if i + n == GROUP:
+                self._store_group(layer, (pos - N_SINK) // GROUP, self.tail[layer].float())
+            x, pos = x[:, n:], pos + n
+
+    def _store_group(self, layer, g, x):
+        """x float32 (n_kv, 64, d): group g of this layer."""
+        rows = slice(g * GROUP, (g + 1) * GROUP)
+        if self.kind == "k":
+            codes, scales = quantize_channels_q4(x)
+            self.tensors["codes"][layer, :, rows] = codes
+            self.tensors["scales"][layer, :, g] = scales
+        else:
+            self.tensors["blocks"][layer, :, rows] = quantize_q4_0_torch(x)
+
+    def _load_groups(self, layer, g0, g1):
+        """float32 (n_kv, (g1 - g0) * 64, d): groups [g0, g1) of this layer, dequantized."""
+        rows = slice(g0 * GROUP, g1 * GROUP)
+        if self.kind == "k":
+            return dequantize_channels_q4(self.tensors["codes"][layer, :, rows], self.tensors["scales"][layer, :, g0:g1])
+        return dequantize_rows(self.tensors["blocks"][layer, :, rows], dequantize_q4_0)
+
+    def read(self, layer, end):
+        parts = [self.sink[layer, :, :min(end, N_SINK)].float()]
+        if end > N_SINK:
+            n_full = (end - N_SINK) // GROUP
+            if n_full:
+                parts.append(self._load_groups(layer, 0, n_full))
+            parts.append(self.tail[layer, :, :end - N_SINK - n_full * GROUP].float())
+        return torch.cat(parts, dim=1)
+
+    def truncate(self, old, new):
+        """Reopen the group that `new` falls inside; if it was complete, its kept positions come
+        back from the quantized values (they are quantized again when the group fills)."""
+        if new <= N_SINK:
+            return
+        g, i = divmod(new - N_SINK, GROUP)
+        if i and old >= N_SINK + (g + 1) * GROUP:
+            for layer in range(self.sink.shape[0]):
+                self.tail[layer, :, :i] = self._load_groups(layer, g, g + 1)[:, :i]
+
+
+# -- q4g key codec: per channel over a group of positions -----------------------------------------
+def quantize_channels_q4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float (..., G, d) -> codes uint8 (..., G, d/2), scales f16 (..., 2, d), per channel.
+
+    scale = (max - min) / 15 and min, both rounded to f16 first; q = the nearest level to x under the
+    stored f16 pair, clamped to 0..15 (a channel far from zero with a small range would otherwise
+    be shifted by the f16 rounding of its min, which can exceed a quantization step).
+    """
+    x = x.float()
+    lo, hi = x.amin(-2, keepdim=True), x.amax(-2, keepdim=True)  # (..., 1, d)
+    scales = torch.cat([(hi - lo) / 15, lo], dim=-2).half()  # (..., 2, d)
+    d, m = scales[..., 0:1, :].float(), scales[..., 1:2, :].float()
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.floor((x - m) * inv + 0.5).clamp_(0, 15).to(torch.uint8)  # (..., G, d)
+    half = x.shape[-1] // 2
+    return q[..., :half] | (q[..., half:] << 4), scales
+
+
+def dequantize_channels_q4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes (..., n_group*G, d/2), scales (..., n_group, 2, d) -> float32 (..., n_group*G, d)."""
+    n_group = scales.shape[-3]
+    q = unpack_nibbles(codes).flatten(-2)  # (..., rows, d): low nibbles = channels 0..d/2-1
+    q = q.unflatten(-2, (n_group, -1)).float()  # (..., n_group, G, d)
+    s = scales.float()
+    return (q * s[..., 0:1, :] + s[..., 1:2, :]).flatten(-3, -2)
+
+
+def dequantize_rows(raw: torch.Tensor, dequantize: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """uint8 (..., row_bytes) -> float32 (..., row_len) through a (rows, row_bytes) dequantizer."""
+    out = dequantize(raw.reshape(-1, raw.shape[-1]))
+    return out.view(*raw.shape[:-1], out.shape[-1])
+
+
+# -- llama.cpp's rotation -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _hadamard(n: int, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(device)
+
+
+def hadamard(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x (..., d) float32 times the orthonormal, symmetric n x n Walsh-Hadamard matrix on each run of
+    n elements of the last dim (ggml_gen_hadamard's matrix; it is its own inverse)."""
+    h = _hadamard(n, str(x.device))
+    return (x.unflatten(-1, (-1, n)) @ h).flatten(-2)
+
+
+def llama_rotation_size(head_dim: int, is_k: bool) -> int:
+    """llama.cpp (llama-kv-cache.cpp) rotates a quantized K or V cache when head_dim % 64 == 0:
+    K by the largest power of two >= 64 dividing head_dim, V by 64. 0 = no rotation."""
+    if head_dim % 64:
+        return 0
+    n = 64
+    while is_k and head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def q8_0_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) through Q8_0 and back: ggml's CPU flash attention converts q to K's vec_dot type."""
+    return dequantize_rows(quantize_q8_0_torch(x), dequantize_q8_0)
+
+
+# -- the table of cache types -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVType:
+    name: str
+    row_bytes: Callable[[int], int]  # bytes per position and KV head for head_dim d (the rate)
+    make: Callable[[tuple, str, torch.device], Store]  # (shape, "k" | "v", device) -> store
+    llama_maths: bool = False  # llama.cpp's quantized-cache maths: Hadamard rotation, q as q8_0 for K
+    head_dim_multiple: int = 1
+    help: str = ""
+
+    @property
+    def bits_per_value(self) -> float:
+        return self.row_bytes(64) * 8 / 64
+
+    def store_bytes(self, n_layer: int, n_kv: int, n_ctx: int, d: int, kind: str = "k") -> int:
+        """Exact bytes a store of this type allocates (the rate times n_ctx plus any fixed overhead)."""
+        return self.make((n_layer, n_kv, n_ctx, d), kind, torch.device("meta")).n_bytes
+
+
+def _block_store(name):
+    return lambda shape, kind, device: BlockStore(shape, name, device)
+
+
+KV_TYPES: dict[str, KVType] = {
+    t.name: t for t in [
+        KVType("f32", lambda d: d * 4, lambda s, k, dev: DenseStore(s, torch.float32, dev),
+               help="float32"),
+        KVType("f16", lambda d: d * 2, lambda s, k, dev: DenseStore(s, torch.float16, dev),
+               help="float16"),
+        KVType("q8_0", lambda d: d // 32 * (2 + 32), _block_store("q8_0"), llama_maths=True,
+               head_dim_multiple=32, help="ggml Q8_0 blocks, 8.5 bits per value"),
+        KVType("q4_0", lambda d: d // 32 * (2 + 16), _block_store("q4_0"), llama_maths=True,
+               head_dim_multiple=32, help="ggml Q4_0 blocks, 4.5 bits per value"),
+        KVType("q4g", lambda d: d // 2 + 2 * 2 * d // GROUP, lambda s, k, dev: GroupStore(s, k, dev),
+               head_dim_multiple=32,
+               help="4.5 bits per value: groups of 64 positions, K per channel, V as q4_0; "
+                    "first 4 positions and the newest partial group in f16"),
+    ]
+}

@@ -1,0 +1,318 @@
+"""KV cache types f32, f16, q8_0, q4_0 and q4g (runtime/kv_cache.py, runtime/kv_quant.py).
+
+- the torch Q8_0/Q4_0 quantizers the cache writes with are bit-exact with gguf.quants
+- stored q8_0/q4_0 rows are ggml's bytes for the (rotated) keys/values; q4g's codes decode as documented
+- appending token by token stores the same bytes as writing the whole sequence at once
+- attention over each quantized cache equals float64 attention over the dequantized cache (same
+  inputs, rotation and q8_0 query included) to float tolerance, and a q4g batch equals the same
+  tokens attended one at a time
+- close to f32 attention on random and on real activations (SmolLM2 on real prose): stated bounds
+- measured cache bytes equal kv_cache_bytes, and n_ctx * kv_bytes_per_token plus documented overhead
+- bad type names: one-line QkvggufError listing the valid types
+"""
+
+import math
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from qkvgguf.config import ModelConfig
+from qkvgguf.errors import QkvggufError
+from qkvgguf.quants.q4 import quantize_q4_0_torch
+from qkvgguf.quants.q8 import quantize_q8_0_torch
+from qkvgguf.runtime.kv_cache import CACHE_TYPES, KVCache, kv_bytes_per_token, kv_cache_bytes
+from qkvgguf.runtime.kv_quant import GROUP, KV_TYPES, N_SINK
+
+QUANT_TYPES = ["q8_0", "q4_0", "q4g"]
+
+
+def config(n_layer=2, n_head=4, n_head_kv=2, head_dim=64) -> ModelConfig:
+    return ModelConfig(arch="llama", n_layer=n_layer, n_embd=n_head * head_dim, n_ff=4 * n_head * head_dim,
+                       n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ctx_train=4096,
+                       vocab_size=256, norm_eps=1e-5, rope_base=10000.0, rope_dim=head_dim, rope_neox=False)
+
+
+def activations(cfg, T, seed=0, outliers=True):
+    """q (n_head, T, d), k, v (n_kv, T, d) float32; keys with a few large fixed channels, like real ones."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(cfg.n_head, T, cfg.head_dim, generator=g)
+    k = torch.randn(cfg.n_head_kv, T, cfg.head_dim, generator=g)
+    v = torch.randn(cfg.n_head_kv, T, cfg.head_dim, generator=g)
+    if outliers:
+        k[..., 5] = k[..., 5] * 0.3 + 8.0
+        k[..., 40] *= 6.0
+    return q, k, v
+
+
+def run(cache, layer, q, k, v, step=None):
+    """Attend q/k/v through `cache` in chunks of `step` positions (all at once when None)."""
+    T = q.shape[1]
+    step = step or T
+    outs = []
+    for s in range(0, T, step):
+        outs.append(cache.attend(layer, q[:, s:s + step], k[:, s:s + step], v[:, s:s + step]))
+        cache.advance(min(step, T - s))
+    return torch.cat(outs, dim=1)
+
+
+# -- reference pieces, independent of the cache code ------------------------------------------------
+def hadamard64() -> torch.Tensor:
+    i = torch.arange(64)
+    bits = torch.bitwise_and(i[:, None], i[None, :])
+    parity = torch.zeros_like(bits)
+    for b in range(6):
+        parity ^= (bits >> b) & 1
+    return (1 - 2 * parity).double() / 8.0  # H[i, j] = (-1)^popcount(i & j) / sqrt(64)
+
+
+def gguf_round_trip(x: torch.Tensor, qtype: T) -> torch.Tensor:
+    a = x.reshape(-1, x.shape[-1]).numpy().astype(np.float32)
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)).view(x.shape)
+
+
+def attention64(q, k, v, n_past=0):
+    """Causal GQA softmax attention in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    s = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+    T, S = q.shape[1], k.shape[1]
+    s = s.masked_fill(torch.arange(S)[None, :] > torch.arange(T)[:, None] + n_past, -math.inf)
+    return torch.softmax(s, -1) @ v
+
+
+def q4g_reference_keys(k: torch.Tensor, n_seen: int) -> torch.Tensor:
+    """What a query at position n_seen - 1 sees of q4g keys k (n_kv, >= n_seen, d), computed from scratch."""
+    out = k[:, :n_seen].clone().half().double()
+    for g in range((n_seen - N_SINK) // GROUP if n_seen > N_SINK else 0):
+        x = k[:, N_SINK + g * GROUP:N_SINK + (g + 1) * GROUP].half().float()  # from the f16 tail
+        lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+        scale = ((hi - lo) / 15).half().float()  # both rounded to f16, then float32 arithmetic
+        mn = lo.half().float()
+        q = torch.clamp(torch.floor((x - mn) * (1 / scale) + 0.5), 0, 15)
+        out[:, N_SINK + g * GROUP:N_SINK + (g + 1) * GROUP] = q.double() * scale.double() + mn.double()
+    return out
+
+
+# -- quantizers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype, fn", [(T.Q8_0, quantize_q8_0_torch), (T.Q4_0, quantize_q4_0_torch)], ids=["q8_0", "q4_0"])
+def test_torch_quantizers_bit_exact_with_gguf(qtype, fn):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((96, 128)) * rng.uniform(1e-3, 300, (96, 1))).astype(np.float32)
+    x[0, :32] = 0  # all-zero block
+    x[1, :32] = 0.25  # all equal
+    x[2, 32:64] = np.where(np.arange(32) % 2, 3.0, -3.0)  # tie for the largest magnitude
+    x[3] = np.round(x[3] * 4) / 4  # many exact halves after scaling
+    x[4, :32] = rng.integers(-127, 128, 32) * np.float32(0.5)
+    got = fn(torch.from_numpy(x)).numpy()
+    assert np.array_equal(got, gguf.quants.quantize(x, qtype))
+
+
+# -- storage -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", QUANT_TYPES)
+def test_token_by_token_equals_whole_sequence(name):
+    cfg = config()
+    q, k, v = activations(cfg, 200)
+    caches = []
+    for step in (None, 1, 7, 64):
+        cache = KVCache(cfg, 200, name, name)
+        run(cache, 1, q, k, v, step)
+        caches.append(cache)
+    for other in caches[1:]:
+        for a, b in ((caches[0].k_store, other.k_store), (caches[0].v_store, other.v_store)):
+            for key, t in a.tensors.items():
+                assert torch.equal(t[1], b.tensors[key][1]), f"{name} {key}"
+
+
+@pytest.mark.parametrize("name, qtype", [("q8_0", T.Q8_0), ("q4_0", T.Q4_0)])
+def test_block_rows_are_ggml_bytes_of_rotated_values(name, qtype):
+    cfg = config()
+    q, k, v = activations(cfg, 40)
+    cache = KVCache(cfg, 40, name, name)
+    run(cache, 0, q, k, v, 5)
+    H = hadamard64().float()
+    for store, x in ((cache.k_store, k), (cache.v_store, v)):
+        rows = (x @ H).reshape(-1, cfg.head_dim).numpy()
+        want = gguf.quants.quantize(rows, qtype).reshape(store.blocks[0].shape)
+        assert np.array_equal(store.blocks[0].numpy(), want)
+
+
+def test_q4g_stores_documented_layout():
+    cfg = config(n_head_kv=1)
+    q, k, v = activations(cfg, N_SINK + 2 * GROUP + 10)
+    cache = KVCache(cfg, 256, "q4g", "q4g")
+    run(cache, 0, q, k, v)
+    st = cache.k_store
+    n = k.shape[1]
+    ref = q4g_reference_keys(k, n)
+    codes, scales = st.tensors["codes"][0, 0], st.tensors["scales"][0, 0]  # (rows, d/2), (n_group, 2, d)
+    for g in range(2):
+        for t in (0, 17, 63):
+            row = codes[g * GROUP + t].int()
+            qv = torch.cat([row & 15, row >> 4]).double()  # channels 0..31 low nibbles, 32..63 high
+            x = qv * scales[g, 0].double() + scales[g, 1].double()
+            assert torch.equal(x, ref[0, N_SINK + g * GROUP + t])
+    assert torch.equal(st.sink[0, 0].double(), ref[0, :N_SINK])
+    assert torch.equal(st.tail[0, 0, :10].double(), ref[0, N_SINK + 2 * GROUP:])
+
+
+# -- attention -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_llama_maths_equal_attention_over_dequantized_cache(name):
+    """Rotate q, k, v by H; k, v through the format; q through Q8_0; float64 attention; rotate back."""
+    qtype = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[name]
+    cfg = config()
+    q, k, v = activations(cfg, 96)
+    H = hadamard64()
+    got = run(KVCache(cfg, 96, name, name), 0, q, k, v, 32)
+    kr = gguf_round_trip((k.double() @ H).float(), qtype)
+    vr = gguf_round_trip((v.double() @ H).float(), qtype)
+    qr = gguf_round_trip((q.double() @ H).float(), T.Q8_0)
+    want = attention64(qr, kr, vr) @ H
+    assert (got.double() - want).abs().max() <= 1e-4
+
+
+def test_q4g_equals_attention_over_dequantized_cache_and_token_by_token():
+    cfg = config()
+    n = N_SINK + 3 * GROUP + 21
+    q, k, v = activations(cfg, n)
+    batch = run(KVCache(cfg, n, "q4g", "f32"), 0, q, k, v)
+    steps = run(KVCache(cfg, n, "q4g", "f32"), 0, q, k, v, 1)
+    assert (batch - steps).abs().max() <= 1e-5
+    want = torch.cat([attention64(q[:, t:t + 1], q4g_reference_keys(k, t + 1), v[:, :t + 1], t)
+                      for t in range(0, n, 9)], dim=1)
+    assert (batch[:, ::9].double() - want).abs().max() <= 1e-4
+
+
+def test_q4g_values_and_reset_into_a_quantized_group():
+    cfg = config()
+    n = N_SINK + 2 * GROUP + 5
+    q, k, v = activations(cfg, n)
+    batch = run(KVCache(cfg, n, "f32", "q4g"), 0, q, k, v)
+    steps = run(KVCache(cfg, n, "f32", "q4g"), 0, q, k, v, 3)
+    assert (batch - steps).abs().max() <= 1e-5
+    cache = KVCache(cfg, n, "q4g", "q4g")
+    run(cache, 0, q, k, v)
+    cache.reset(N_SINK + GROUP + 10)  # inside the second group, which was complete
+    assert cache.pos == N_SINK + GROUP + 10
+    tail = cache.k_store.tail[0, :, :10].float()
+    full = cache.k_store._load_groups(0, 1, 2)[:, :10]
+    assert torch.equal(tail, full.half().float())
+
+
+def relative_error(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# Bounds on ||out - out_f32|| / ||out_f32||, about 1.4x the measured errors (f16 0.0004, q8_0 0.0098,
+# q4_0 0.143, q4g 0.073: iid Gaussian values are the worst case for 4-bit V).
+BOUNDS_RANDOM = {"f16": 1e-3, "q8_0": 0.014, "q4_0": 0.2, "q4g": 0.1}
+
+
+@pytest.mark.parametrize("name", ["f16", *QUANT_TYPES])
+def test_close_to_f32_on_random_activations(name):
+    cfg = config()
+    q, k, v = activations(cfg, 300, seed=3)
+    ref = run(KVCache(cfg, 300), 0, q, k, v)
+    got = run(KVCache(cfg, 300, name, name), 0, q, k, v)
+    assert relative_error(got, ref) <= BOUNDS_RANDOM[name]
+
+
+@pytest.fixture(scope="module")
+def smollm2_qkv(smollm2_path):
+    """q, k, v of layers 3 and 20 of SmolLM2 over 320 tokens of War and Peace (f32 cache)."""
+    import texts
+    from qkvgguf import GGUFFile
+    from qkvgguf.runtime import Model
+    from qkvgguf.tokenizer import Tokenizer
+
+    gguf_file = GGUFFile(smollm2_path)
+    model = Model(gguf_file)
+    ids = Tokenizer.from_gguf(gguf_file).encode(texts.war_and_peace()[100_000:110_000])[:320]
+    captured = {}
+
+    class Capture(KVCache):
+        def attend(self, layer, q, k, v):
+            if layer in (3, 20):
+                captured[layer] = (q.clone(), k.clone(), v.clone())
+            return super().attend(layer, q, k, v)
+
+    model.forward(torch.tensor(ids), Capture(model.config, 320), logits="none")
+    return model.config, captured
+
+
+# Real activations, measured (layer 3, layer 20): f16 0.0005, 0.0006; q8_0 0.011, 0.013;
+# q4_0 0.152, 0.184; q4g 0.038, 0.064. Bounds about 1.4x the larger.
+BOUNDS_REAL = {"f16": 1e-3, "q8_0": 0.018, "q4_0": 0.26, "q4g": 0.09}
+
+
+@pytest.mark.parametrize("name", ["f16", *QUANT_TYPES])
+def test_close_to_f32_on_smollm2_activations(smollm2_qkv, name):
+    cfg, captured = smollm2_qkv
+    for layer, (q, k, v) in captured.items():
+        ref = run(KVCache(cfg, 320), layer, q, k, v)
+        got = run(KVCache(cfg, 320, name, name), layer, q, k, v, 128)
+        err = relative_error(got, ref)
+        assert err <= BOUNDS_REAL[name], f"layer {layer}: {err:.4f}"
+
+
+def test_q4g_beats_q4_0_on_smollm2_activations(smollm2_qkv):
+    cfg, captured = smollm2_qkv
+    for layer, (q, k, v) in captured.items():
+        ref = run(KVCache(cfg, 320), layer, q, k, v)
+        e4 = relative_error(run(KVCache(cfg, 320, "q4_0", "q4_0"), layer, q, k, v), ref)
+        eg = relative_error(run(KVCache(cfg, 320, "q4g", "q4g"), layer, q, k, v), ref)
+        assert eg * 2 <= e4, f"layer {layer}: q4g {eg:.4f}, q4_0 {e4:.4f}"
+
+
+# -- memory ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_ctx", [1, 67, 512, 1000])
+@pytest.mark.parametrize("type_k, type_v", [(t, t) for t in CACHE_TYPES] + [("q8_0", "q4_0"), ("q4g", "f16")])
+def test_measured_bytes_equal_accounting(type_k, type_v, n_ctx):
+    cfg = config(n_layer=3, head_dim=128)
+    cache = KVCache(cfg, n_ctx, type_k, type_v)
+    assert cache.n_bytes == kv_cache_bytes(cfg, n_ctx, type_k, type_v)
+    overhead = cache.n_bytes - n_ctx * kv_bytes_per_token(cfg, type_k, type_v)
+    n_q4g = (type_k == "q4g") + (type_v == "q4g")
+    assert 0 <= overhead <= n_q4g * cfg.n_layer * cfg.n_head_kv * (N_SINK + GROUP) * 2 * cfg.head_dim
+    if n_q4g == 0:
+        assert overhead == 0
+
+
+def test_bits_per_value():
+    assert {n: KV_TYPES[n].bits_per_value for n in CACHE_TYPES} == {
+        "f32": 32, "f16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4g": 4.5}
+
+
+def test_smollm2_figures_from_llamacpp_notes():
+    """shared/LLAMACPP.md: at 8,192 positions f16 180.00 MiB, q8_0 95.62 MiB, q4_0 50.62 MiB."""
+    cfg = config(n_layer=30, n_head=9, n_head_kv=3, head_dim=64)
+    mib = {t: 8192 * kv_bytes_per_token(cfg, t, t) / 2**20 for t in ("f16", "q8_0", "q4_0", "q4g")}
+    assert [round(mib[t], 2) for t in ("f16", "q8_0", "q4_0", "q4g")] == [180.0, 95.62, 50.62, 50.62]
+
+
+# -- bad input --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["q4", "Q8_0", "f64", ""])
+def test_bad_type_name_is_one_line_error(bad):
+    with pytest.raises(QkvggufError) as e:
+        KVCache(config(), 16, "f16", bad)
+    msg = str(e.value)
+    assert "\n" not in msg and f"'{bad}'" in msg
+    assert "f32, f16, q8_0, q4_0, q4g" in msg
+    with pytest.raises(QkvggufError):
+        kv_bytes_per_token(config(), bad, "f16")
+
+
+def test_head_dim_not_a_block_multiple_is_refused():
+    with pytest.raises(QkvggufError, match="head_dim a multiple of 32"):
+        KVCache(config(head_dim=48), 16, "q4_0", "q4_0")
+    KVCache(config(head_dim=48), 16, "f16", "f16")
+
+
+def test_reset_past_the_end_is_refused():
+    cache = KVCache(config(), 16)
+    with pytest.raises(ValueError):
+        cache.reset(3)
