@@ -13,7 +13,12 @@ __all__ = ["convert", "Converted"]
 
 def __getattr__(name):  # lazy: `qkvgguf --help` and `inspect` must not pay for importing torch
     if name in __all__:
-        from . import convert as module
+        import importlib
 
-        return getattr(module, name)
+        module = importlib.import_module(f"{__name__}.convert")
+        # importing the submodule set this package's `convert` attribute to the module: rebind
+        # the public names to the objects they name
+        for public in __all__:
+            globals()[public] = getattr(module, public)
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
