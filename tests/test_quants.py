@@ -19,7 +19,8 @@ import qkvgguf.quants as Q
 from qkvgguf.errors import UnsupportedError
 
 ALL = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
-QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0]
+QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0]  # gguf.quants has a reference quantizer
+KQUANTIZABLE = [T.Q4_K, T.Q5_K, T.Q6_K]  # ours only; tests/test_kquants_quantize.py checks them vs llama.cpp
 # byte offsets of the f16 scales inside one block
 F16_FIELDS = {T.F16: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
               T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
@@ -77,14 +78,14 @@ def random_blocks(qtype: T, rows: int, n_blocks: int, seed: int) -> np.ndarray:
 def test_layout_matches_gguf(qtype):
     fmt = Q.get_format(qtype)
     assert (fmt.block_size, fmt.type_size) == GGML_QUANT_SIZES[qtype]
-    assert (fmt.quantize is not None) == (qtype in QUANTIZABLE)
+    assert (fmt.quantize is not None) == (qtype in QUANTIZABLE + KQUANTIZABLE)
 
 
 def test_unsupported_type_is_named():
     with pytest.raises(UnsupportedError, match="IQ2_XXS"):
         Q.get_format(T.IQ2_XXS)
-    with pytest.raises(UnsupportedError, match="Q4_K"):
-        Q.quantize(np.zeros((1, 256), np.float32), T.Q4_K)
+    with pytest.raises(UnsupportedError, match="Q5_0"):
+        Q.quantize(np.zeros((1, 256), np.float32), T.Q5_0)
 
 
 # -- dequantization -------------------------------------------------------------------------------
