@@ -30,8 +30,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="context length in tokens (default: min(4096, the model's); 0 = the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("-ctk", "--cache-type-k", default="f32", help="KV cache type for K: f32, f16 (default f32)")
-    p.add_argument("-ctv", "--cache-type-v", default="f32", help="KV cache type for V: f32, f16 (default f32)")
+    p.add_argument("-ctk", "--cache-type-k", default="f32",
+                   help="KV cache type for K: f32, f16, q8_0, q4_0, q4g (default f32; see runtime/kv_cache.py)")
+    p.add_argument("-ctv", "--cache-type-v", default="f32",
+                   help="KV cache type for V: f32, f16, q8_0, q4_0, q4g (default f32)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
                    help=f"RAM for dequantized weights kept between tokens (default {DEFAULT_CPU_CACHE}; 0 = none)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
