@@ -65,8 +65,9 @@ def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: st
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, type_k: str = "f32", type_v: str = "f32",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", backend: str = "torch"):
         d = cfg.head_dim
+        self.backend = backend  # "torch" (reference) or "triton" (kernels read the stores in place)
         tk, tv = cache_type(type_k, d), cache_type(type_v, d)
         self.n_ctx, self.pos = n_ctx, 0
         self.type_k, self.type_v = type_k, type_v
