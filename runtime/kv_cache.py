@@ -3,8 +3,14 @@
 The model calls only `attend(layer, q, k, v)` (store the new keys/values, attend over everything
 stored), `advance(n)`, `reset(pos)`, `pos` and `n_ctx`. K and V each live in a store of their own
 type (runtime/kv_quant.py: f32, f16, q8_0, q4_0, q4g; llama.cpp's `--cache-type-k/v` names), so K
-and V may differ. Attention always runs over the stored form: the reference reads the needed
-positions back as float32 and calls `ops.attention`; a fused kernel reads the same tensors.
+and V may differ. Attention always runs over the stored form. Two paths, chosen by the backend:
+
+- "torch" (the reference): read the needed positions back as float32, call `ops.attention`;
+- "triton": new rows are quantized and stored by one kernel (kernels/kv_write.py, q8_0/q4_0) and
+  the flash kernels (kernels/attention.py) read the stores in place through `Store.operand`,
+  dequantizing blocks in registers; no float copy of the cache is made.
+
+Both see identical inputs (the rotation and the q8_0 query below happen before either).
 
 q8_0 and q4_0 follow llama.cpp's maths for a quantized cache (llama-graph.cpp `build_attn`,
 llama-kv-cache.cpp, ggml-cpu `flash_attn_ext`), the reason its q4_0 loses much less than a plain
@@ -96,15 +102,31 @@ class KVCache:
         cuts = sorted(set(self.k_store.cuts(p0, p0 + T) + self.v_store.cuts(p0, p0 + T)))
         bounds = [p0, *cuts, p0 + T]
         outs = []
+        fused = self.backend == "triton"
         for a, b in zip(bounds[:-1], bounds[1:]):  # queries [a, b) all see the same stored state
-            self.k_store.write(layer, a, k[:, a - p0:b - p0])
-            self.v_store.write(layer, a, v[:, a - p0:b - p0])
-            keys, values = self.k_store.read(layer, b), self.v_store.read(layer, b)
-            outs.append(ops.attention(q[:, a - p0:b - p0], keys, values, a))
+            qa, ka, va = q[:, a - p0:b - p0], k[:, a - p0:b - p0], v[:, a - p0:b - p0]
+            if fused:
+                self.k_store.write_fused(layer, a, ka)
+                self.v_store.write_fused(layer, a, va)
+                outs.append(self._attend_stored(layer, qa.to(dtype), a, b).float())
+            else:
+                self.k_store.write(layer, a, ka)
+                self.v_store.write(layer, a, va)
+                keys, values = self.k_store.read(layer, b), self.v_store.read(layer, b)
+                outs.append(ops.attention(qa, keys, values, a))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self.rot_v:
             out = hadamard(out, self.rot_v)
         return out.to(dtype)
+
+    def _attend_stored(self, layer: int, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Triton: q (n_head, T, d) at [start, end) over the stores as they are (no float copy)."""
+        from .kernels.attention import attend_decode, attend_prefill
+
+        K, V = self.k_store.operand(layer, end), self.v_store.operand(layer, end)
+        if q.shape[1] == 1:
+            return attend_decode(q, K, V, end)
+        return attend_prefill(q, K, V, start)
 
     def advance(self, n: int) -> None:
         self.pos += n

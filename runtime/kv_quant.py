@@ -82,6 +82,14 @@ class Store:
     def cuts(self, start: int, end: int) -> list[int]:
         return []
 
+    def write_fused(self, layer, pos, x):
+        """write, in one kernel launch where the format has one (the Triton backend's path)."""
+        self.write(layer, pos, x)
+
+    def operand(self, layer: int, end: int):
+        """This layer as a `kernels.attention.KVOperand` (read in place) once [0, end) is written."""
+        raise NotImplementedError
+
     def truncate(self, old: int, new: int) -> None:
         pass
 
@@ -97,12 +105,18 @@ class DenseStore(Store):
     def read(self, layer, end):
         return self.data[layer, :, :end].float()
 
+    def operand(self, layer, end):
+        from .kernels.attention import KVOperand
+
+        return KVOperand.dense(self.data[layer])
+
 
 class BlockStore(Store):
     """ggml blocks along head_dim, one row of d/32 blocks per (layer, head, position)."""
 
     def __init__(self, shape, name, device):
         n_layer, n_kv, n_ctx, d = shape
+        self.name, self.d = name, d
         self.block, self.size, self.quantize, self.dequantize = BLOCKS[name]
         super().__init__({"blocks": torch.zeros((n_layer, n_kv, n_ctx, d // self.block * self.size),
                                                 dtype=torch.uint8, device=device)})
@@ -115,13 +129,24 @@ class BlockStore(Store):
         raw = self.blocks[layer, :, :end]
         return dequantize_rows(raw, self.dequantize)
 
+    def write_fused(self, layer, pos, x):
+        from .kernels.kv_write import kv_write
+
+        kv_write(x, self.blocks[layer], pos, self.name)
+
+    def operand(self, layer, end):
+        from .kernels.attention import KVOperand
+
+        b = self.blocks[layer]
+        return KVOperand(self.name, b, b.shape[0], self.d, b.shape[1])
+
 
 class GroupStore(Store):
     """q4g: f16 sinks and newest partial group, complete groups of 64 positions quantized."""
 
     def __init__(self, shape, kind, device):
         n_layer, n_kv, n_ctx, d = shape
-        self.kind, self.d = kind, d
+        self.kind, self.d, self.n_ctx = kind, d, n_ctx
         self.n_group = max(0, (n_ctx - N_SINK) // GROUP)
         n_q = self.n_group * GROUP
         t = {
@@ -181,6 +206,18 @@ class GroupStore(Store):
                 parts.append(self._load_groups(layer, 0, n_full))
             parts.append(self.tail[layer, :, :end - N_SINK - n_full * GROUP].float())
         return torch.cat(parts, dim=1)
+
+    def operand(self, layer, end):
+        """Segments: sinks [0, S), complete groups [S, b_end) quantized, the tail [b_end, end) in f16."""
+        from .kernels.attention import KVOperand
+
+        n_full = max(0, end - N_SINK) // GROUP
+        n_kv, n_ctx = self.sink.shape[1], self.n_ctx
+        seg = dict(a=self.sink[layer], c=self.tail[layer], a_end=N_SINK, b_end=N_SINK + n_full * GROUP)
+        if self.kind == "k":
+            return KVOperand("q4g_k", self.tensors["codes"][layer], n_kv, self.d, n_ctx,
+                             scales=self.tensors["scales"][layer], **seg)
+        return KVOperand("q4_0", self.tensors["blocks"][layer], n_kv, self.d, n_ctx, **seg)
 
     def truncate(self, old, new):
         """Reopen the group that `new` falls inside; if it was complete, its kept positions come

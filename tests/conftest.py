@@ -18,3 +18,27 @@ def smollm2_path() -> str:
     from qkvgguf.default_model import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_qkv(smollm2_path):
+    """q, k, v of layers 3 and 20 of SmolLM2 over 320 tokens of War and Peace (f32 cache)."""
+    import texts
+    from qkvgguf import GGUFFile
+    from qkvgguf.runtime import Model
+    from qkvgguf.runtime.kv_cache import KVCache
+    from qkvgguf.tokenizer import Tokenizer
+
+    gguf_file = GGUFFile(smollm2_path)
+    model = Model(gguf_file)
+    ids = Tokenizer.from_gguf(gguf_file).encode(texts.war_and_peace()[100_000:110_000])[:320]
+    captured = {}
+
+    class Capture(KVCache):
+        def attend(self, layer, q, k, v):
+            if layer in (3, 20):
+                captured[layer] = (q.clone(), k.clone(), v.clone())
+            return super().attend(layer, q, k, v)
+
+    model.forward(torch.tensor(ids), Capture(model.config, 320), logits="none")
+    return model.config, captured

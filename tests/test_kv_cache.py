@@ -221,29 +221,6 @@ def test_close_to_f32_on_random_activations(name):
     assert relative_error(got, ref) <= BOUNDS_RANDOM[name]
 
 
-@pytest.fixture(scope="module")
-def smollm2_qkv(smollm2_path):
-    """q, k, v of layers 3 and 20 of SmolLM2 over 320 tokens of War and Peace (f32 cache)."""
-    import texts
-    from qkvgguf import GGUFFile
-    from qkvgguf.runtime import Model
-    from qkvgguf.tokenizer import Tokenizer
-
-    gguf_file = GGUFFile(smollm2_path)
-    model = Model(gguf_file)
-    ids = Tokenizer.from_gguf(gguf_file).encode(texts.war_and_peace()[100_000:110_000])[:320]
-    captured = {}
-
-    class Capture(KVCache):
-        def attend(self, layer, q, k, v):
-            if layer in (3, 20):
-                captured[layer] = (q.clone(), k.clone(), v.clone())
-            return super().attend(layer, q, k, v)
-
-    model.forward(torch.tensor(ids), Capture(model.config, 320), logits="none")
-    return model.config, captured
-
-
 # Real activations, measured (layer 3, layer 20): f16 0.0005, 0.0006; q8_0 0.011, 0.013;
 # q4_0 0.152, 0.184; q4g 0.038, 0.064. Bounds about 1.4x the larger.
 BOUNDS_REAL = {"f16": 1e-3, "q8_0": 0.018, "q4_0": 0.26, "q4g": 0.09}

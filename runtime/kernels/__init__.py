@@ -9,16 +9,21 @@ first launch. Under TRITON_INTERPRET=1 (set before triton is imported) they run 
     swiglu(gate, up)                    silu(gate) * up                            swiglu.py
     flash_prefill(q, k, v, n_past)      causal GQA flash attention                 attention.py
     flash_decode(q, k, v, n_valid)      split-K flash-decoding for one token       attention.py
+    attend_prefill/attend_decode        the same over a stored KV cache layer      attention.py
+                                        (f16/f32, q8_0, q4_0, q4g) read in place
+    kv_write(x, blocks, pos, fmt)       quantize + store new q8_0/q4_0 cache rows  kv_write.py
     dequantize_rows(w_raw, qtype, ids)  a few dense rows (embedding lookup)        dequant.py
 
 aot.py compiles all of them for sm75/sm80/sm90 without a GPU (ptxas registers and spills).
 """
 
-from .attention import flash_decode, flash_prefill
+from .attention import KVOperand, attend_decode, attend_prefill, flash_decode, flash_prefill
 from .dequant import dequantize_rows
 from .norm import rms_norm
 from .qmatmul import qmatmul
 from .rope import rope
+from .kv_write import kv_write
 from .swiglu import swiglu
 
-__all__ = ["dequantize_rows", "flash_decode", "flash_prefill", "qmatmul", "rms_norm", "rope", "swiglu"]
+__all__ = ["KVOperand", "attend_decode", "attend_prefill", "dequantize_rows", "flash_decode", "flash_prefill",
+           "kv_write", "qmatmul", "rms_norm", "rope", "swiglu"]

@@ -104,25 +104,46 @@ def _specs(all_configs: bool, arch: int):
            {"NEOX": False, "BLOCK_H": 16, "BLOCK_HALF": 64}, 4, 1, "rope d=128")
     yield (swiglu._swiglu_kernel, {"gate_ptr": "*fp16", "up_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"},
            {"BLOCK": 1024}, 4, 1, "swiglu")
+    kvw = importlib.import_module(__package__ + ".kv_write")
+    for fmt, code in (("q8_0", 1), ("q4_0", 2)):
+        yield (kvw._kv_write_kernel,
+               {"x_ptr": "*fp16", "out_ptr": "*u8", "pos_ptr": "*i64", "pos": "i32", **{s: "i32" for s in (
+                   "stride_xh", "stride_xt", "stride_oh", "stride_os")}},
+               {"NB": 4, "BLOCK_B": 4, "FMT": code, "POS_FROM_PTR": True}, 1, 1, f"kv_write {fmt} d=128")
+
+    def operand(p, fmt, seg, t):
+        """Signature of one KV operand's kernel arguments (attention.KVOperand.args)."""
+        dense = "*fp16" if fmt == "dense" else "*u8"
+        sig = {f"{p}a": t if fmt == "dense" and not seg else "*fp16", f"{p}b": t if fmt == "dense" else dense,
+               f"{p}b16": t if fmt == "dense" else "*fp16", f"{p}bs": "*fp16" if seg else (t if fmt == "dense" else "*u8"),
+               f"{p}c": t if fmt == "dense" and not seg else "*fp16"}
+        ints = ("a_end", "b_end", "sh_a", "ss_a", "sh_b", "ss_b", "sh_bs", "sh_c", "ss_c")
+        return {**sig, **{f"{p}_{s}": "i32" for s in ints}}, {f"{p.upper()}_FMT": att.FORMATS[fmt], f"{p.upper()}_SEG": seg}
+
+    caches = [("dense", False, "dense", False), ("q8_0", False, "q8_0", False), ("q4_0", False, "q4_0", False),
+              ("q4g_k", True, "q4_0", True)]
     for d in (64, 128):
-        for f16 in (True, False):
-            t = "*fp16" if f16 else "*fp32"
-            pc = att.prefill_config(d, f16)
-            yield (att._prefill_kernel,
-                   {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "T": "i32", "S": "i32", "n_past": "i32",
-                    "GROUP": "i32", "qk_scale": "fp32", **{s: "i32" for s in (
-                        "stride_qh", "stride_qt", "stride_kh", "stride_ks", "stride_vh", "stride_vs", "stride_oh",
-                        "stride_ot")}},
-                   {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": pc["block_m"], "BLOCK_N": pc["block_n"],
-                    "DOT_F16": f16, "PRECISION": prec},
-                   pc["num_warps"], pc["num_stages"], f"flash_prefill d={d} {'f16' if f16 else 'f32'}")
-            yield (att._decode_split_kernel,
-                   {"q_ptr": t, "k_ptr": t, "v_ptr": t, "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
-                    "n_valid_ptr": "*i32", "n_valid": "i32", "GROUP": "i32", "qk_scale": "fp32",
-                    **{s: "i32" for s in ("stride_qh", "stride_kh", "stride_ks", "stride_vh", "stride_vs")}},
-                   {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_H": 16, "BLOCK_N": att.decode_config(d)["block_n"],
-                    "VALID_FROM_PTR": True, "DOT_F16": f16, "PRECISION": prec},
-                   att.decode_config(d)["num_warps"], 2, f"flash_decode d={d} {'f16' if f16 else 'f32'}")
+        for kf, kseg, vf, vseg in caches:
+            for f16 in (True, False) if kf == "dense" else (True,):
+                t = "*fp16" if f16 else "*fp32"
+                ks, kc = operand("k", kf, kseg, t)
+                vs, vc = operand("v", vf, vseg, t)
+                name = f"d={d} K {kf} V {vf} {'f16' if f16 else 'f32'}"
+                quant = kf != "dense"
+                pc, dc = att.prefill_config(d, f16, quant), att.decode_config(d, quant)
+                yield (att._prefill_kernel,
+                       {"q_ptr": t, "o_ptr": t, "T": "i32", "S": "i32", "n_past": "i32", "GROUP": "i32",
+                        "qk_scale": "fp32", **{s: "i32" for s in ("stride_qh", "stride_qt", "stride_oh", "stride_ot")},
+                        **ks, **vs},
+                       {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": pc["block_m"], "BLOCK_N": pc["block_n"], **kc, **vc,
+                        "DOT_F16": f16, "PRECISION": prec},
+                       pc["num_warps"], pc["num_stages"], f"flash_prefill {name}")
+                yield (att._decode_split_kernel,
+                       {"q_ptr": t, "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "n_valid_ptr": "*i32",
+                        "n_valid": "i32", "GROUP": "i32", "qk_scale": "fp32", "stride_qh": "i32", **ks, **vs},
+                       {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_H": 16, "BLOCK_N": dc["block_n"],
+                        **kc, **vc, "VALID_FROM_PTR": True, "DOT_F16": f16, "PRECISION": prec},
+                       dc["num_warps"], 2, f"flash_decode {name}")
         yield (att._decode_reduce_kernel,
                {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp16", "num_splits": "i32",
                 "stride_oh": "i32"},

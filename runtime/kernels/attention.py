@@ -1,32 +1,55 @@
-"""Flash attention over the KV cache: causal prefill with a position offset, and split-K decode.
+"""Flash attention over the KV cache as it is stored: causal prefill with a position offset, and
+split-K decode; K and V may each be dense (f16/f32), ggml q8_0/q4_0 blocks, or q4g.
 
-Shapes follow `runtime.ops.attention` and the cache layout of `runtime.kv_cache` (per layer
-(n_head_kv, n_ctx, head_dim)); the kernels read the cache in place, only its first S valid rows:
+Shapes follow `runtime.ops.attention`; K and V are `KVOperand`s, one layer of a cache store
+(runtime/kv_quant.py `Store.operand`), read in place, only their first S valid positions:
 
-    q (n_head, T, d) at positions [n_past, n_past + T);  k, v (n_kv, >= n_past + T, d)
+    q (n_head, T, d) at positions [n_past, n_past + T);  K, V hold positions [0, >= n_past + T)
     out[h, t] = softmax_j(q[h, t] . k[h // G, j] / sqrt(d), j <= n_past + t) @ v[h // G]
     with G = n_head / n_kv query heads per KV head (GQA).
 
-Prefill (`flash_prefill`): a program owns BLOCK_M queries of one head and streams BLOCK_N keys
+Formats (`FMT`; the bytes are those of runtime/kv_quant.py, per KV head and position):
+
+    DENSE  rows of d float16/float32                      x = row[c]
+    Q8_0   d/32 blocks of 34 bytes: f16 scale, 32 int8     x = d * q
+    Q4_0   d/32 blocks of 18 bytes: f16 scale, 16 bytes    x = d * (q - 8); byte j = element j (low
+           nibble) | element j + 16 (high nibble)
+    Q4G_K  per-channel codes over groups of 64 positions: d/2 bytes per position (byte c = channel
+           c low | channel c + d/2 high), f16 [scale, min] per channel and group: x = scale * q + min
+
+A segmented operand (q4g) keeps positions [0, a_end) as dense f16 rows in `a` (attention sinks),
+[a_end, b_end) in the block format in `b` (row = position - a_end), and [b_end, ...) as dense f16
+rows in `c` (the newest, partial group). A key tile loads each position from the segment that
+holds it (masked loads: no traffic for the others), dequantizes in registers and runs the same
+online-softmax step; no dequantized copy of the cache is ever written.
+
+Prefill (`attend_prefill`): a program owns BLOCK_M queries of one head and streams BLOCK_N keys
 at a time with the online softmax (running max m, running sum l, rescaled accumulator), so the
 T x S score matrix never exists; it stops at the last key its last query can see.
 
-Decode (`flash_decode`, T = 1): one query against a long cache leaves too few programs if one
+Decode (`attend_decode`, T = 1): one query against a long cache leaves too few programs if one
 program owns a head, so the keys are cut into `num_splits` ranges. A program owns one KV head (all
 G query heads that share it, as the rows of a tl.dot, so every K/V byte is read once) and one
 range, and writes its unnormalized partial output with its (m, l); a second kernel combines the
 splits: o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s. Memory traffic: K and V once
-(2 * n_kv * n_valid * d * elt) plus n_head * num_splits * (d + 2) * 4 bytes of partials.
+(n_kv * n_valid * row bytes each) plus n_head * num_splits * (d + 2) * 4 bytes of partials.
+n_valid may be a device scalar (a CUDA graph replays for any cache length; not with q4g, whose
+segment bounds are host integers).
 
-Scores are computed in base 2 (scaled by log2(e) / sqrt(d)), accumulation in float32. fp16 q/k/v
-use fp16 tl.dot operands (p is cast to fp16 for p @ v, as in every flash kernel); all-fp32 inputs
-use fp32 operands with `precision` (launch.fp32_precision: TF32 by default on sm80+, "tf32x3" or
-"ieee" on request). The usual GPU cache is f16.
+`flash_prefill(q, k, v, n_past)` / `flash_decode(q, k, v, n_valid)` are the same kernels over
+dense (n_kv, S, d) tensors.
+
+Scores are computed in base 2 (scaled by log2(e) / sqrt(d)), accumulation in float32. fp16 q
+uses fp16 tl.dot operands (K/V values rounded to fp16; p is cast to fp16 for p @ v, as in every
+flash kernel); fp32 q uses fp32 operands with `precision` (launch.fp32_precision: TF32 by default
+on sm80+, "tf32x3" or "ieee" on request).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -38,26 +61,107 @@ from .launch import fp32_precision, next_pow2
 
 LOG2E = 1.4426950408889634
 
+DENSE, Q8_0, Q4_0, Q4G_K = 0, 1, 2, 3
+FORMATS = {"dense": DENSE, "q8_0": Q8_0, "q4_0": Q4_0, "q4g_k": Q4G_K}
+GROUP_POSITIONS = 64  # q4g: positions per group of per-channel scales
+
+
+# -- device helpers ------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(b, b16, bs, rows, rd, mask, stride_bs, FMT: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """float32 (N, BLOCK_D): rows (N,) of one KV head's main segment in format FMT.
+
+    b: dense values (DENSE) or the row bytes (uint8); b16: the same bytes as float16 (block
+    scales); bs: q4g per-channel scales (n_group, 2, d) float16. stride_bs: elements (DENSE) or
+    bytes per row."""
+    r = rows[:, None] * stride_bs
+    c = rd[None, :]
+    if FMT == 0:
+        x = tl.load(b + r + c, mask=mask, other=0.0).to(tl.float32)
+    elif FMT == 1:  # q8_0
+        blk = r + (c // 32) * 34
+        d = tl.load(b16 + blk // 2, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(b + blk + 2 + c % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
+        x = d * q.to(tl.float32)
+    elif FMT == 2:  # q4_0
+        blk = r + (c // 32) * 18
+        d = tl.load(b16 + blk // 2, mask=mask, other=0.0).to(tl.float32)
+        byte = tl.load(b + blk + 2 + c % 16, mask=mask, other=0).to(tl.int32)
+        q = tl.where(c % 32 < 16, byte & 15, byte >> 4)
+        x = d * (q.to(tl.float32) - 8.0)
+    else:  # q4g keys: per channel over groups of 64 positions
+        byte = tl.load(b + r + c % (HEAD_DIM // 2), mask=mask, other=0).to(tl.int32)
+        q = tl.where(c < HEAD_DIM // 2, byte & 15, byte >> 4)
+        g = (rows // 64)[:, None] * (2 * HEAD_DIM)
+        scale = tl.load(bs + g + c, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.load(bs + g + HEAD_DIM + c, mask=mask, other=0.0).to(tl.float32)
+        x = scale * q.to(tl.float32) + lo
+    return x
+
 
 @triton.jit
+def _load_kv(pos, valid, rd, a, b, b16, bs, c, a_end, b_end, stride_as, stride_bs, stride_cs,
+             FMT: tl.constexpr, SEG: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """float32 (N, BLOCK_D): positions pos (N,) of one KV head, each read from its segment."""
+    dm = (rd < HEAD_DIM)[None, :]
+    if SEG:
+        in_a = pos < a_end
+        in_c = pos >= b_end
+        in_b = (pos >= a_end) & (pos < b_end)
+        x = _load_rows(b, b16, bs, pos - a_end, rd, (valid & in_b)[:, None] & dm, stride_bs, FMT, HEAD_DIM)
+        x += tl.load(a + pos[:, None] * stride_as + rd[None, :],
+                     mask=(valid & in_a)[:, None] & dm, other=0.0).to(tl.float32)
+        x += tl.load(c + (pos - b_end)[:, None] * stride_cs + rd[None, :],
+                     mask=(valid & in_c)[:, None] & dm, other=0.0).to(tl.float32)
+    else:
+        x = _load_rows(b, b16, bs, pos, rd, valid[:, None] & dm, stride_bs, FMT, HEAD_DIM)
+    return x
+
+
+@triton.jit
+def _softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, DOT_F16: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax: q (M, D), k and v (N, D) float32, visible (M, N).
+    Rows that have seen no visible key yet keep m = -inf, l = 0, acc = 0."""
+    if DOT_F16:
+        s = tl.dot(q, tl.trans(k.to(tl.float16)))
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)  # m_i = -inf -> 0
+    p = tl.exp2(s - m_safe[:, None])  # invisible -> 0
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_F16:
+        acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
+    else:
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+# -- kernels -------------------------------------------------------------------------------------
+@triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr,  # pointers
-    T, S, n_past, GROUP, qk_scale,  # sizes: queries, valid keys (n_past + T), offset, heads per kv head
-    stride_qh, stride_qt, stride_kh, stride_ks, stride_vh, stride_vs, stride_oh, stride_ot,  # strides
+    q_ptr, o_ptr, T, S, n_past, GROUP, qk_scale, stride_qh, stride_qt, stride_oh, stride_ot,
+    ka, kb, kb16, kbs, kc, k_a_end, k_b_end, k_sh_a, k_ss_a, k_sh_b, k_ss_b, k_sh_bs, k_sh_c, k_ss_c,
+    va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_sh_a, v_ss_a, v_sh_b, v_ss_b, v_sh_bs, v_sh_c, v_ss_c,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_FMT: tl.constexpr, K_SEG: tl.constexpr, V_FMT: tl.constexpr, V_SEG: tl.constexpr,
     DOT_F16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    kvh = h // GROUP
+    kvh = (h // GROUP).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     dmask = (rd < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
                 mask=(rm < T)[:, None] & dmask, other=0.0)
     q = q.to(tl.float16) if DOT_F16 else q.to(tl.float32)
-    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    ka, kc, kbs = ka + kvh * k_sh_a, kc + kvh * k_sh_c, kbs + kvh * k_sh_bs
+    kb, kb16 = kb + kvh * k_sh_b, kb16 + kvh * k_sh_b // 2
+    va, vc, vbs = va + kvh * v_sh_a, vc + kvh * v_sh_c, vbs + kvh * v_sh_bs
+    vb, vb16 = vb + kvh * v_sh_b, vb16 + kvh * v_sh_b // 2
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -65,24 +169,13 @@ def _prefill_kernel(
     end = tl.minimum(S, n_past + (pid_m + 1) * BLOCK_M)  # past the last key this tile's queries see
     for start in range(0, end, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
-        kvmask = (rn < S)[:, None] & dmask
-        k = tl.load(k_base + rn[:, None] * stride_ks + rd[None, :], mask=kvmask, other=0.0)
-        if DOT_F16:
-            s = tl.dot(q, tl.trans(k.to(tl.float16)))
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
-        visible = (rn[None, :] <= n_past + rm[:, None]) & (rn < S)[None, :]
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is visible to every query
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + rn[:, None] * stride_vs + rd[None, :], mask=kvmask, other=0.0)
-        if DOT_F16:
-            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
-        else:
-            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        valid = rn < S
+        k = _load_kv(rn, valid, rd, ka, kb, kb16, kbs, kc, k_a_end, k_b_end, k_ss_a, k_ss_b, k_ss_c,
+                     K_FMT, K_SEG, HEAD_DIM)
+        v = _load_kv(rn, valid, rd, va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_ss_a, v_ss_b, v_ss_c,
+                     V_FMT, V_SEG, HEAD_DIM)
+        visible = (rn[None, :] <= n_past + rm[:, None]) & valid[None, :]
+        m_i, l_i, acc = _softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, DOT_F16, PRECISION)
     out = acc / l_i[:, None]
     tl.store(o_ptr + h * stride_oh + rm[:, None] * stride_ot + rd[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(rm < T)[:, None] & dmask)
@@ -90,17 +183,19 @@ def _prefill_kernel(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr,  # pointers; partials (n_head, num_splits[, d]) fp32
-    n_valid_ptr, n_valid, GROUP, qk_scale,  # valid keys (read from n_valid_ptr if VALID_FROM_PTR), heads per kv head
-    stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,  # strides
+    q_ptr, acc_ptr, m_ptr, l_ptr,  # partials (n_head, num_splits[, d]) fp32
+    n_valid_ptr, n_valid, GROUP, qk_scale, stride_qh,  # valid keys (from n_valid_ptr if VALID_FROM_PTR)
+    ka, kb, kb16, kbs, kc, k_a_end, k_b_end, k_sh_a, k_ss_a, k_sh_b, k_ss_b, k_sh_bs, k_sh_c, k_ss_c,
+    va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_sh_a, v_ss_a, v_sh_b, v_ss_b, v_sh_bs, v_sh_c, v_ss_c,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_FMT: tl.constexpr, K_SEG: tl.constexpr, V_FMT: tl.constexpr, V_SEG: tl.constexpr,
     VALID_FROM_PTR: tl.constexpr, DOT_F16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     if VALID_FROM_PTR:  # a device scalar: one CUDA graph serves every cache length
-        n_valid = tl.load(n_valid_ptr)
+        n_valid = tl.load(n_valid_ptr).to(tl.int32)
     split_len = tl.cdiv(tl.cdiv(n_valid, num_splits), BLOCK_N) * BLOCK_N  # keys per split
     rh = tl.arange(0, BLOCK_H)
     heads = kvh * GROUP + rh
@@ -109,8 +204,11 @@ def _decode_split_kernel(
     dmask = (rd < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + heads[:, None] * stride_qh + rd[None, :], mask=hmask & dmask, other=0.0)
     q = q.to(tl.float16) if DOT_F16 else q.to(tl.float32)
-    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    kvh = kvh.to(tl.int64)
+    ka, kc, kbs = ka + kvh * k_sh_a, kc + kvh * k_sh_c, kbs + kvh * k_sh_bs
+    kb, kb16 = kb + kvh * k_sh_b, kb16 + kvh * k_sh_b // 2
+    va, vc, vbs = va + kvh * v_sh_a, vc + kvh * v_sh_c, vbs + kvh * v_sh_bs
+    vb, vb16 = vb + kvh * v_sh_b, vb16 + kvh * v_sh_b // 2
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -119,23 +217,12 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + split_len, n_valid)
     for start in range(lo, hi, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
-        kvmask = (rn < hi)[:, None] & dmask
-        k = tl.load(k_base + rn[:, None] * stride_ks + rd[None, :], mask=kvmask, other=0.0)
-        if DOT_F16:
-            s = tl.dot(q, tl.trans(k.to(tl.float16)))
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
-        s = tl.where((rn < hi)[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the first key of a split is valid
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + rn[:, None] * stride_vs + rd[None, :], mask=kvmask, other=0.0)
-        if DOT_F16:
-            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
-        else:
-            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        valid = rn < hi
+        k = _load_kv(rn, valid, rd, ka, kb, kb16, kbs, kc, k_a_end, k_b_end, k_ss_a, k_ss_b, k_ss_c,
+                     K_FMT, K_SEG, HEAD_DIM)
+        v = _load_kv(rn, valid, rd, va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_ss_a, v_ss_b, v_ss_c,
+                     V_FMT, V_SEG, HEAD_DIM)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, DOT_F16, PRECISION)
     # an empty split (lo >= n_valid) stores m = -inf, l = 0, acc = 0: the reduction weighs it 0
     part = heads * num_splits + split
     tl.store(acc_ptr + part[:, None] * HEAD_DIM + rd[None, :], acc, mask=hmask & dmask)
@@ -163,71 +250,138 @@ def _decode_reduce_kernel(
     tl.store(o_ptr + h * stride_oh + rd, out.to(o_ptr.dtype.element_ty), mask=rd < HEAD_DIM)
 
 
-# -- wrappers ------------------------------------------------------------------------------------
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> tuple[int, int, int, int]:
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise QkvggufError(f"{what}: q (n_head, T, d), k and v (n_kv, S, d) expected, got "
-                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+# -- operands ------------------------------------------------------------------------------------
+@dataclass
+class KVOperand:
+    """One layer of K or V as a kernel reads it (see the module docstring).
+
+    b: (n_kv, rows, d) float16/float32 for "dense", (n_kv, rows, row_bytes) uint8 otherwise.
+    scales: q4g keys' (n_kv, n_group, 2, d) float16. a, c: (n_kv, rows, d) float16 segments of a
+    segmented (q4g) operand, holding positions [0, a_end) and [b_end, b_end + rows).
+    capacity: positions the operand can hold (bounds n_valid)."""
+
+    fmt: str
+    b: torch.Tensor
+    n_kv: int
+    head_dim: int
+    capacity: int
+    scales: Optional[torch.Tensor] = None
+    a: Optional[torch.Tensor] = None
+    c: Optional[torch.Tensor] = None
+    a_end: int = 0
+    b_end: int = 1 << 30
+
+    @classmethod
+    def dense(cls, t: torch.Tensor) -> "KVOperand":
+        return cls("dense", t, t.shape[0], t.shape[2], t.shape[1])
+
+    @property
+    def segmented(self) -> bool:
+        return self.a is not None
+
+    def args(self) -> list:
+        """Kernel arguments: a, b, b16, bs, c, a_end, b_end, strides (h/s of a, b, bs, c)."""
+        b = self.b
+        b16 = b if self.fmt == "dense" else b.view(torch.float16)
+        bs = self.scales if self.scales is not None else b
+        a = self.a if self.a is not None else b
+        c = self.c if self.c is not None else b
+        return [a, b, b16, bs, c, self.a_end, self.b_end, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                bs.stride(0), c.stride(0), c.stride(1)]
+
+    def constexprs(self, prefix: str) -> dict:
+        return {f"{prefix}_FMT": FORMATS[self.fmt], f"{prefix}_SEG": self.segmented}
+
+
+def _check(q: torch.Tensor, K: KVOperand, V: KVOperand, what: str) -> tuple[int, int, int, int]:
+    if q.dim() != 3:
+        raise QkvggufError(f"{what}: q (n_head, T, d) expected, got {tuple(q.shape)}")
     n_head, T, d = q.shape
-    n_kv = k.shape[0]
-    if k.shape[2] != d or n_kv == 0 or n_head % n_kv:
-        raise QkvggufError(f"{what}: q {tuple(q.shape)} and k {tuple(k.shape)} need the same head_dim "
-                           f"and n_head a multiple of n_kv")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in (torch.float16, torch.float32):
-            raise QkvggufError(f"{what}: {name} must be float16 or float32, got {t.dtype}")
-        if t.stride(2) != 1:
-            raise QkvggufError(f"{what}: {name} needs a contiguous last dim")
+    if (K.n_kv, K.head_dim) != (V.n_kv, V.head_dim) or K.head_dim != d or K.n_kv == 0 or n_head % K.n_kv:
+        raise QkvggufError(f"{what}: q {tuple(q.shape)}, K ({K.n_kv} heads x {K.head_dim}) and V ({V.n_kv} x "
+                           f"{V.head_dim}) need the same head_dim and n_head a multiple of n_kv")
+    if q.dtype not in (torch.float16, torch.float32) or q.stride(2) != 1:
+        raise QkvggufError(f"{what}: q must be float16/float32 with a contiguous last dim")
+    for name, op in (("K", K), ("V", V)):
+        if op.fmt == "dense":
+            if op.b.dtype not in (torch.float16, torch.float32):
+                raise QkvggufError(f"{what}: {name} must be float16 or float32, got {op.b.dtype}")
+            if op.b.stride(2) != 1:
+                raise QkvggufError(f"{what}: {name} needs a contiguous last dim")
+        elif op.fmt in ("q8_0", "q4_0") and d % 32:
+            raise QkvggufError(f"{what}: {name} in {op.fmt} needs head_dim a multiple of 32, got {d}")
     if d > 256:
         raise QkvggufError(f"{what}: head_dim {d} > 256 is not supported")
-    return n_head, T, d, n_kv
+    return n_head, T, d, K.n_kv
 
 
-def _dot_f16(q, k, v) -> bool:
-    """fp16 operands when the cache is fp16 (the usual case); fp32 only when everything is fp32."""
-    return not (q.dtype == k.dtype == v.dtype == torch.float32)
+def _dense_pair(q, k, v, what):
+    if k.dim() != 3 or v.shape != k.shape:
+        raise QkvggufError(f"{what}: q (n_head, T, d), k and v (n_kv, S, d) expected, got "
+                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return KVOperand.dense(k), KVOperand.dense(v)
 
 
-def prefill_config(head_dim: int, f16: bool) -> dict:
+def _dot_f16(q: torch.Tensor, K: KVOperand, V: KVOperand) -> bool:
+    """fp16 tl.dot operands for fp16 queries (the GPU model's activations); fp32 for fp32 queries,
+    whatever the cache holds (f16 and dequantized values are exact in fp32)."""
+    return q.dtype == torch.float16
+
+
+# -- wrappers ------------------------------------------------------------------------------------
+def prefill_config(head_dim: int, f16: bool, quantized: bool = False) -> dict:
     """Tiles without ptxas spills on sm80/sm90 (aot.py): 64 x 64, 8 warps past head_dim 64, keys
-    in 32s for fp32 operands."""
+    in 32s for fp32 operands; a quantized cache dequantizes in registers: keys in 32s (16s past
+    head_dim 64), 8 warps."""
+    if quantized:
+        return {"block_m": 64, "block_n": 32 if head_dim <= 64 else 16, "num_warps": 8, "num_stages": 2}
     return {"block_m": 64, "block_n": 64 if f16 else 32, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
 
 
-def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int,
-                  *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, precision: str | None = None) -> torch.Tensor:
-    """Causal GQA attention of q (n_head, T, d) at positions [n_past, n_past + T) over the first
-    n_past + T rows of k, v (n_kv, >= n_past + T, d) -> (n_head, T, d) in q's dtype.
+def _quantized(K: KVOperand, V: KVOperand) -> bool:
+    return K.fmt != "dense" or V.fmt != "dense"
 
-    Tiles default to prefill_config; precision applies to all-fp32 inputs (launch.fp32_precision).
+
+def attend_prefill(q: torch.Tensor, K: KVOperand, V: KVOperand, n_past: int,
+                   *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None, precision: str | None = None) -> torch.Tensor:
+    """Causal GQA attention of q (n_head, T, d) at positions [n_past, n_past + T) over positions
+    [0, n_past + T) of K, V -> (n_head, T, d) in q's dtype.
+
+    Tiles default to prefill_config; precision applies to fp32 operands (launch.fp32_precision).
     """
-    n_head, T, d, n_kv = _check(q, k, v, "flash_prefill")
+    n_head, T, d, n_kv = _check(q, K, V, "attention prefill")
     S = n_past + T
-    if n_past < 0 or k.shape[1] < S:
-        raise QkvggufError(f"flash_prefill: the cache holds {k.shape[1]} positions, need n_past + T = {S}")
+    if n_past < 0 or min(K.capacity, V.capacity) < S:
+        raise QkvggufError(f"attention prefill: the cache holds {min(K.capacity, V.capacity)} positions, "
+                           f"need n_past + T = {S}")
     out = torch.empty_like(q)
     if T == 0:
         return out
-    f16 = _dot_f16(q, k, v)
-    cfg = prefill_config(d, f16)
+    f16 = _dot_f16(q, K, V)
+    cfg = prefill_config(d, f16, _quantized(K, V))
     block_m = min(block_m or cfg["block_m"], max(16, next_pow2(T)))
     block_n = block_n or cfg["block_n"]
-    num_warps = num_warps or cfg["num_warps"]
-    num_stages = num_stages or cfg["num_stages"]
     grid = (triton.cdiv(T, block_m), n_head)
     _prefill_kernel[grid](
-        q, k, v, out, T, S, n_past, n_head // n_kv, LOG2E / math.sqrt(d),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
+        q, out, T, S, n_past, n_head // n_kv, LOG2E / math.sqrt(d),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *K.args(), *V.args(),
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_F16=f16, PRECISION=fp32_precision(q.device, precision), num_warps=num_warps, num_stages=num_stages,
+        **K.constexprs("K"), **V.constexprs("V"), DOT_F16=f16, PRECISION=fp32_precision(q.device, precision),
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out
 
 
-def decode_config(head_dim: int) -> dict:
+def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int, **kw) -> torch.Tensor:
+    """attend_prefill over dense k, v (n_kv, >= n_past + T, d)."""
+    return attend_prefill(q, *_dense_pair(q, k, v, "flash_prefill"), n_past, **kw)
+
+
+def decode_config(head_dim: int, quantized: bool = False) -> dict:
     """Key tile and warps without ptxas spills on sm80/sm90 (aot.py)."""
+    if quantized:
+        return {"block_n": 32 if head_dim <= 64 else 16, "num_warps": 8}
     return {"block_n": 64, "num_warps": 4 if head_dim <= 64 else 8}
 
 
@@ -240,28 +394,30 @@ def decode_splits(n_kv: int, n_valid: int, device: torch.device, block_n: int = 
     return max(1, min(want, most, max_splits))
 
 
-def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int | torch.Tensor,
-                 num_splits: int | None = None, *, block_n: int | None = None, num_warps: int | None = None,
-                 precision: str | None = None) -> torch.Tensor:
-    """One query per head, q (n_head, 1, d), over the first n_valid rows of k, v (n_kv, >= n_valid, d)
-    -> (n_head, 1, d) in q's dtype; split-K over num_splits key ranges (default: decode_splits).
+def attend_decode(q: torch.Tensor, K: KVOperand, V: KVOperand, n_valid: int | torch.Tensor,
+                  num_splits: int | None = None, *, block_n: int | None = None, num_warps: int | None = None,
+                  precision: str | None = None) -> torch.Tensor:
+    """One query per head, q (n_head, 1, d), over positions [0, n_valid) of K, V -> (n_head, 1, d)
+    in q's dtype; split-K over num_splits key ranges (default: decode_splits).
 
     n_valid may be a one-element int32/int64 tensor on q's device (read by the kernel, so a captured
     CUDA graph replays for any cache length); then num_splits is sized for the whole cache.
     """
-    n_head, T, d, n_kv = _check(q, k, v, "flash_decode")
+    n_head, T, d, n_kv = _check(q, K, V, "attention decode")
     if T != 1:
-        raise QkvggufError(f"flash_decode: one query token expected, got T={T} (use flash_prefill)")
-    block_n = block_n or decode_config(d)["block_n"]
-    num_warps = num_warps or decode_config(d)["num_warps"]
+        raise QkvggufError(f"attention decode: one query token expected, got T={T} (use prefill)")
+    cfg = decode_config(d, _quantized(K, V))
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    capacity = min(K.capacity, V.capacity)
     from_ptr = isinstance(n_valid, torch.Tensor)
     if from_ptr:
         if n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64) or n_valid.device != q.device:
-            raise QkvggufError(f"flash_decode: n_valid tensor must be one int32/int64 on {q.device}")
-        keys = k.shape[1]  # splits sized for the capacity; the kernel clips to n_valid
+            raise QkvggufError(f"attention decode: n_valid tensor must be one int32/int64 on {q.device}")
+        keys = capacity  # splits sized for the capacity; the kernel clips to n_valid
     else:
-        if not 1 <= n_valid <= k.shape[1]:
-            raise QkvggufError(f"flash_decode: n_valid={n_valid} outside 1..{k.shape[1]} (cache positions)")
+        if not 1 <= n_valid <= capacity:
+            raise QkvggufError(f"attention decode: n_valid={n_valid} outside 1..{capacity} (cache positions)")
         keys = int(n_valid)
     if num_splits is None:
         num_splits = decode_splits(n_kv, keys, q.device, block_n)
@@ -273,11 +429,11 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int
     l = torch.empty((n_head, num_splits), **f32)  # noqa: E741
     block_d = max(16, next_pow2(d))
     _decode_split_kernel[(n_kv, num_splits)](
-        q, k, v, acc, m, l, n_valid if from_ptr else acc, 0 if from_ptr else keys, group, LOG2E / math.sqrt(d),
-        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q, acc, m, l, n_valid if from_ptr else acc, 0 if from_ptr else keys, group, LOG2E / math.sqrt(d),
+        q.stride(0), *K.args(), *V.args(),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n,
-        VALID_FROM_PTR=from_ptr, DOT_F16=_dot_f16(q, k, v), PRECISION=fp32_precision(q.device, precision),
-        num_warps=num_warps,
+        **K.constexprs("K"), **V.constexprs("V"), VALID_FROM_PTR=from_ptr, DOT_F16=_dot_f16(q, K, V),
+        PRECISION=fp32_precision(q.device, precision), num_warps=num_warps,
     )
     out = torch.empty_like(q)
     _decode_reduce_kernel[(n_head,)](
@@ -285,3 +441,9 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int
         BLOCK_S=next_pow2(num_splits), HEAD_DIM=d, BLOCK_D=block_d, num_warps=4,
     )
     return out
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int | torch.Tensor,
+                 num_splits: int | None = None, **kw) -> torch.Tensor:
+    """attend_decode over dense k, v (n_kv, >= n_valid, d)."""
+    return attend_decode(q, *_dense_pair(q, k, v, "flash_decode"), n_valid, num_splits, **kw)
