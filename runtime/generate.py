@@ -14,6 +14,7 @@ import torch
 
 from qkvgguf.errors import QkvggufError
 
+from .cuda_graph import GraphDecoder, graph_supported
 from .model import Model
 
 
@@ -85,9 +86,22 @@ class Session:
     type_k: str = "f32"
     type_v: str = "f32"
     tokens: list[int] = field(default_factory=list)  # what the cache holds, in order
+    cuda_graph: bool = True  # decode by replaying a captured CUDA graph where supported (runtime/cuda_graph.py)
 
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx, self.type_k, self.type_v)
+        self._graph = None
+
+    def decode(self, token: int) -> torch.Tensor:
+        """Run one token after what the cache holds; return its logits (valid until the next call)."""
+        if self._graph is None and self.cuda_graph and graph_supported(self.model, self.cache) is None:
+            self._graph = GraphDecoder(self.model, self.cache)
+        if self._graph is not None:
+            logits = self._graph.step(token)
+        else:
+            logits = self.model.forward(torch.tensor([token]), self.cache)
+        self.tokens.append(token)
+        return logits
 
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Run `ids` after what the cache holds (reusing the longest common prefix); return last logits.
@@ -140,6 +154,5 @@ class Session:
             yield tok
             if i + 1 == n_predict or len(self.tokens) >= self.n_ctx:
                 break
-            logits = self.model.forward(torch.tensor([tok]), self.cache)
-            self.tokens.append(tok)
+            logits = self.decode(tok)
         stats.decode_seconds += time.perf_counter() - t0

@@ -83,10 +83,30 @@ class KVCache:
         self.rot_k = llama_rotation_size(d, True) if tk.llama_maths else 0
         self.rot_v = llama_rotation_size(d, False) if tv.llama_maths else 0
         self.q_as_q8_0 = tk.llama_maths
+        self.device = device
+        self.pos_t: torch.Tensor | None = None  # device mirror of pos (use_device_position)
 
     @property
     def n_bytes(self) -> int:
         return self.k_store.n_bytes + self.v_store.n_bytes
+
+    def use_device_position(self) -> torch.Tensor:
+        """Keep a device copy of pos that one-token steps read and `advance` increments on the device,
+        so a decode step launches the same work at every position (a CUDA graph replays it: see
+        runtime/cuda_graph.py). Not for q4g (its group boundaries are decided on the host)."""
+        for t in (self.type_k, self.type_v):
+            if t == "q4g":
+                raise QkvggufError("cache type q4g cannot decode from a device position (CUDA graphs); use q8_0 or q4_0")
+        if self.pos_t is None:
+            self.pos_t = torch.tensor([self.pos], dtype=torch.int64, device=self.device)
+        return self.pos_t
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Positions [pos, pos + T) on the cache's device; one-token steps in device-position mode
+        return the device counter itself (no host value baked into the step)."""
+        if self.pos_t is not None and T == 1:
+            return self.pos_t
+        return torch.arange(self.pos, self.pos + T, device=self.device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (n_head_kv, T, hd) at [pos, pos+T); causal attention of q (n_head, T, hd) over all."""
@@ -99,6 +119,9 @@ class KVCache:
             v = hadamard(v, self.rot_v)
         if self.q_as_q8_0:
             q = q8_0_round_trip(q)
+        if self.pos_t is not None and T == 1:
+            out = self._attend_at_device_position(layer, q, k, v, dtype)
+            return (hadamard(out, self.rot_v) if self.rot_v else out).to(dtype)
         cuts = sorted(set(self.k_store.cuts(p0, p0 + T) + self.v_store.cuts(p0, p0 + T)))
         bounds = [p0, *cuts, p0 + T]
         outs = []
@@ -128,8 +151,25 @@ class KVCache:
             return attend_decode(q, K, V, end)
         return attend_prefill(q, K, V, start)
 
+    def _attend_at_device_position(self, layer, q, k, v, dtype) -> torch.Tensor:
+        """One token at position pos_t (a device scalar): store it there, attend over [0, pos_t]."""
+        fused = self.backend == "triton"
+        self.k_store.write_at(layer, self.pos_t, k, fused)
+        self.v_store.write_at(layer, self.pos_t, v, fused)
+        if fused:
+            from .kernels.attention import attend_decode
+
+            K, V = self.k_store.operand(layer, self.n_ctx), self.v_store.operand(layer, self.n_ctx)
+            return attend_decode(q.to(dtype), K, V, self.pos_t + 1).float()
+        keys, values = self.k_store.read(layer, self.n_ctx), self.v_store.read(layer, self.n_ctx)
+        visible = torch.arange(self.n_ctx, device=q.device) <= self.pos_t  # (n_ctx,)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible[None, :], enable_gqa=q.shape[0] != keys.shape[0])
+
     def advance(self, n: int) -> None:
         self.pos += n
+        if self.pos_t is not None:
+            self.pos_t += n
 
     def reset(self, pos: int = 0) -> None:
         """Forget positions >= pos."""
@@ -138,3 +178,5 @@ class KVCache:
         self.k_store.truncate(self.pos, pos)
         self.v_store.truncate(self.pos, pos)
         self.pos = pos
+        if self.pos_t is not None:
+            self.pos_t.fill_(pos)

@@ -86,6 +86,10 @@ class Store:
         """write, in one kernel launch where the format has one (the Triton backend's path)."""
         self.write(layer, pos, x)
 
+    def write_at(self, layer, pos_t, x, fused=False):
+        """x (n_kv, 1, d) at position pos_t, a one-element device tensor (graph-capturable)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write at a device position")
+
     def operand(self, layer: int, end: int):
         """This layer as a `kernels.attention.KVOperand` (read in place) once [0, end) is written."""
         raise NotImplementedError
@@ -104,6 +108,9 @@ class DenseStore(Store):
 
     def read(self, layer, end):
         return self.data[layer, :, :end].float()
+
+    def write_at(self, layer, pos_t, x, fused=False):
+        self.data[layer].index_copy_(1, pos_t, x.to(self.data.dtype))
 
     def operand(self, layer, end):
         from .kernels.attention import KVOperand
@@ -133,6 +140,12 @@ class BlockStore(Store):
         from .kernels.kv_write import kv_write
 
         kv_write(x, self.blocks[layer], pos, self.name)
+
+    def write_at(self, layer, pos_t, x, fused=False):
+        if fused:
+            self.write_fused(layer, pos_t, x)
+        else:
+            self.blocks[layer].index_copy_(1, pos_t, self.quantize(x))
 
     def operand(self, layer, end):
         from .kernels.attention import KVOperand

@@ -3,7 +3,7 @@
 One implementation serves llama, qwen2 and qwen3; their differences are `ModelConfig` flags:
 
     x = token_embd[tokens]                                   # (T, n_embd)
-    for each block i:
+    for each block i:                 (each residual add is fused into the next norm: add_rms_norm)
         h = rms_norm(x) * attn_norm
         q, k, v = h @ attn_q/k/v (+ bias if qkv_bias)        # (T, n_head*hd), (T, n_head_kv*hd) x2
         q, k = rms_norm per head * attn_q/k_norm  (qk_norm)
@@ -28,6 +28,7 @@ from qkvgguf.gguf_file import GGUFFile
 from . import ops as torch_ops
 from .backend import select_backend
 from .kv_cache import KVCache
+from .planner import OUTPUT_UNIT
 from .weights import Weights
 
 
@@ -39,7 +40,7 @@ class Model:
     """
 
     def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: str | torch.device = "cpu",
-                 backend: str = "auto"):
+                 backend: str = "auto", plan=None):
         self.gguf = gguf
         self.device = torch.device(device)
         self.backend = select_backend(backend, self.device)
@@ -50,7 +51,8 @@ class Model:
         self.ops = ops
         self.dtype = torch.float16 if (self.backend == "triton" and self.device.type == "cuda") else torch.float32
         self.config = ModelConfig.from_gguf(gguf)
-        self.weights = Weights(gguf, cache_bytes, self.device)
+        self.plan = plan  # runtime.planner.Plan: what is resident and what streams (None: all resident)
+        self.weights = Weights(gguf, cache_bytes, self.device, plan)
         self.output_name = "token_embd.weight" if self.config.tied_embeddings else "output.weight"
         freq_factors = self.weights.dense("rope_freqs.weight") if "rope_freqs.weight" in self.weights else None
         self.inv_freq = ops.rope_inv_freq(self.config, freq_factors).to(self.device)
@@ -70,26 +72,33 @@ class Model:
         if start + T > cache.n_ctx:
             raise ValueError(f"{T} tokens at position {start} overflow the {cache.n_ctx}-token context")
         tokens = tokens.to(self.device)
-        positions = torch.arange(start, start + T, device=self.device)
+        positions = cache.positions(T)  # on the cache's device; a device counter in graph mode
         cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2) float32
-        x = W.rows("token_embd.weight", tokens).to(self.dtype)  # (T, n_embd)
+        x = W.rows("token_embd.weight", tokens).to(self.dtype)  # (T, n_embd): the residual stream
+        h = ops.rms_norm(x, W.dense("blk.0.attn_norm.weight"), cfg.norm_eps)
         for i in range(cfg.n_layer):
-            x = x + self._attention(i, x, cos, sin, cache)
-            x = x + self._feed_forward(i, x)
+            W.begin_unit(i)  # a streamed layer's weights arrive (the next one's copy starts)
+            # each residual add is fused into the norm that follows it: (norm(x + a), x + a)
+            h, x = ops.add_rms_norm(self._attention(i, h, cos, sin, cache), x,
+                                    W.dense(f"blk.{i}.ffn_norm.weight"), cfg.norm_eps)
+            after = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layer else "output_norm.weight"
+            h, x = ops.add_rms_norm(self._feed_forward(i, h), x, W.dense(after), cfg.norm_eps)
+            W.end_unit(i)
         cache.advance(T)
         if logits == "none":
             return torch.empty(0)
         if logits == "last":
-            x = x[-1:]
-        x = ops.rms_norm(x, W.dense("output_norm.weight"), cfg.norm_eps)
-        out = ops.linear(x, W, self.output_name).float()  # (T or 1, vocab)
+            h = h[-1:]
+        W.begin_unit(OUTPUT_UNIT)
+        out = ops.linear(h, W, self.output_name).float()  # (T or 1, vocab)
+        W.end_unit(OUTPUT_UNIT)
         return out[0] if logits == "last" else out
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache) -> torch.Tensor:
+    def _attention(self, i: int, h: torch.Tensor, cos, sin, cache: KVCache) -> torch.Tensor:
+        """h: the normed residual stream (T, n_embd) -> the attention block's output (T, n_embd)."""
         cfg, W, ops = self.config, self.weights, self.ops
         p = f"blk.{i}."
-        T = x.shape[0]
-        h = ops.rms_norm(x, W.dense(p + "attn_norm.weight"), cfg.norm_eps)
+        T = h.shape[0]
         q = ops.linear(h, W, p + "attn_q.weight", p + "attn_q.bias" if cfg.qkv_bias else None)
         k = ops.linear(h, W, p + "attn_k.weight", p + "attn_k.bias" if cfg.qkv_bias else None)
         v = ops.linear(h, W, p + "attn_v.weight", p + "attn_v.bias" if cfg.qkv_bias else None)
@@ -105,10 +114,10 @@ class Model:
         out = out.transpose(0, 1).reshape(T, cfg.q_dim)
         return ops.linear(out, W, p + "attn_output.weight")
 
-    def _feed_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        cfg, W, ops = self.config, self.weights, self.ops
+    def _feed_forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h: the normed residual stream -> the feed-forward block's output."""
+        W, ops = self.weights, self.ops
         p = f"blk.{i}."
-        h = ops.rms_norm(x, W.dense(p + "ffn_norm.weight"), cfg.norm_eps)
         gate = ops.linear(h, W, p + "ffn_gate.weight")
         up = ops.linear(h, W, p + "ffn_up.weight")
         return ops.linear(ops.swiglu(gate, up), W, p + "ffn_down.weight")

@@ -35,6 +35,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernels.rms_norm(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add fused into the norm: one kernel reads x and residual, writes out and h."""
+    return kernels.rms_norm(x, weight, eps, residual=residual)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return kernels.swiglu(gate, up)
 
