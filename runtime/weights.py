@@ -83,23 +83,51 @@ class DequantCache:
 class Weights:
     """GGUF tensors by name, each a lazily dequantized QTensor."""
 
-    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: torch.device | str = "cpu", plan=None):
         """Tensors stay memory-mapped on the CPU; on another device their raw bytes are copied there
-        once at load (all resident: paging under a VRAM budget is the planner's job)."""
+        once at load, except what a `planner.Plan` streams (through `paging.Streamer`'s two slots)
+        or keeps on the host (the untied embedding when anything streams). With a plan, streaming
+        runs on a CPU device too (synchronous copies: the tests' simulated device)."""
+        from .paging import Streamer, streamed_order
+        from .planner import unit_of
+
         self.gguf = gguf
         device = torch.device(device)
+        self.device = device
         self.path = gguf.path
         self.tensors: dict[str, QTensor] = {}
+        streamed = set(plan.streamed_units) if plan is not None else set()
+        host = set(plan.host_tensors) if plan is not None else set()
+        tied = "output.weight" not in gguf.tensors
+        units: dict[int, list[QTensor]] = {}
         for name, info in gguf.tensors.items():
             try:  # fail at load, naming the tensor, not mid-generation
                 get_format(info.type)
             except UnsupportedError as e:
                 raise UnsupportedError(f"{gguf.path}: tensor '{name}': {e}") from None
             raw = _from_memmap(gguf.raw(name))
-            if device.type != "cpu":
+            unit = unit_of(name, tied)
+            on_device = unit not in streamed and name not in host
+            if device.type != "cpu" and on_device:
                 raw = raw.to(device)
             self.tensors[name] = QTensor(name, info.type, info.shape, raw)
+            if unit in streamed:
+                units.setdefault(unit, []).append(self.tensors[name])
+        self.streamer = Streamer(units, streamed_order(plan), device) if streamed else None
         self.cache = DequantCache(cache_bytes)
+
+    @property
+    def streamed(self) -> bool:
+        return self.streamer is not None
+
+    def begin_unit(self, unit: int) -> None:
+        """Before a layer (or the output matmul, planner.OUTPUT_UNIT) runs: bring it in if it streams."""
+        if self.streamer is not None and unit in self.streamer.slot_of:
+            self.streamer.acquire(unit)
+
+    def end_unit(self, unit: int) -> None:
+        if self.streamer is not None and unit in self.streamer.slot_of:
+            self.streamer.release(unit)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -115,4 +143,8 @@ class Weights:
         """Selected rows as float32 (embedding lookup): dequantizes only those rows."""
         w = self.tensors[name]
         hit = self.cache.peek(name)
-        return hit[ids] if hit is not None else w.dequantize(ids)
+        if hit is not None:
+            return hit[ids]
+        if w.raw.device != ids.device:  # a host-side embedding: gather there, copy the rows
+            return w.dequantize(ids.to(w.raw.device)).to(ids.device)
+        return w.dequantize(ids)

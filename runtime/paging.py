@@ -1,0 +1,102 @@
+"""Weight streaming: the planner's streamed units go through two fixed device slots.
+
+A unit (one layer's matmul weights, or the output matrix) is packed once at load into one host
+buffer, its tensors at 256-byte aligned offsets, pinned on CUDA so that a single asynchronous copy
+moves it. Two device slots, each the size of the largest streamed unit, are allocated once; unit
+k of the streamed order uses slot k % 2. Per forward pass:
+
+    acquire(u)   wait (on the compute stream) for u's copy; its QTensors now view the slot
+    prefetch(u') issue the copy of the next streamed unit on the side stream, after waiting for its
+                 slot's previous user to be released, so it overlaps with u's compute
+    release(u)   record that u's slot is free once the compute issued so far completes
+
+Nothing is allocated per token. On a CPU device the same bookkeeping runs with synchronous copies
+into CPU slots (the "simulated device" the tests compare against unpaged runs: any slot or offset
+mistake changes the logits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .planner import ALIGN, Plan
+
+
+class Streamer:
+    def __init__(self, units: dict[int, list], order: list[int], device: torch.device):
+        """units: unit -> its QTensors (raw on the host); order: streamed units in execution order."""
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.order = order
+        self.tensors = units
+        self.layout: dict[int, list[tuple[object, int]]] = {}
+        self.host: dict[int, torch.Tensor] = {}
+        size = 0
+        for u in order:
+            offsets, n = [], 0
+            for t in units[u]:
+                offsets.append((t, n))
+                n += -(-t.n_bytes // ALIGN) * ALIGN
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
+            for t, off in offsets:
+                buf[off:off + t.n_bytes].copy_(t.raw.reshape(-1))
+            self.layout[u], self.host[u] = offsets, buf
+            size = max(size, n)
+        self.slot_bytes = size
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2 if order else 0)]
+        self.slot_of = {u: k % 2 for k, u in enumerate(order)}
+        self.in_slot: list = [None, None]
+        self.busy: list = [None, None]  # the unit acquired and not yet released, per slot
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ready: dict[int, object] = {}
+        self.free: list = [None, None]
+        self.bytes_copied = 0
+
+    @property
+    def n_bytes(self) -> int:
+        return self.slot_bytes * len(self.slots)
+
+    def prefetch(self, u: int) -> None:
+        s = self.slot_of[u]
+        if self.in_slot[s] == u or (self.busy[s] is not None and self.busy[s] != u):
+            return  # there already, or its slot is still in use (acquire copies it then)
+        n = self.host[u].numel()
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                if self.free[s] is not None:
+                    self.stream.wait_event(self.free[s])
+                self.slots[s][:n].copy_(self.host[u], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                self.ready[u] = ev
+        else:
+            self.slots[s][:n].copy_(self.host[u])
+        self.in_slot[s] = u
+        self.bytes_copied += n
+
+    def acquire(self, u: int) -> None:
+        """Make unit u's QTensors view its slot, ready for compute on the current stream."""
+        s = self.slot_of[u]
+        self.busy[s] = None if self.busy[s] == u else self.busy[s]
+        self.prefetch(u)
+        self.busy[s] = u
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[u])
+        slot = self.slots[self.slot_of[u]]
+        for t, off in self.layout[u]:
+            t.raw = slot[off:off + t.n_bytes].view(t.raw.shape)
+        k = self.order.index(u)
+        self.prefetch(self.order[(k + 1) % len(self.order)])  # overlaps with u's compute
+
+    def release(self, u: int) -> None:
+        s = self.slot_of[u]
+        self.busy[s] = None
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.free[s] = ev
+
+
+def streamed_order(plan: Plan) -> list[int]:
+    """Streamed units in the order a forward pass uses them: layers ascending, then the output."""
+    return sorted(plan.streamed_units, key=lambda u: (u < 0, u))

@@ -1,0 +1,213 @@
+"""VRAM planner: what lives on the GPU under a budget, what streams from host memory, what it costs.
+
+A pure function of (tensor sizes, model shape, budget, context, cache types, batch): no GPU, no
+file reads, so every budget from "everything fits" to "too small" is unit-tested on the CPU.
+
+The budget pays for, in this order:
+
+    fixed       KV cache (runtime.kv_cache.kv_cache_bytes, exact), activations of one prompt batch
+                (`activation_bytes`), the CUDA context allowance, and the small tensors every
+                step needs (norms, biases: all tensors outside the streaming units)
+    staging     when anything streams: two device slots of the largest streamed unit, so unit
+                i + 1 is copied in while unit i computes (double buffering; a fixed pool, no
+                allocation per token)
+    resident    as many streaming units as fit; a unit is one layer's matmul weights, or the
+                output matrix
+
+Every matmul weight byte is read once per forward pass, so a resident byte saves one PCIe byte
+per decode token wherever it sits: the planner keeps the most bytes resident, trying each
+possible largest-streamed-unit size (it sets the staging cost). When anything streams, the token
+embedding stays in host memory (a few rows per token are gathered there and copied) unless it is
+also the output matrix (tied embeddings); when everything fits it is resident like the rest.
+
+Per decode token, the streamed units cross PCIe once: `pcie_bytes_per_token`. With copies
+overlapped with compute, a decode step takes about max(streamed / h2d bandwidth, everything read /
+device bandwidth): `predicted_tokens_per_s`. A prompt chunk of T tokens moves the same bytes
+once for all T tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from qkvgguf.config import ModelConfig
+from qkvgguf.errors import QkvggufError
+from qkvgguf.units import format_bytes
+
+ALIGN = 256  # tensors of a streamed unit sit at 256-byte aligned offsets of its slot
+CUDA_CONTEXT_BYTES = 512 * 2**20  # driver context, kernel images, allocator slack (0.3-0.5 GiB)
+OUTPUT_UNIT = -1  # the unit index of the output matrix
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+_MATMUL = re.compile(r"\.(attn_q|attn_k|attn_v|attn_output|attn_qkv|ffn_gate|ffn_up|ffn_down)\.weight$")
+
+
+class BudgetTooSmall(QkvggufError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    n_bytes: int
+
+
+def activation_bytes(cfg: ModelConfig, n_batch: int, elt: int = 4) -> int:
+    """One layer's intermediates for a batch of n_batch tokens plus the batch's logits:
+    residual, norm output, attention output (3 n_embd), q/k/v, gate/up/product (3 n_ff), logits
+    (float32); attention is flash-style (no n_ctx x n_ctx scores)."""
+    per_token = 3 * cfg.n_embd + cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.n_ff
+    return n_batch * (elt * per_token + 4 * cfg.vocab_size)
+
+
+def unit_of(name: str, tied: bool) -> Optional[int]:
+    """The streaming unit a tensor belongs to: its layer for a layer's matmul weights, OUTPUT_UNIT
+    for the output matrix, None for the small always-resident tensors and the host-side embedding."""
+    m = _LAYER.match(name)
+    if m and _MATMUL.search(name):
+        return int(m.group(1))
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return OUTPUT_UNIT
+    return None
+
+
+@dataclass
+class Plan:
+    budget: int
+    n_ctx: int
+    n_batch: int
+    type_k: str
+    type_v: str
+    kv_bytes: int
+    activation_bytes: int
+    context_bytes: int
+    small_bytes: int  # always-resident small tensors
+    unit_bytes: dict[int, int]  # unit -> bytes
+    resident_units: list[int] = field(default_factory=list)
+    streamed_units: list[int] = field(default_factory=list)
+    host_tensors: list[str] = field(default_factory=list)  # the untied embedding: rows gathered on the host
+
+    @property
+    def staging_bytes(self) -> int:
+        return 2 * max((self.unit_bytes[u] for u in self.streamed_units), default=0)
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        return self.small_bytes + sum(self.unit_bytes[u] for u in self.resident_units)
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.kv_bytes + self.activation_bytes + self.context_bytes + self.resident_weight_bytes
+                + self.staging_bytes)
+
+    @property
+    def pcie_bytes_per_token(self) -> int:
+        return sum(self.unit_bytes[u] for u in self.streamed_units)
+
+    @property
+    def all_resident(self) -> bool:
+        return not self.streamed_units
+
+    def predicted_tokens_per_s(self, h2d_bytes_per_s: float, device_bytes_per_s: Optional[float] = None) -> float:
+        """Decode bound: streamed bytes over the host-to-device link, overlapped with the device reading
+        every weight and the cache (when its bandwidth is given)."""
+        t = self.pcie_bytes_per_token / h2d_bytes_per_s
+        if device_bytes_per_s:
+            t = max(t, (sum(self.unit_bytes.values()) + self.small_bytes + self.kv_bytes) / device_bytes_per_s)
+        return float("inf") if t == 0 else 1.0 / t
+
+    def summary(self) -> dict:
+        return {
+            "budget_bytes": self.budget, "total_bytes": self.total_bytes, "n_ctx": self.n_ctx,
+            "n_batch": self.n_batch, "type_k": self.type_k, "type_v": self.type_v,
+            "kv_bytes": self.kv_bytes, "activation_bytes": self.activation_bytes,
+            "cuda_context_bytes": self.context_bytes, "resident_weight_bytes": self.resident_weight_bytes,
+            "staging_bytes": self.staging_bytes, "streamed_bytes": self.pcie_bytes_per_token,
+            "resident_layers": sorted(u for u in self.resident_units if u != OUTPUT_UNIT),
+            "streamed_layers": sorted(u for u in self.streamed_units if u != OUTPUT_UNIT),
+            "output_resident": OUTPUT_UNIT in self.resident_units, "host_tensors": self.host_tensors,
+            "pcie_bytes_per_token": self.pcie_bytes_per_token,
+        }
+
+
+def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes):
+    from .kv_cache import kv_cache_bytes
+
+    tied = not any(t.name == "output.weight" for t in tensors)
+    units: dict[int, int] = {}
+    small, host = 0, []
+    for t in tensors:
+        u = unit_of(t.name, tied)
+        if u is not None:  # packed for streaming at 256-byte aligned offsets (paging.ALIGN)
+            units[u] = units.get(u, 0) + -(-t.n_bytes // ALIGN) * ALIGN
+        elif t.name == "token_embd.weight":
+            host.append(t.name)
+        else:
+            small += t.n_bytes
+    kv = kv_cache_bytes(cfg, n_ctx, type_k, type_v)
+    act = activation_bytes(cfg, min(n_batch, n_ctx), act_elt)
+    return units, small, host, kv, act
+
+
+def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
+         type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
+         context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model") -> Plan:
+    """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
+    resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits."""
+    tensors = list(tensors)
+    units, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
+    host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
+    everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
+                      units, resident_units=order)  # all resident, the embedding too (no host hop)
+    if budget is None or everything.total_bytes <= budget:
+        everything.budget = budget if budget is not None else everything.total_bytes
+        return everything
+    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    if budget < need:
+        raise BudgetTooSmall(
+            f"{source} does not fit in {format_bytes(budget)}: it needs at least {format_bytes(need)} "
+            f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens K {type_k} V {type_v}, activations "
+            f"{format_bytes(act)}, CUDA context {format_bytes(context_bytes)}, two slots of the largest layer)")
+    best = None
+    for m in sorted(set(units.values())):  # m: the largest streamed unit's size
+        room = budget - (kv + act + context_bytes + small) - 2 * m
+        must = [u for u in order if units[u] > m]  # too big to stream with slots of m
+        room -= sum(units[u] for u in must)
+        if room < 0:
+            continue
+        resident = list(must)
+        for u in sorted((u for u in order if units[u] <= m), key=lambda u: -units[u]):
+            if units[u] <= room:
+                resident.append(u)
+                room -= units[u]
+        streamed = [u for u in order if u not in resident]
+        if not streamed:
+            continue
+        cand = Plan(budget, n_ctx, everything.n_batch, type_k, type_v, kv, act, context_bytes, small, units,
+                    sorted(resident, key=order.index), streamed, host)
+        if cand.total_bytes <= budget and (best is None or cand.pcie_bytes_per_token < best.pcie_bytes_per_token):
+            best = cand
+    assert best is not None  # budget >= minimum guarantees the all-streamed plan
+    return best
+
+
+def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
+                   type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
+                   context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+    """The smallest budget that runs at all: everything streams through two slots of the largest unit."""
+    units, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    return kv + act + context_bytes + small + 2 * max(units.values(), default=0)
+
+
+def full_residency_bytes(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
+                         type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
+                         context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+    """VRAM needed with every weight resident (what `convert --fit` must stay under)."""
+    return plan(tensors, cfg, None, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes).total_bytes
+
+
+def specs_of(gguf) -> list[TensorSpec]:
+    """TensorSpecs of a GGUFFile (sizes as stored: the kernels read the quantized bytes in place)."""
+    return [TensorSpec(name, info.n_bytes) for name, info in gguf.tensors.items()]
