@@ -13,6 +13,7 @@ import time
 
 from . import __version__
 from .errors import QkvggufError
+from .units import format_bytes
 
 PROG = "qkvgguf"
 DEFAULT_CPU_CACHE = "1GiB"
@@ -39,12 +40,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="kernels: triton on CUDA GPUs (compute capability 7.5+), torch elsewhere (default auto)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--vram", metavar="SIZE", default=None,
+                   help="VRAM budget on a CUDA device, e.g. 4GiB (default: free memory minus 256 MiB); layers that "
+                        "do not fit stream from host memory; ignored on the CPU")
     p.add_argument("-v", "--verbose", action="store_true", help="print load and speed details")
 
 
 def _load(args):
     import torch
 
+    from .config import ModelConfig
     from .default_model import default_model_path
     from .gguf_file import GGUFFile
     from .runtime.backend import select_backend
@@ -71,9 +76,8 @@ def _load(args):
         _log(f"no -m given: using the default model {os.path.basename(path)} ({path})")
     t0 = time.perf_counter()
     gguf = GGUFFile(path)
-    model = Model(gguf, cache_bytes=cache_bytes, device=device, backend=args.backend)
-    tokenizer = Tokenizer.from_gguf(gguf)
-    n_train = model.config.n_ctx_train
+    cfg = ModelConfig.from_gguf(gguf)
+    n_train = cfg.n_ctx_train
     n_ctx = args.ctx_size if args.ctx_size is not None else min(4096, n_train)
     if n_ctx == 0:
         n_ctx = n_train
@@ -81,12 +85,56 @@ def _load(args):
         raise QkvggufError(f"-c/--ctx-size must be positive, got {n_ctx}")
     if n_ctx > n_train:
         raise QkvggufError(f"{path}: -c {n_ctx} is larger than the model's context length {n_train}")
+    vram_plan = _plan_vram(args, gguf, cfg, device, n_ctx, path)  # before any allocation
+    model = Model(gguf, cache_bytes=cache_bytes, device=device, backend=args.backend, plan=vram_plan)
+    tokenizer = Tokenizer.from_gguf(gguf)
     if args.verbose:
         cfg = model.config
         _log(f"loaded {path} in {time.perf_counter() - t0:.2f} s on {model.device} ({model.backend} backend): "
              f"{cfg.arch}, {cfg.n_layer} layers, "
              f"n_embd {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_head_kv}, vocab {cfg.vocab_size}, ctx {n_ctx}")
+    if args.verbose and vram_plan is not None:
+        p = vram_plan.summary()
+        _log(f"VRAM plan: {format_bytes(p['total_bytes'])} of {format_bytes(p['budget_bytes'])}; "
+             + ("everything resident" if vram_plan.all_resident else
+                f"streaming layers {p['streamed_layers']}{'' if p['output_resident'] else ' + output'} "
+                f"({format_bytes(p['pcie_bytes_per_token'])} per token over PCIe, staging {format_bytes(p['staging_bytes'])})"))
     return model, tokenizer, n_ctx
+
+
+def _plan_vram(args, gguf, cfg, device, n_ctx, path):
+    """The planner's plan for a CUDA device (None on the CPU); caps torch's allocator at the budget."""
+    import torch
+
+    from .runtime.kv_cache import cache_type
+    from .runtime.planner import plan, specs_of
+    from .units import parse_size
+
+    for t in (args.cache_type_k, args.cache_type_v):
+        cache_type(t, cfg.head_dim)  # a bad type fails here, before the planner uses it
+    budget = parse_size(args.vram) if args.vram is not None else None
+    if not device.startswith("cuda"):
+        if budget is not None and args.verbose:
+            _log("--vram applies to CUDA devices; ignored on the CPU")
+        return None
+    dev = torch.device(device)
+    free, total = torch.cuda.mem_get_info(dev)
+    if budget is None:
+        budget = free - 256 * 2**20
+    p = plan(specs_of(gguf), cfg, budget, n_ctx, args.cache_type_k, args.cache_type_v, args.batch_size, source=path)
+    context = p.context_bytes
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - context) / total)), dev)
+    return p
+
+
+def _memory_report(model) -> str | None:
+    """Peak allocated and reserved CUDA memory (None on the CPU)."""
+    import torch
+
+    if model.device.type != "cuda":
+        return None
+    return (f"peak CUDA memory: {format_bytes(torch.cuda.max_memory_allocated(model.device))} allocated, "
+            f"{format_bytes(torch.cuda.max_memory_reserved(model.device))} reserved")
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -119,6 +167,8 @@ def cmd_run(args) -> int:
     sys.stdout.flush()
     if args.verbose or args.stats:
         _log(stats.summary())
+    if args.verbose and _memory_report(model):
+        _log(_memory_report(model))
     return 0
 
 
@@ -259,8 +309,68 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_unavailable(args) -> int:
-    raise QkvggufError(f"'{args.command}' is not implemented in qkvgguf {__version__} yet")
+# -- bench --------------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    """Prompt and decode speed on random tokens, like llama-bench: -p prompt tokens, -n generated."""
+    import statistics
+
+    import torch
+
+    from .runtime.generate import Session
+
+    if args.n_prompt < 1 or args.n_gen < 0 or args.repetitions < 1:
+        raise QkvggufError("bench: -p must be at least 1, -n at least 0, -r at least 1")
+    if args.ctx_size is None:
+        args.ctx_size = args.n_prompt + args.n_gen
+    model, _, n_ctx = _load(args)
+    if args.n_prompt + args.n_gen > n_ctx:
+        raise QkvggufError(f"bench: -p {args.n_prompt} + -n {args.n_gen} exceed the {n_ctx}-token context (-c)")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (args.n_prompt,), generator=g).tolist()
+
+    def sync():
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    session = Session(model, n_ctx, args.batch_size, args.cache_type_k, args.cache_type_v)
+    session.feed(ids[:min(16, len(ids))])  # warm-up (kernel compilation)
+    prompt_s, decode_s = [], []
+    for _ in range(args.repetitions):
+        session.cache.reset()
+        session.tokens = []
+        sync()
+        t0 = time.perf_counter()
+        logits = session.feed(ids)
+        sync()
+        prompt_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(args.n_gen):
+            logits = session.decode(int(logits.argmax()))
+        sync()
+        decode_s.append(time.perf_counter() - t0)
+    p_tps = args.n_prompt / statistics.median(prompt_s)
+    d_tps = args.n_gen / statistics.median(decode_s) if args.n_gen else None
+    res = {"model": model.gguf.path, "device": str(model.device), "backend": model.backend,
+           "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
+           "type_k": args.cache_type_k, "type_v": args.cache_type_v, "prompt_tokens_per_s": p_tps,
+           "decode_tokens_per_s": d_tps, "cuda_graph": session._graph is not None,
+           "plan": model.plan.summary() if model.plan is not None else None}
+    if model.device.type == "cuda":
+        res["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(model.device)
+        res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(model.device)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{os.path.basename(model.gguf.path)} on {model.device} ({model.backend}), K {args.cache_type_k} V {args.cache_type_v}")
+    print(f"  prompt  {args.n_prompt:>6} tokens  {p_tps:10.1f} tok/s")
+    if d_tps is not None:
+        print(f"  decode  {args.n_gen:>6} tokens  {d_tps:10.1f} tok/s{'  (CUDA graph)' if res['cuda_graph'] else ''}")
+    if _memory_report(model):
+        print("  " + _memory_report(model))
+    if model.plan is not None and not model.plan.all_resident:
+        print(f"  streaming {format_bytes(model.plan.pcie_bytes_per_token)} per token from host memory")
+    return 0
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -326,9 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.add_arguments(p)
     p.set_defaults(func=convert_cli.run)
 
-    p = sub.add_parser("bench", help="benchmark prompt and decode speed (not yet implemented)")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_unavailable)
+    p = sub.add_parser("bench", help="prompt and decode speed on random tokens (like llama-bench)")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=1, help="repetitions; medians are reported (default 1)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -1,20 +1,18 @@
-"""inspect --vram SIZE: will this file run on a card of that size? An estimate until the planner exists.
+"""inspect --vram SIZE: the VRAM plan for this file (runtime/planner.py), as data and as text.
 
-    total = weights + KV cache + activations + CUDA context
+    total = resident weights + staging slots + KV cache + activations + CUDA context
 
-- weights: every tensor's bytes as stored (the kernels read quantized weights in place);
-- KV cache: `runtime.kv_cache.kv_bytes_per_token(cfg, type_k, type_v)` x context length, the
-  runtime's own accounting (so new cache types count as soon as the runtime knows them);
-- activations: float32 intermediates of one layer for a batch of `n_batch` prompt tokens, plus
-  the logits of that batch (the largest buffer for small models):
-      4 bytes x n_batch x (3 n_embd + q_dim + 2 kv_dim + 3 n_ff + n_vocab)
-  residual, norm output and attention output (3 n_embd), q/k/v, gate/up/product (3 n_ff), logits;
-  attention itself is flash-style (no n_ctx x n_ctx scores);
-- CUDA context: a fixed allowance of 0.5 GiB (`CUDA_CONTEXT_BYTES`) for the driver context, kernel
-  images and allocator slack; recent drivers take about 0.3-0.5 GiB before the first allocation.
+- weights: tensor bytes as stored (the kernels read quantized weights in place); when the whole
+  model does not fit, the planner streams layers from host memory through two device slots of the
+  largest streamed layer and says how many bytes cross PCIe per decode token;
+- KV cache: `runtime.kv_cache.kv_cache_bytes(cfg, n_ctx, type_k, type_v)`, exact;
+- activations: `planner.activation_bytes` for a batch of `n_batch` prompt tokens (float16
+  intermediates on the GPU, float32 logits);
+- CUDA context: a fixed allowance of 0.5 GiB (`CUDA_CONTEXT_BYTES`).
 
-The verdict is "fits" when the total is at most SIZE, else the shortfall; `max_ctx` is the longest
-context that fits with the same cache types (capped at the model's training context).
+The verdict: "fits" (everything resident), "streams" (a plan within SIZE that pages layers), or
+"does not fit" with the minimum SIZE that runs; `max_ctx` is the longest context with everything
+resident (capped at the model's training context).
 """
 
 from __future__ import annotations
@@ -26,14 +24,11 @@ from .errors import QkvggufError
 from .gguf_file import GGUFFile
 from .units import format_bytes
 
-CUDA_CONTEXT_BYTES = 512 * 2**20
+from .runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes  # noqa: E402,F401 (re-exported)
+
 DEFAULT_CACHE_TYPE = "f16"  # the default of kv_bytes_per_token and of llama.cpp's -ctk/-ctv
 DEFAULT_BATCH = 512  # as `run -b`
-
-
-def activation_bytes(cfg: ModelConfig, n_batch: int) -> int:
-    per_token = 3 * cfg.n_embd + cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.n_ff + cfg.vocab_size
-    return 4 * n_batch * per_token
+H2D_BYTES_PER_S = 25e9  # PCIe 4.0 x16, what a prediction without a measurement assumes
 
 
 def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, type_k: str = DEFAULT_CACHE_TYPE,
@@ -57,37 +52,46 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
             kv_bytes_per_token(cfg, t, t)
         except (KeyError, ValueError):
             raise QkvggufError(f"cache type '{t}' is not known to the KV accounting (runtime/kv_cache.py)") from None
+    from .runtime.planner import BudgetTooSmall, minimum_budget, plan, specs_of
+
     per_token = kv_bytes_per_token(cfg, type_k, type_v)
+    specs = specs_of(gguf)
+    full = plan(specs, cfg, None, n_ctx, type_k, type_v, n_batch)
     weights = gguf.tensor_data_bytes
-    kv = per_token * n_ctx
-    act = activation_bytes(cfg, min(n_batch, n_ctx))
-    total = weights + kv + act + CUDA_CONTEXT_BYTES
     out = {
-        "estimate": True,
-        "note": "an estimate from the accounting functions until the planner exists",
-        "n_ctx": n_ctx, "n_batch": min(n_batch, n_ctx), "type_k": type_k, "type_v": type_v,
+        "estimate": False,
+        "note": "the runtime's plan (runtime/planner.py)",
+        "n_ctx": n_ctx, "n_batch": full.n_batch, "type_k": type_k, "type_v": type_v,
         "weights_bytes": weights,
         "kv_bytes_per_token": per_token,
-        "kv_bytes": kv,
-        "activation_bytes": act,
-        "cuda_context_bytes": CUDA_CONTEXT_BYTES,
-        "total_bytes": total,
+        "kv_bytes": full.kv_bytes,
+        "activation_bytes": full.activation_bytes,
+        "cuda_context_bytes": full.context_bytes,
+        "total_bytes": full.total_bytes,
         "vram_bytes": vram,
+        "minimum_bytes": minimum_budget(specs, cfg, n_ctx, type_k, type_v, n_batch),
     }
     if vram is not None:
-        room = vram - (weights + act + CUDA_CONTEXT_BYTES)
-        out["fits"] = total <= vram
-        out["headroom_bytes"] = vram - total
+        room = vram - (full.total_bytes - full.kv_bytes)
+        out["fits"] = full.total_bytes <= vram
+        out["headroom_bytes"] = vram - full.total_bytes
         out["max_ctx"] = max(0, min(cfg.n_ctx_train, room // per_token)) if per_token else cfg.n_ctx_train
+        try:
+            p = plan(specs, cfg, vram, n_ctx, type_k, type_v, n_batch, source=gguf.path)
+            out["plan"] = p.summary()
+            out["plan"]["predicted_decode_tokens_per_s_pcie"] = (
+                None if p.all_resident else p.predicted_tokens_per_s(H2D_BYTES_PER_S))
+        except BudgetTooSmall:
+            out["plan"] = None
     return out
 
 
 def render_memory(m: dict) -> str:
     rows = [
-        ("weights", m["weights_bytes"], "tensor data as stored"),
+        ("weights", m["weights_bytes"], "tensor data as stored (all resident)"),
         ("KV cache", m["kv_bytes"], f"{m['kv_bytes_per_token']:,} B/token x {m['n_ctx']:,} tokens "
                                     f"(K {m['type_k']}, V {m['type_v']})"),
-        ("activations", m["activation_bytes"], f"one layer + logits for a batch of {m['n_batch']} tokens, float32"),
+        ("activations", m["activation_bytes"], f"one layer (float16) + logits (float32) for a batch of {m['n_batch']} tokens"),
         ("CUDA context", m["cuda_context_bytes"], "fixed allowance"),
     ]
     out = [f"memory ({m['note']}):"]
@@ -95,11 +99,31 @@ def render_memory(m: dict) -> str:
         out.append(f"  {label:<13} {format_bytes(n):>11}  {what}")
     out.append(f"  {'total':<13} {format_bytes(m['total_bytes']):>11}")
     if m["vram_bytes"] is not None:
+        p, vram = m.get("plan"), format_bytes(m["vram_bytes"])
         if m["fits"]:
-            out.append(f"  fits in {format_bytes(m['vram_bytes'])}: {format_bytes(m['headroom_bytes'])} to spare; "
+            out.append(f"  fits in {vram}: {format_bytes(m['headroom_bytes'])} to spare; "
                        f"longest context that fits: {m['max_ctx']:,} tokens")
+        elif p is not None:
+            n_str = len(p["streamed_layers"]) + (0 if p["output_resident"] else 1)
+            out.append(f"  does not fit in {vram} whole; streams {n_str} of {n_str + len(p['resident_layers']) + p['output_resident']} "
+                       f"units from host memory (resident layers {_ranges(p['resident_layers'])}"
+                       f"{', output' if p['output_resident'] else ''}; staging {format_bytes(p['staging_bytes'])}; "
+                       f"total {format_bytes(p['total_bytes'])})")
+            out.append(f"  PCIe per decode token: {format_bytes(p['pcie_bytes_per_token'])}; predicted decode bound "
+                       f"{p['predicted_decode_tokens_per_s_pcie']:.1f} tok/s at {H2D_BYTES_PER_S / 1e9:.0f} GB/s host-to-device")
         else:
-            out.append(f"  does not fit in {format_bytes(m['vram_bytes'])}: needs at least "
-                       f"{format_bytes(m['total_bytes'])} ({format_bytes(-m['headroom_bytes'])} more)"
-                       + (f"; longest context that fits: {m['max_ctx']:,} tokens" if m["max_ctx"] else ""))
+            out.append(f"  does not fit in {vram}: needs at least {format_bytes(m['minimum_bytes'])} "
+                       f"(streaming every layer; {format_bytes(m['total_bytes'])} with everything resident)"
+                       + (f"; longest context with everything resident: {m['max_ctx']:,} tokens" if m["max_ctx"] else ""))
     return "\n".join(out)
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    out, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)

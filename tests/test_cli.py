@@ -97,9 +97,45 @@ def test_convert_missing_folder(capsys, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
-def test_not_yet_implemented(capsys):
-    assert main(["bench"]) == 2
-    _one_line_error(2, capsys.readouterr().err, "not implemented")
+def test_bench(capsys):
+    import json
+
+    assert main(["bench", "-p", "12", "-n", "3", "-ctk", "q8_0", "-ctv", "q4_0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n_prompt"] == 12 and r["n_gen"] == 3 and r["prompt_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert (r["type_k"], r["type_v"]) == ("q8_0", "q4_0")
+    assert main(["bench", "-p", "0"]) == 2
+    _one_line_error(2, capsys.readouterr().err, "-p must be at least 1")
+
+
+def test_vram_budget_too_small_fails_before_allocating(monkeypatch, smollm2_path):
+    """The CUDA path of --vram, with torch.cuda's memory queries faked: a budget below the planner's
+    minimum is a one-line error naming the file and the minimum, raised before any model exists."""
+    import argparse
+
+    import torch
+
+    from qkvgguf import GGUFFile
+    from qkvgguf.cli import _plan_vram
+    from qkvgguf.config import ModelConfig
+    from qkvgguf.runtime.planner import BudgetTooSmall, minimum_budget, specs_of
+    from qkvgguf.units import format_bytes
+
+    fraction = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (3 * 2**30, 4 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, dev=None: fraction.append(f))
+    gguf = GGUFFile(smollm2_path)
+    cfg = ModelConfig.from_gguf(gguf)
+    args = argparse.Namespace(cache_type_k="q8_0", cache_type_v="q8_0", vram="600MiB", batch_size=512, verbose=False)
+    with pytest.raises(BudgetTooSmall) as e:
+        _plan_vram(args, gguf, cfg, "cuda", 8192, smollm2_path)
+    low = minimum_budget(specs_of(gguf), cfg, 8192, "q8_0", "q8_0", 512)
+    assert f"needs at least {format_bytes(low)}" in str(e.value) and smollm2_path in str(e.value)
+    assert not fraction  # nothing capped, nothing allocated
+    args.vram = None  # default: free memory minus a margin; the allocator is capped to the budget
+    p = _plan_vram(args, gguf, cfg, "cuda", 8192, smollm2_path)
+    assert p.all_resident and p.budget == 3 * 2**30 - 256 * 2**20
+    assert fraction == [pytest.approx((p.budget - p.context_bytes) / (4 * 2**30))]
 
 
 def test_backend_flags(capsys, monkeypatch):

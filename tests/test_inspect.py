@@ -324,24 +324,33 @@ def test_ref_error_against_gguf_and_hf_folder(capsys, smollm2_path, smollm2_q8_0
 
 # -- --vram ----------------------------------------------------------------------------------------------
 
-def test_vram_estimate(capsys, smollm2_path):
+def test_vram_plan(capsys, smollm2_path):
     from qkvgguf.config import ModelConfig
-    from qkvgguf.inspect_memory import CUDA_CONTEXT_BYTES, activation_bytes
     from qkvgguf.runtime.kv_cache import kv_bytes_per_token
+    from qkvgguf.runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes, minimum_budget, plan, specs_of
 
     g = GGUFFile(smollm2_path)
     cfg = ModelConfig.from_gguf(g)
     m = _json(capsys, smollm2_path, "--vram", "1GiB", "-c", "8192", "-ctk", "f16", "-ctv", "f16")["memory"]
     assert m["kv_bytes"] == kv_bytes_per_token(cfg, "f16", "f16") * 8192 == 30 * 3 * 64 * (2 + 2) * 8192
     assert m["weights_bytes"] == 96_576_768 and m["cuda_context_bytes"] == CUDA_CONTEXT_BYTES == 2**29
-    assert m["activation_bytes"] == activation_bytes(cfg, 512)
+    assert m["activation_bytes"] == activation_bytes(cfg, 512, 2)
     assert m["total_bytes"] == m["weights_bytes"] + m["kv_bytes"] + m["activation_bytes"] + 2**29
-    assert m["fits"] and m["max_ctx"] == 8192 and m["estimate"]
+    assert m["fits"] and m["max_ctx"] == 8192 and m["plan"]["streamed_layers"] == []
     text = _run(capsys, smollm2_path, "--vram", "700MiB", "-c", "8192", "-ctk", "f32", "-ctv", "f32")
-    assert "estimate" in text and "does not fit in 700.00 MiB: needs at least 1.05 GiB" in text
+    low = minimum_budget(specs_of(g), cfg, 8192, "f32", "f32")
+    from qkvgguf.units import format_bytes
+    assert f"does not fit in 700.00 MiB: needs at least {format_bytes(low)}" in text
     m32 = _json(capsys, smollm2_path, "--vram", "700MiB", "-c", "8192", "-ctk", "f32", "-ctv", "f32")["memory"]
-    assert m32["kv_bytes"] == 2 * m["kv_bytes"] and not m32["fits"] and m32["headroom_bytes"] < 0
+    assert m32["kv_bytes"] == 2 * m["kv_bytes"] and not m32["fits"] and m32["headroom_bytes"] < 0 and m32["plan"] is None
     assert "fits in 2.00 GiB" in _run(capsys, smollm2_path, "--vram", "2GiB")
+    # between the minimum and everything: a streaming plan, the planner's own
+    budget = (minimum_budget(specs_of(g), cfg, 8192, "f16", "f16") + m["total_bytes"]) // 2
+    ms = _json(capsys, smollm2_path, "--vram", str(budget), "-c", "8192", "-ctk", "f16", "-ctv", "f16")["memory"]
+    want = plan(specs_of(g), cfg, budget, 8192, "f16", "f16").summary()
+    assert ms["plan"]["streamed_layers"] == want["streamed_layers"] and ms["plan"]["total_bytes"] <= budget
+    text = _run(capsys, smollm2_path, "--vram", str(budget), "-c", "8192", "-ctk", "f16", "-ctv", "f16")
+    assert "streams" in text and "PCIe per decode token" in text
 
 
 # -- --diff ----------------------------------------------------------------------------------------------
