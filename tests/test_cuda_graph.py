@@ -44,14 +44,16 @@ def _greedy_with_logits(session, n):
 def test_device_position_step_equals_host_step(gguf, backend, cache_type):
     if backend == "triton":
         pytest.importorskip("triton")
-    model = Model(gguf, backend=backend)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # interpreter on the CPU
+    model = Model(gguf, device=device, backend=backend)
     host = Session(model, 24, 4, cache_type, cache_type, cuda_graph=False)
     dev = Session(model, 24, 4, cache_type, cache_type, cuda_graph=False)
     dev.cache.use_device_position()
     a, la = _greedy_with_logits(host, 8)
     b, lb = _greedy_with_logits(dev, 8)
     assert a == b
-    torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    tol = 1e-4 if device == "cpu" else 2e-2
+    torch.testing.assert_close(lb, la, atol=tol, rtol=tol)
     assert int(dev.cache.pos_t) == dev.cache.pos == host.cache.pos
     for name, t in host.cache.k_store.tensors.items():  # layer 0's keys depend on the tokens only:
         n = host.cache.pos                                 # the same bytes at the same places

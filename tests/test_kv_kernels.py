@@ -26,6 +26,8 @@ pytest.importorskip("triton")
 from qkvgguf.runtime.kernels.attention import KVOperand, attend_decode, attend_prefill  # noqa: E402
 from qkvgguf.runtime.kernels.kv_write import kv_write  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the same tests run on a GPU when there is one
+TOL = dict(atol=3e-5, rtol=3e-5) if DEV == "cpu" else dict(atol=3e-3, rtol=3e-3)  # TF32 dots on the GPU
 QUANTIZERS = {"q8_0": (quantize_q8_0_torch, 34), "q4_0": (quantize_q4_0_torch, 18)}
 PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4g", "q4g"), ("f16", "q4_0"), ("q4g", "f16")]
 
@@ -36,16 +38,17 @@ def test_kv_write_bytes(fmt, d):
     quantize, size = QUANTIZERS[fmt]
     g = torch.Generator().manual_seed(d)
     x = torch.randn(3, 5, d, generator=g) * torch.rand(3, 5, d, generator=g) * 10
+    x = x.to(DEV)
     x[0, 1, :32] = 0  # an all-zero block
     x[1, 2, 5], x[1, 2, 40] = 1e4, -1e4  # huge values
     x[2, 3] = 0.5  # every |x| tied: the first one sets q4_0's scale
     x[2, 4, 32:64] = -0.25
-    blocks = torch.full((3, 9, d // 32 * size), 7, dtype=torch.uint8)
+    blocks = torch.full((3, 9, d // 32 * size), 7, dtype=torch.uint8, device=DEV)
     kv_write(x, blocks, 2, fmt)
     assert torch.equal(blocks[:, 2:7], quantize(x))
     assert (blocks[:, :2] == 7).all() and (blocks[:, 7:] == 7).all()  # nothing else written
     again = torch.zeros_like(blocks)
-    kv_write(x.half(), again, torch.tensor([4]), fmt)  # f16 input, position from a device scalar
+    kv_write(x.half(), again, torch.tensor([4], device=DEV), fmt)  # f16 input, position from a device scalar
     assert torch.equal(again[:, 4:9], quantize(x.half().float()))
 
 
@@ -61,14 +64,14 @@ def test_kv_write_rejects_mismatched_rows():
 def test_stored_attention_equals_reference(type_k, type_v, head_dim, n_head):
     """Prefill 37, then 33 (a q4g group completes at position 67, mid-batch), then 5 decode steps."""
     cfg = config(n_layer=2, n_head=n_head, n_head_kv=2, head_dim=head_dim)
-    q, k, v = activations(cfg, 75, seed=head_dim)
-    ref = KVCache(cfg, 80, type_k, type_v, backend="torch")
-    tri = KVCache(cfg, 80, type_k, type_v, backend="triton")
+    q, k, v = (t.to(DEV) for t in activations(cfg, 75, seed=head_dim))
+    ref = KVCache(cfg, 80, type_k, type_v, device=DEV, backend="torch")
+    tri = KVCache(cfg, 80, type_k, type_v, device=DEV, backend="triton")
     s = 0
     for n in (37, 33, 1, 1, 1, 1, 1):
         a = ref.attend(1, q[:, s:s + n], k[:, s:s + n], v[:, s:s + n])
         b = tri.attend(1, q[:, s:s + n], k[:, s:s + n], v[:, s:s + n])
-        torch.testing.assert_close(b, a, atol=3e-5, rtol=3e-5, msg=f"positions {s}..{s + n}")
+        torch.testing.assert_close(b, a, **TOL, msg=f"positions {s}..{s + n}")
         ref.advance(n)
         tri.advance(n)
         s += n
@@ -81,8 +84,8 @@ def test_stored_attention_equals_reference(type_k, type_v, head_dim, n_head):
 def test_decode_splits_and_device_length_over_blocks():
     """Split-K decode over q4_0 K / q8_0 V with n_valid from a device scalar equals the reference."""
     cfg = config(n_layer=1, n_head=4, n_head_kv=2, head_dim=64)
-    q, k, v = activations(cfg, 150, seed=9)
-    cache = KVCache(cfg, 160, "q4_0", "q8_0")
+    q, k, v = (t.to(DEV) for t in activations(cfg, 150, seed=9))
+    cache = KVCache(cfg, 160, "q4_0", "q8_0", device=DEV)
     cache.attend(0, q, k, v)
     K, V = cache.k_store.operand(0, 150), cache.v_store.operand(0, 150)
     keys, values = cache.k_store.read(0, 150), cache.v_store.read(0, 150)
@@ -90,11 +93,11 @@ def test_decode_splits_and_device_length_over_blocks():
 
     qt = q[:, -1:].contiguous()
     want = ops.attention(qt, keys, values, 149)
-    for n_valid, splits in ((150, 1), (150, 5), (torch.tensor([150]), 8)):
+    for n_valid, splits in ((150, 1), (150, 5), (torch.tensor([150], device=DEV), 8)):
         got = attend_decode(qt, K, V, n_valid, splits, block_n=16)
-        torch.testing.assert_close(got, want, atol=3e-5, rtol=3e-5)
+        torch.testing.assert_close(got, want, **TOL)
     got = attend_prefill(q[:, 100:].contiguous(), K, V, 100, block_m=16, block_n=16)
-    torch.testing.assert_close(got, ops.attention(q[:, 100:], keys, values, 100), atol=3e-5, rtol=3e-5)
+    torch.testing.assert_close(got, ops.attention(q[:, 100:], keys, values, 100), **TOL)
 
 
 def test_operand_shapes_checked():
@@ -110,12 +113,12 @@ def test_operand_shapes_checked():
 def test_close_to_f32_on_smollm2_activations(smollm2_qkv, name):
     """Layer 3 of SmolLM2 on War and Peace: the kernels' output is within the reference path's bounds."""
     cfg, captured = smollm2_qkv
-    q, k, v = (t[:, :200] for t in captured[3])
-    ref = run(KVCache(cfg, 200), 3, q, k, v)
-    tri = run(KVCache(cfg, 200, name, name, backend="triton"), 3, q, k, v, 100)
-    torch_path = run(KVCache(cfg, 200, name, name), 3, q, k, v, 100)
+    q, k, v = (t[:, :200].to(DEV) for t in captured[3])
+    ref = run(KVCache(cfg, 200, device=DEV), 3, q, k, v)
+    tri = run(KVCache(cfg, 200, name, name, device=DEV, backend="triton"), 3, q, k, v, 100)
+    torch_path = run(KVCache(cfg, 200, name, name, device=DEV), 3, q, k, v, 100)
     assert relative_error(tri, ref) <= BOUNDS_REAL[name]
-    assert relative_error(tri, torch_path) < 1e-5
+    assert relative_error(tri, torch_path) < (1e-5 if DEV == "cpu" else 2e-3)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,7 @@ def tiny_models(tmp_path_factory):
     path = tmp_path_factory.mktemp("kvk") / "llama.gguf"
     write_gguf(hf, "llama", path)
     gguf = GGUFFile(path)
-    return Model(gguf, backend="torch"), Model(gguf, backend="triton")
+    return Model(gguf, device=DEV, backend="torch"), Model(gguf, device=DEV, backend="triton")
 
 
 @pytest.mark.parametrize("type_k, type_v", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4g", "q4g")])
@@ -142,7 +145,9 @@ def test_tiny_model_with_quantized_cache(tiny_models, type_k, type_v):
     b = tri.forward(ids, tri.new_cache(80, type_k, type_v), logits="all")
     # float-rounding differences (1e-7) in layer 0's output can flip a 4/8-bit rounding of layer 1's
     # keys; measured max 1.2e-4 relative (q8_0). A wrong kernel gives errors of order 1.
-    assert (a - b).abs().max() / a.abs().max() < 1e-3
+    assert (a - b).abs().max() / a.abs().max() < (1e-3 if DEV == "cpu" else 3e-2)  # fp16 activations on a GPU
+    if DEV != "cpu":
+        return  # greedy agreement across fp32 (torch) and fp16 (triton) activations is not guaranteed
     greedy = Sampler(SamplingParams(temperature=0))
     prompt = ids[:66].tolist()  # the q4g group ends at position 67: decode crosses it
     x = list(Session(ref, 80, 32, type_k, type_v).generate(prompt, 6, greedy))
