@@ -7,7 +7,7 @@ never branch on the type themselves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,6 +26,9 @@ class QuantFormat:
     dequantize: Callable[[torch.Tensor], torch.Tensor]
     # values (rows, row_len) float32 -> bytes (rows, row_len // block_size * type_size) uint8
     quantize: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    # values (rows, row_len) float32, importance (row_len,) float32 -> bytes in the same layout, with
+    # scales (and mins) minimizing the importance-weighted error (weighted.py)
+    quantize_weighted: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -52,9 +55,15 @@ def dequantize(raw: torch.Tensor, qtype: T) -> torch.Tensor:
     return get_format(qtype).dequantize(raw)
 
 
-def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
-    """(rows, row_len) float32 -> (rows, row_bytes) uint8, bit-exact with gguf.quants."""
+def quantize(values: np.ndarray, qtype: T, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
+    """(rows, row_len) float32 -> (rows, row_bytes) uint8.
+
+    imatrix None: bit-exact with gguf.quants. imatrix (row_len,) non-negative importance per input
+    column: importance-weighted rounding where the format has it (weighted.py), else the plain path.
+    """
     fmt = get_format(qtype)
+    if imatrix is not None and fmt.quantize_weighted is not None:
+        return fmt.quantize_weighted(values, imatrix)
     if fmt.quantize is None:
         raise UnsupportedError(f"quantizing to {T(qtype).name} is not implemented")
     return fmt.quantize(values)
@@ -62,3 +71,7 @@ def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
 
 # The format modules register themselves on import (they need `register` defined above).
 from . import floats, kquants, q4, q5, q8  # noqa: E402,F401
+from . import weighted  # noqa: E402
+
+for _t in weighted.TYPES:
+    FORMATS[_t] = replace(FORMATS[_t], quantize_weighted=weighted.quantizer(_t))
