@@ -32,6 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-pre", metavar="NAME", default=None,
                    help="tokenizer.ggml.pre for a BPE tokenizer whose pre-tokenizer is not recognized "
                         "(e.g. llama-bpe, qwen2, smollm, gpt-2)")
+    p.add_argument("--target-bpw", type=float, default=None,
+                   help="with --outtype auto: bits per weight of the file's tensor data (e.g. 4.8)")
+    p.add_argument("--fit", metavar="SIZE", default=None,
+                   help="with --outtype auto: VRAM the model must fit whole with its KV cache (e.g. 4GiB; "
+                        "see -c, -ctk, -ctv)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="with --fit: context length (default 4096)")
+    p.add_argument("-ctk", "--cache-type-k", default="f16", help="with --fit: KV cache type for K (default f16)")
+    p.add_argument("-ctv", "--cache-type-v", default="f16", help="with --fit: KV cache type for V (default f16)")
+    p.add_argument("--imatrix", metavar="FILE", default=None,
+                   help="importance matrix (llama.cpp's imatrix GGUF): reused if FILE exists, else computed "
+                        "and saved there; weights the rounding of any quantized outtype")
+    p.add_argument("--calib", metavar="FILE", default=None,
+                   help="calibration text for the importance matrix (default: the packaged text, "
+                        "qkvgguf/data/calibration.txt)")
+    p.add_argument("--calib-chunks", type=int, default=24, help="512-token chunks of calibration text (default 24)")
     p.add_argument("-v", "--verbose", action="store_true", help="log one line per tensor")
 
 
@@ -72,12 +87,38 @@ def run(args: argparse.Namespace) -> int:
                        file=sys.stderr, disable=None)  # None: off when stderr is not a terminal
         bar.update(n)
 
+    from qkvgguf.errors import QkvggufError
+    from qkvgguf.units import parse_size
+
+    from .mixed import Target
+
+    target = None
+    if args.target_bpw is not None and args.fit is not None:
+        raise QkvggufError("give one of --target-bpw and --fit, not both")
+    if args.outtype == "auto":
+        if args.target_bpw is None and args.fit is None:
+            raise QkvggufError("--outtype auto needs a target: --target-bpw BITS or --fit SIZE")
+        target = Target(bpw=args.target_bpw, fit_bytes=parse_size(args.fit) if args.fit else None,
+                        n_ctx=args.ctx_size, type_k=args.cache_type_k, type_v=args.cache_type_v)
+    elif args.target_bpw is not None or args.fit is not None:
+        raise QkvggufError("--target-bpw and --fit need --outtype auto")
+    if args.calib_chunks < 1:
+        raise QkvggufError(f"--calib-chunks must be at least 1, got {args.calib_chunks}")
+    bars = {}
+
+    def stage(name: str, done: int, total: int) -> None:
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=name, file=sys.stderr, disable=None)
+        bars[name].update(done - bars[name].n)
+
     try:
         result = convert(args.model, args.outfile, args.outtype, force=args.force, vocab_pre=args.vocab_pre,
-                         verbose=args.verbose, progress=progress)
+                         verbose=args.verbose, progress=progress, target=target, imatrix=args.imatrix,
+                         calib=args.calib, calib_chunks=args.calib_chunks, stage=stage)
     finally:
-        if bar is not None:
-            bar.close()
+        for b in [bar, *bars.values()]:
+            if b is not None:
+                b.close()
     n_fallback = sum(1 for t in result.tensors if t.reason)
     print(f"qkvgguf: wrote {result.path} ({result.outtype}, {len(result.tensors)} tensors, "
           f"{result.n_bytes / 2**20:.1f} MiB of weights, {result.seconds:.1f} s"

@@ -128,14 +128,20 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, vocab: Voca
 
 
 def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[PlannedTensor],
-            progress: Optional[Progress], verbose: bool) -> None:
+            progress: Optional[Progress], verbose: bool, imatrix=None) -> None:
+    from .mixed import quantize
+
     total = sum(p.n_bytes for p in planned)
     level = logging.INFO if verbose else logging.DEBUG
     width = max(len(p.name) for p in planned)
     for p in planned:
         source = ckpt.load(p.hf_name)
         values = arch.transform(p.name, source.to(torch.float32)).numpy()
-        data = encode(values, p.type)
+        importance = imatrix.mean(p.name) if imatrix is not None else None
+        if importance is not None and p.type not in (T.F32, T.F16, T.BF16):
+            data = quantize(values.reshape(-1, values.shape[-1]), p.type, importance)  # importance-weighted
+        else:
+            data = encode(values, p.type)
         if data.nbytes != p.n_bytes:  # a bug in an encoder, never a user error
             raise AssertionError(f"tensor '{p.name}': encoded {data.nbytes} bytes, planned {p.n_bytes} for {p.type.name}")
         w.write_tensor_data(data)
@@ -149,34 +155,61 @@ def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[Plan
 
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16", force: bool = False,
             vocab_pre: Optional[str] = None, verbose: bool = False,
-            progress: Optional[Progress] = None) -> Converted:
+            progress: Optional[Progress] = None, target=None, imatrix=None, calib: Optional[str] = None,
+            calib_chunks: int = 24, stage: Optional[Callable[[str, int, int], None]] = None) -> Converted:
     """Convert a Hugging Face checkpoint folder to a GGUF file at `out_path`.
+
+    outtype "auto" needs `target` (a mixed.Target: bits per weight, or a VRAM size to fit with its
+    context and cache types) and uses an importance matrix: `imatrix` (an Imatrix, or the path of an
+    imatrix GGUF to reuse, or to write if it does not exist yet), else one collected on `calib`
+    (a text file; default: the packaged text) over `calib_chunks` chunks of 512 tokens. Any outtype
+    accepts `imatrix` for importance-weighted rounding. `stage(name, done, total)` reports the
+    calibration and sensitivity passes.
 
     Raises QkvggufError subclasses for bad input (one line, naming the file or tensor); on any
     error or interrupt no file is left at `out_path` (nor a temporary one).
     """
+    from .mixed import auto_plan, get_imatrix
+
     start = time.perf_counter()
     otype = get_outtype(outtype)
+    if (otype.name == "auto") != (target is not None):
+        raise QkvggufError("--outtype auto needs a target (--target-bpw or --fit), and a target needs --outtype auto")
     output = AtomicOutput(out_path, force)
     ckpt = Checkpoint(hf_dir)
+    auto_meta = None
     try:
         arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
         vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
         planned = plan(ckpt, arch, otype)
         for p in planned:
-            if p.reason:
+            if p.reason and otype.name != "auto":
                 log.warning("%s: %s, using %s", p.name, p.reason, p.type.name)
+        if imatrix is not None or otype.name == "auto":
+            imatrix = get_imatrix(hf_dir, imatrix, calib, calib_chunks, stage, vocab_pre)
+        if otype.name == "auto":
+            planned, auto_meta = auto_plan(ckpt, arch, planned, imatrix, target, stage)
         with output as tmp:
             w = gguf.GGUFWriter(tmp, arch.GGUF_ARCH)
             try:
                 write_metadata(w, ckpt, arch, vocab, otype, planned)
+                if auto_meta is not None:
+                    for key, value in auto_meta.items():
+                        if isinstance(value, str):
+                            w.add_string(key, value)
+                        elif isinstance(value, float):
+                            w.add_float32(key, value)
+                        elif isinstance(value, int):
+                            w.add_uint64(key, value)
+                        else:
+                            w.add_array(key, value)
                 for p in planned:
                     # shape in PyTorch order; non-uint8 dtype so the writer takes it as elements
                     w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.n_bytes, raw_dtype=p.type)
                 w.write_header_to_file()
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
-                _stream(w, ckpt, arch, planned, progress, verbose)
+                _stream(w, ckpt, arch, planned, progress, verbose, imatrix)
             finally:
                 w.close()
     finally:

@@ -85,6 +85,9 @@ OUTTYPES = {o.name: o for o in [
     OutType("q6_k", FT.MOSTLY_Q6_K, T.Q6_K),
     OutType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K, mixture=True),
     OutType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K, mixture=True),
+    # auto: types chosen per tensor by measured sensitivity (convert/mixed.py); llama.cpp has no file
+    # type for a free mixture, GUESSED ("not specified") is its label for that
+    OutType("auto", FT.GUESSED, T.Q8_0),
 ]}
 
 FLOATS = (T.F32, T.F16, T.BF16)

@@ -1,0 +1,292 @@
+"""`--outtype auto`: measured per-tensor sensitivity and a bit allocation fitted to a size budget.
+
+Sensitivity. For a weight W (rows = output features, n input columns) quantized to Q, with an
+importance matrix I (I_j = mean x_j^2 of its calibration inputs, convert/imatrix.py), the expected
+squared output error over the calibration inputs is, dropping cross-column terms,
+
+    E(W, Q) = sum_rows sum_j I_j (W_ij - Q(W)_ij)^2
+
+which is comparable across tensors (every tensor's error is measured in its own output space,
+and every matmul output feeds the residual stream alike). E is estimated on an evenly spaced
+sample of at most `SAMPLE_ROWS` rows, scaled to all rows, for every candidate type valid for the
+row length: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-blocks), Q4_K, Q5_K, Q6_K (256-blocks), using the
+importance-weighted quantizers where they exist (qkvgguf/quants/weighted.py; K-quants use the
+plain ggml algorithms). A tensor without statistics (never a matmul input) uses I = 1.
+
+Allocation. Choose one type per tensor minimizing sum E subject to sum bytes <= budget: every
+tensor starts at its cheapest type; each tensor's options form a lower convex hull of error
+against bytes; repeatedly take the hull step with the largest error reduction per extra byte that
+still fits (a greedy on the Lagrangian relaxation, optimal at the hull's breakpoints), then spend
+what is left on the best single upgrades that fit. `allocate` is a pure function (unit-tested
+against brute force).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from qkvgguf.errors import QkvggufError
+
+CANDIDATES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+SAMPLE_ROWS = 256
+
+
+class BudgetError(QkvggufError):
+    pass
+
+
+@dataclass(frozen=True)
+class Option:
+    type: T
+    n_bytes: int
+    error: float
+
+
+def candidates(row: int) -> list[T]:
+    return [t for t in CANDIDATES if row % GGML_QUANT_SIZES[t][0] == 0]
+
+
+def quantize(values: np.ndarray, qtype: T, imatrix: Optional[np.ndarray]) -> np.ndarray:
+    """The converter's quantizer for `qtype`: `qkvgguf.quants.quantize` (importance-weighted where the
+    format has it and an imatrix is given), gguf.quants for the types we have no quantizer for."""
+    from qkvgguf.quants import quantize as ours
+
+    try:
+        return ours(values, qtype, imatrix)
+    except QkvggufError:
+        import gguf.quants
+
+        return gguf.quants.quantize(values, qtype)
+
+
+def weighted_error(values: np.ndarray, qtype: T, imatrix: Optional[np.ndarray]) -> float:
+    """sum I_j (w - Q(w))^2 over the given rows."""
+    import torch
+
+    from qkvgguf.quants import dequantize
+
+    raw = quantize(values, qtype, imatrix)
+    back = dequantize(torch.from_numpy(np.ascontiguousarray(raw)), qtype).numpy()
+    imp = np.ones(values.shape[1], np.float32) if imatrix is None else imatrix
+    return float((((values - back) ** 2) * imp[None, :]).sum(dtype=np.float64))
+
+
+def sensitivity(values: np.ndarray, imatrix: Optional[np.ndarray], types: Optional[list[T]] = None) -> list[Option]:
+    """Options (type, bytes of the whole tensor, estimated weighted error) for a 2-D weight."""
+    rows, n = values.shape
+    pick = np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).astype(np.int64)
+    sample = np.ascontiguousarray(values[pick], dtype=np.float32)
+    scale = rows / len(pick)
+    out = []
+    for t in types or candidates(n):
+        block, size = GGML_QUANT_SIZES[t]
+        out.append(Option(t, rows * n // block * size, scale * weighted_error(sample, t, imatrix)))
+    return out
+
+
+def _hull(options: list[Option]) -> list[Option]:
+    """The lower convex hull of (bytes, error), cheapest first, error strictly decreasing."""
+    pts = []
+    for o in sorted(options, key=lambda o: (o.n_bytes, o.error)):
+        if pts and o.error >= pts[-1].error:
+            continue  # dominated: more bytes, no less error
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]
+            # b is above the segment a-o: drop it
+            if (b.error - a.error) * (o.n_bytes - a.n_bytes) >= (o.error - a.error) * (b.n_bytes - a.n_bytes):
+                pts.pop()
+            else:
+                break
+        pts.append(o)
+    return pts
+
+
+def allocate(options: dict[str, list[Option]], budget: int) -> dict[str, Option]:
+    """One option per tensor, total bytes <= budget, total error (near) minimal; BudgetError if
+    even the cheapest options exceed the budget."""
+    hulls = {name: _hull(opts) for name, opts in options.items()}
+    choice = {name: 0 for name in hulls}
+    used = sum(h[0].n_bytes for h in hulls.values())
+    if used > budget:
+        raise BudgetError(f"the size budget {budget:,} bytes is below the smallest possible ({used:,} bytes)")
+    heap = []
+
+    def push(name):
+        h, i = hulls[name], choice[name]
+        if i + 1 < len(h):
+            gain = (h[i].error - h[i + 1].error) / max(1, h[i + 1].n_bytes - h[i].n_bytes)
+            heapq.heappush(heap, (-gain, name, i))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name, i = heapq.heappop(heap)
+        h = hulls[name]
+        extra = h[i + 1].n_bytes - h[i].n_bytes
+        if used + extra <= budget:
+            choice[name], used = i + 1, used + extra
+            push(name)
+    out = {name: hulls[name][i] for name, i in choice.items()}
+    # leftover bytes: the best single upgrades (any option, not only hull steps) that fit
+    while True:
+        best = None
+        for name, opts in options.items():
+            cur = out[name]
+            for o in opts:
+                extra = o.n_bytes - cur.n_bytes
+                if o.error < cur.error and 0 < extra <= budget - used:
+                    gain = (cur.error - o.error) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, name, o, extra)
+        if best is None:
+            return out
+        _, name, o, extra = best
+        out[name], used = o, used + extra
+
+
+# -- the converter's side ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """What `--outtype auto` fits: bits per weight of the file's tensor data, or a VRAM size that must
+    hold every weight plus the KV cache at n_ctx with the given types, activations and the CUDA
+    context (the runtime planner's accounting, runtime/planner.py)."""
+
+    bpw: Optional[float] = None
+    fit_bytes: Optional[int] = None
+    n_ctx: int = 4096
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_batch: int = 512
+
+    def describe(self) -> str:
+        if self.bpw is not None:
+            return f"bpw={self.bpw:g}"
+        return f"fit={self.fit_bytes} ctx={self.n_ctx} ctk={self.type_k} ctv={self.type_v} batch={self.n_batch}"
+
+
+def model_config(arch) -> "ModelConfig":  # noqa: F821
+    """A runtime ModelConfig from the converter's hparams (the accounting needs shapes only)."""
+    from qkvgguf.config import ModelConfig
+
+    h = arch.hparams
+    return ModelConfig(arch=arch.GGUF_ARCH, n_layer=h.n_layer, n_embd=h.n_embd, n_ff=h.n_ff, n_head=h.n_head,
+                       n_head_kv=h.n_head_kv, head_dim=h.head_dim, n_ctx_train=h.n_ctx_train,
+                       vocab_size=h.vocab_size, norm_eps=1e-5, rope_base=10000.0, rope_dim=h.head_dim,
+                       rope_neox=False)
+
+
+def reserve_bytes(arch, target: Target) -> int:
+    """VRAM a fit target must keep for everything but the weights: KV cache, activations, context."""
+    from qkvgguf.runtime.kv_cache import kv_cache_bytes
+    from qkvgguf.runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes
+
+    cfg = model_config(arch)
+    return (kv_cache_bytes(cfg, target.n_ctx, target.type_k, target.type_v)
+            + activation_bytes(cfg, min(target.n_batch, target.n_ctx), 2) + CUDA_CONTEXT_BYTES)
+
+
+def get_imatrix(hf_dir, imatrix, calib: Optional[str], calib_chunks: int, stage, vocab_pre):
+    """An Imatrix: given, read from a file, or collected (and saved to the given path, if any)."""
+    import hashlib
+    import os
+    import tempfile
+
+    from qkvgguf.gguf_file import GGUFFile
+    from qkvgguf.tokenizer import Tokenizer
+
+    from .imatrix import Imatrix, ImatrixError, collect_imatrix, default_calibration_text
+
+    if isinstance(imatrix, Imatrix):
+        return imatrix
+    if imatrix is not None and os.path.exists(imatrix):
+        return Imatrix.load(imatrix)
+    if calib is not None:
+        if not os.path.isfile(calib):
+            raise ImatrixError(f"{calib}: no such calibration text file")
+        with open(calib, encoding="utf-8", errors="replace") as f:
+            name, text = os.path.basename(calib), f.read()
+    else:
+        name, text = default_calibration_text()
+    from .convert import convert
+
+    with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
+        src = os.path.join(tmp, "source-f16.gguf")
+        convert(hf_dir, src, "f16", vocab_pre=vocab_pre)
+        gguf_file = GGUFFile(src)
+        tok = Tokenizer.from_gguf(gguf_file)
+        ids = tok.encode(text, add_special=False)
+        progress = (lambda d, t: stage("calibrating", d, t)) if stage else None
+        result = collect_imatrix(src, ids, 512, calib_chunks, tok.bos_id if tok.add_bos else None,
+                                 dataset=f"{name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}",
+                                 progress=progress)
+        del gguf_file
+    if imatrix is not None:
+        result.save(imatrix)
+    return result
+
+
+def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
+    """Types for `--outtype auto`: (planned tensors with chosen types, metadata for the file)."""
+    import dataclasses
+    import re
+
+    import torch
+
+    floats = (T.F32, T.F16, T.BF16)
+    quant = [p for p in planned if p.type not in floats]
+    fixed = sum(p.n_bytes for p in planned if p.type in floats)
+    elements = sum(int(np.prod(p.shape)) for p in planned)
+    if target.bpw is not None:
+        if target.bpw <= 0:
+            raise BudgetError(f"--target-bpw must be positive, got {target.bpw}")
+        budget = int(target.bpw * elements / 8) - fixed
+    else:
+        budget = target.fit_bytes - reserve_bytes(arch, target) - fixed
+    options = {}
+    for k, p in enumerate(quant):
+        values = arch.transform(p.name, ckpt.load(p.hf_name).to(torch.float32)).numpy()
+        values = values.reshape(-1, values.shape[-1])
+        options[p.name] = sensitivity(values, imatrix.mean(p.name) if imatrix is not None else None)
+        del values
+        if stage:
+            stage("measuring", k + 1, len(quant))
+    smallest = sum(min(o.n_bytes for o in opts) for opts in options.values())
+    if budget < smallest:
+        what = (f"--target-bpw {target.bpw:g}" if target.bpw is not None else
+                f"--fit {target.fit_bytes:,} bytes at -c {target.n_ctx} (K {target.type_k}, V {target.type_v})")
+        need = (8 * (smallest + fixed) / elements if target.bpw is not None else
+                smallest + fixed + reserve_bytes(arch, target))
+        unit = "bits per weight" if target.bpw is not None else "bytes"
+        raise BudgetError(f"{what} is below the smallest possible: {need:,.2f} {unit}" if target.bpw is not None
+                          else f"{what} is below the smallest possible: {int(need):,} {unit}")
+    chosen = allocate(options, budget)
+    out = []
+    for p in planned:
+        if p.name in chosen:
+            o = chosen[p.name]
+            p = dataclasses.replace(p, type=o.type, n_bytes=o.n_bytes, reason=None, rule="auto")
+        out.append(p)
+    layers: dict[int, list] = {}
+    for p in out:
+        m = re.match(r"^blk\.(\d+)\.", p.name)
+        if m:
+            layers.setdefault(int(m[1]), []).append(p)
+    layer_bpw = [8.0 * sum(p.n_bytes for p in ps) / sum(int(np.prod(p.shape)) for p in ps)
+                 for _, ps in sorted(layers.items())]
+    total = sum(p.n_bytes for p in out)
+    meta = {
+        "qkvgguf.auto.target": target.describe(),
+        "qkvgguf.auto.budget_bytes": int(budget + fixed),
+        "qkvgguf.auto.bpw": float(8.0 * total / elements),
+        "qkvgguf.auto.weighted_error": float(sum(o.error for o in chosen.values())),
+        "qkvgguf.auto.calibration": "; ".join(imatrix.datasets) if imatrix is not None and imatrix.datasets else "none",
+        "qkvgguf.auto.calibration_chunks": int(imatrix.n_chunks if imatrix is not None else 0),
+        "qkvgguf.auto.layer_bpw": [float(x) for x in layer_bpw],
+    }
+    return out, meta
