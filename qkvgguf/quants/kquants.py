@@ -52,6 +52,8 @@ Subsets of rows (dequantizers): pass `raw[rows]`; only those rows are read (see 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
@@ -124,16 +126,17 @@ def _sum(a: np.ndarray) -> np.ndarray:
     return np.add.reduce(a, axis=0)
 
 
-def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     w: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x float32 (n, m): m sub-blocks of n -> (q uint8 (n, m) in 0..nmax, scale (m,), -min (m,) >= 0).
 
     x ~ scale * q + min with min <= 0, minimizing the weighted squared error (weights rms + |x|).
     As in ggml, a better candidate's min replaces the min the next candidates are measured from
-    (both in (x - min) and in the range max - min).
+    (both in (x - min) and in the range max - min). `w` (n, m) replaces the weights (weighted.py).
     """
     n = x.shape[0]
-    w = np.sqrt(_sum(x * x) / F32(n)) + np.abs(x)  # av_x + |x|
+    if w is None:
+        w = np.sqrt(_sum(x * x) / F32(n)) + np.abs(x)  # av_x + |x|
     hi = x.max(axis=0)
     lo = np.minimum(x.min(axis=0), F32(0))
     sum_w, sum_x = _sum(w), _sum(w * x)
@@ -181,12 +184,14 @@ def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int
+def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int, w: Optional[np.ndarray] = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shared head of Q4_K / Q5_K: float32 (n, 256) -> (d|dmin|scales bytes (n, 16), q (n, 8, 32))."""
     n = len(blocks)
     x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # (32, n * 8): element, sub-block
-    q, scales, mins = make_qkx2_quants(x, nmax, rmin, 0.1, nstep)
+    if w is not None:
+        w = np.ascontiguousarray(w.reshape(n * 8, 32).T)
+    q, scales, mins = make_qkx2_quants(x, nmax, rmin, 0.1, nstep, w)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale = np.maximum(scales.max(axis=1, keepdims=True), F32(0))
     max_min = np.maximum(mins.max(axis=1, keepdims=True), F32(0))
@@ -209,9 +214,9 @@ def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int
     return head, q.T.reshape(n, 8, 32)
 
 
-def quantize_blocks_q4_k(blocks: np.ndarray) -> np.ndarray:
-    """float32 (n, 256) -> uint8 (n, 144)."""
-    head, q = _quantize_k4(blocks, 15, -1.0, 20)
+def quantize_blocks_q4_k(blocks: np.ndarray, w: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 (n, 256) -> uint8 (n, 144); `w` (n, 256): rounding weights (weighted.py)."""
+    head, q = _quantize_k4(blocks, 15, -1.0, 20, w)
     out = np.empty((len(blocks), 144), dtype=np.uint8)
     out[:, :16] = head
     q = q.reshape(-1, 4, 2, 32)  # sub-block 2i + h -> nibble h of qs bytes 32i ..
@@ -219,9 +224,9 @@ def quantize_blocks_q4_k(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantize_blocks_q5_k(blocks: np.ndarray) -> np.ndarray:
-    """float32 (n, 256) -> uint8 (n, 176)."""
-    head, q = _quantize_k4(blocks, 31, -0.5, 15)
+def quantize_blocks_q5_k(blocks: np.ndarray, w: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 (n, 256) -> uint8 (n, 176); `w` (n, 256): rounding weights (weighted.py)."""
+    head, q = _quantize_k4(blocks, 31, -0.5, 15, w)
     out = np.empty((len(blocks), 176), dtype=np.uint8)
     out[:, :16] = head
     high = (q >> 4).astype(np.uint8)  # (n, 8, 32): fifth bit of sub-block j -> bit j of qh
@@ -231,16 +236,17 @@ def quantize_blocks_q5_k(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def make_qx_quants(x: np.ndarray, nmax: int, w: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """x float32 (n, m) -> (q uint8 (n, m) in 0..2 nmax - 1, scale (m,)): x ~ scale * (q - nmax).
 
-    ggml's `make_qx_quants` with rmse_type 1 (weights x^2), no importance weights.
+    ggml's `make_qx_quants` with rmse_type 1 (weights x^2); `w` (n, m) replaces them (weighted.py).
     """
     imax = np.abs(x).argmax(axis=0)  # first element of largest magnitude
     vmax = np.take_along_axis(x, imax[None], axis=0)[0]
     zero = np.abs(vmax) < GROUP_MAX_EPS
     vmax = np.where(zero, F32(1), vmax)
-    w = x * x
+    if w is None:
+        w = x * x
     wx = w * x
     nmax_f = F32(nmax)
 
@@ -268,11 +274,13 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return q, np.where(zero, F32(0), scale)
 
 
-def quantize_blocks_q6_k(blocks: np.ndarray) -> np.ndarray:
-    """float32 (n, 256) -> uint8 (n, 210)."""
+def quantize_blocks_q6_k(blocks: np.ndarray, w: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 (n, 256) -> uint8 (n, 210); `w` (n, 256): rounding weights (weighted.py)."""
     n = len(blocks)
     x = np.ascontiguousarray(blocks.reshape(n * 16, 16).T)  # (16, n * 16): element, sub-block
-    q, scales = make_qx_quants(x, 32)
+    if w is not None:
+        w = np.ascontiguousarray(w.reshape(n * 16, 16).T)
+    q, scales = make_qx_quants(x, 32, w)
     scales = scales.reshape(n, 16)
     imax = np.abs(scales).argmax(axis=1)[:, None]
     max_scale = np.take_along_axis(scales, imax, axis=1)  # (n, 1), signed

@@ -1,4 +1,4 @@
-"""Importance-weighted rounding for the 32-element block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+"""Importance-weighted rounding for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 
 The plain quantizers (q4.py, q8.py; bit-exact with ggml) choose each block's scale from its
 largest value. With an importance matrix (imatrix[j] = mean of x_j^2 over calibration inputs of
@@ -15,9 +15,14 @@ the matmul, per input column j) the error that matters is the output error, sum_
              for candidate ranges [min + a r, max - b r] (a, b in 0, 0.03, 0.08, r = max - min),
              round l, refit (d, m) by weighted least squares, keep the least weighted error
 
+K-quants reuse kquants.py's searches (make_qkx2_quants for Q4_K/Q5_K sub-blocks of 32, min <= 0;
+make_qx_quants for Q6_K sub-blocks of 16) with u in place of their built-in weights; the 6/8-bit
+sub-block scales and f16 super-block scales are then quantized as in the plain path.
+
 Scales are rounded to f16 and the levels recomputed against the stored values, so the bytes are
-ggml's standard layout (gguf.quants and llama.cpp read them). With a uniform imatrix the result is
-never worse than the plain quantizer in the same weighted error: the plain scale is candidate k=0.
+ggml's standard layout (gguf.quants and llama.cpp read them). Finally each block keeps whichever
+of this result and the plain quantizer's has the smaller error sum_j imatrix_j (w_j - what_j)^2,
+so the importance-weighted error is never worse than the plain path's (with any imatrix).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ CHUNK = 8192  # blocks per step: (CHUNK, candidates, 32) float32 temporaries of 
 
 SYMMETRIC = {T.Q4_0: (8, -8, 7), T.Q5_0: (16, -16, 15), T.Q8_0: (127, -127, 127)}
 ASYMMETRIC = {T.Q4_1: 15, T.Q5_1: 31}
-TYPES = tuple(SYMMETRIC) + tuple(ASYMMETRIC)
+KQUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # kquants.py's searches with these rounding weights
+TYPES = tuple(SYMMETRIC) + tuple(ASYMMETRIC) + KQUANTS
 
 
 def block_weights(values: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
@@ -112,8 +118,45 @@ def _pack(qtype: T, d, m, lv) -> np.ndarray:
     return np.concatenate(head + [qh, nib.astype(np.uint8)], axis=1)
 
 
+def _blockwise_error(values: np.ndarray, raw: np.ndarray, qtype: T, weights: np.ndarray, block: int) -> np.ndarray:
+    """Weighted squared error of each block of `block` elements: (rows * n / block,) float64."""
+    import torch
+
+    from . import dequantize
+
+    deq = dequantize(torch.from_numpy(np.ascontiguousarray(raw)), qtype).numpy()
+    e = weights.astype(np.float64) * (values.astype(np.float64) - deq) ** 2
+    return e.reshape(-1, block).sum(axis=1)
+
+
+def _plain(values: np.ndarray, qtype: T) -> np.ndarray:
+    """The unweighted quantizer: ours, or gguf.quants' where we have none (Q5_0, Q5_1)."""
+    from . import get_format
+
+    fmt = get_format(qtype)
+    if fmt.quantize is not None:
+        return fmt.quantize(values)
+    import gguf.quants
+
+    return gguf.quants.quantize(values, qtype)
+
+
+def _kquant_blocks(qtype: T):
+    from . import kquants
+
+    return {T.Q4_K: kquants.quantize_blocks_q4_k, T.Q5_K: kquants.quantize_blocks_q5_k,
+            T.Q6_K: kquants.quantize_blocks_q6_k}[qtype]
+
+
 def quantize_weighted(values: np.ndarray, qtype: T, imatrix: np.ndarray) -> np.ndarray:
-    """float32 (rows, n) -> uint8 (rows, n / 32 * type_size), ggml layout, importance-weighted scales."""
+    """float32 (rows, n) -> uint8 (rows, n / block * type_size), ggml layout, importance-weighted scales.
+
+    Each block (super-block for K-quants) keeps whichever of the weighted search and the plain
+    quantizer has the smaller error sum imatrix_j (w_j - what_j)^2, so the result is never worse
+    than the plain path in that error.
+    """
+    from gguf.constants import GGML_QUANT_SIZES
+
     if qtype not in TYPES:
         raise ValueError(f"no importance-weighted quantizer for {T(qtype).name}")
     values = np.ascontiguousarray(values, dtype=np.float32)
@@ -121,18 +164,31 @@ def quantize_weighted(values: np.ndarray, qtype: T, imatrix: np.ndarray) -> np.n
     imatrix = np.asarray(imatrix, dtype=np.float32)
     if imatrix.shape != (n,):
         raise ValueError(f"importance matrix has {imatrix.shape} entries, the rows have {n}")
-    u = block_weights(values, np.maximum(imatrix, 0) + 1e-12).reshape(-1, 32)
-    x = values.reshape(-1, 32)
+    imatrix = np.where(np.isfinite(imatrix), np.maximum(imatrix, 0), 0)
+    # a floor keeps zero-importance columns (never-seen inputs) rounded sensibly
+    floor = 1e-6 * float(imatrix.mean()) if imatrix.any() else 1.0
+    imp = imatrix + floor
+    block, size = GGML_QUANT_SIZES[qtype]
+    u = block_weights(values, imp).reshape(-1, block)
+    x = values.reshape(-1, block)
     out = []
-    for s in range(0, len(x), CHUNK):
-        xb, ub = x[s:s + CHUNK], u[s:s + CHUNK]
+    step = CHUNK if block == 32 else 1024
+    for s in range(0, len(x), step):
+        xb, ub = x[s:s + step], u[s:s + step]
         if qtype in SYMMETRIC:
             d, lv = _symmetric(xb, ub, qtype)
             out.append(_pack(qtype, d, None, lv))
-        else:
+        elif qtype in ASYMMETRIC:
             d, m, lv = _asymmetric(xb, ub, ASYMMETRIC[qtype])
             out.append(_pack(qtype, d, m, lv))
-    return np.concatenate(out).reshape(rows, -1)
+        else:
+            out.append(_kquant_blocks(qtype)(xb, ub))
+    weighted = np.concatenate(out).reshape(-1, size)
+    plain = _plain(values, qtype).reshape(-1, size)
+    wcol = np.broadcast_to(imp[None, :], values.shape)
+    e_w = _blockwise_error(values, weighted.reshape(rows, -1), qtype, wcol, block)
+    e_p = _blockwise_error(values, plain.reshape(rows, -1), qtype, wcol, block)
+    return np.where((e_w <= e_p)[:, None], weighted, plain).reshape(rows, -1)
 
 
 def quantizer(qtype: T):
