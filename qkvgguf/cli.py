@@ -254,6 +254,8 @@ def cmd_perplexity(args) -> int:
     else:
         print(f"perplexity: {res.ppl:.4f}  (mean NLL {res.nll:.6f} over {res.n_scored:,} tokens, "
               f"{res.n_windows} windows of {n_ctx}, {seconds:.1f} s)")
+    if args.verbose and _memory_report(model):
+        _log(_memory_report(model))
     return 0
 
 
