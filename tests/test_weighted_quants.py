@@ -1,9 +1,10 @@
 """Importance-weighted rounding (qkvgguf/quants/weighted.py) on real SmolLM2 weights with an
 importance matrix collected by convert/imatrix.py through our runtime on real prose.
 
-The SmolLM2 GGUF stores its matrices as Q4_1, so its weights lie on Q4_1's grid (and almost on
-Q4_K's): both quantizers reproduce them exactly and there is nothing to improve. For those two
-formats the weights get a small dither (0.3 of a Q4_1 step, seeded) before quantizing.
+The SmolLM2 GGUF stores its matrices as Q4_1, so its weights lie on Q4_1's grid, which Q5_1 (half
+the step) and nearly Q4_K also contain: those quantizers can reproduce them exactly and the
+comparison would say nothing. For those three formats the weights get a small dither (0.3 of a
+Q4_1 step, seeded) before quantizing.
 """
 
 import numpy as np
@@ -19,7 +20,7 @@ from qkvgguf.quants.weighted import _plain
 FORMATS = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 TENSORS = ["blk.3.attn_q.weight", "blk.3.attn_v.weight", "blk.20.ffn_gate.weight",
            "blk.3.ffn_down.weight", "blk.20.ffn_down.weight"]
-DITHER = {T.Q4_1, T.Q4_K}
+DITHER = {T.Q4_1, T.Q5_1, T.Q4_K}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_weighted_beats_plain_on_smollm2(smol):
     summary = {qt.name: round(float(np.mean(r)), 3) for qt, r in ratios.items()}
     print("weighted / plain importance-weighted error, mean over tensors:", summary)
     assert all(len(r) >= 2 for r in ratios.values())
-    # measured: Q4_0 0.68 Q4_1 0.51 Q5_0 0.68 Q5_1 0.36 Q8_0 0.69 Q4_K 0.88 Q5_K 0.92 Q6_K 0.84
+    # measured: Q4_0 0.68 Q4_1 0.49 Q5_0 0.68 Q5_1 0.49 Q8_0 0.69 Q4_K 0.87 Q5_K 0.62 Q6_K 0.84
     assert max(summary.values()) < 0.95
 
 

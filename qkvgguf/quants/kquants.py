@@ -189,19 +189,28 @@ def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int, w: Opti
     """Shared head of Q4_K / Q5_K: float32 (n, 256) -> (d|dmin|scales bytes (n, 16), q (n, 8, 32))."""
     n = len(blocks)
     x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # (32, n * 8): element, sub-block
-    if w is not None:
+    if w is not None:  # importance weights (weighted.py): a finer search, weighted 6-bit scales
         w = np.ascontiguousarray(w.reshape(n * 8, 32).T)
-    q, scales, mins = make_qkx2_quants(x, nmax, rmin, 0.1, nstep, w)
+        q, scales, mins = make_qkx2_quants(x, nmax, -0.9, 0.05, 36, w)
+    else:
+        q, scales, mins = make_qkx2_quants(x, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
-    max_scale = np.maximum(scales.max(axis=1, keepdims=True), F32(0))
-    max_min = np.maximum(mins.max(axis=1, keepdims=True), F32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-    # C: uint8_t ls = nearest_int(...); MIN(63, ls): the cast (wrapping) comes before the clamp
-    ls = np.minimum(np.rint(inv_scale * scales).astype(np.int32).astype(np.uint8), 63)
-    lm = np.minimum(np.rint(inv_min * mins).astype(np.int32).astype(np.uint8), 63)
-    d16, dmin16 = (max_scale / F32(63)).astype(np.float16), (max_min / F32(63)).astype(np.float16)
+    if w is not None:
+        from .weighted import quantize_scales6
+
+        sw = w.sum(axis=0).reshape(n, 8)
+        d16, ls = quantize_scales6(scales, sw)
+        dmin16, lm = quantize_scales6(mins, sw)
+    else:
+        max_scale = np.maximum(scales.max(axis=1, keepdims=True), F32(0))
+        max_min = np.maximum(mins.max(axis=1, keepdims=True), F32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        # C: uint8_t ls = nearest_int(...); MIN(63, ls): the cast (wrapping) comes before the clamp
+        ls = np.minimum(np.rint(inv_scale * scales).astype(np.int32).astype(np.uint8), 63)
+        lm = np.minimum(np.rint(inv_min * mins).astype(np.int32).astype(np.uint8), 63)
+        d16, dmin16 = (max_scale / F32(63)).astype(np.float16), (max_min / F32(63)).astype(np.float16)
     d = (d16.astype(F32) * ls.astype(F32)).reshape(1, -1)  # (1, n * 8)
     dm = (dmin16.astype(F32) * lm.astype(F32)).reshape(1, -1)
     with np.errstate(divide="ignore", invalid="ignore"):

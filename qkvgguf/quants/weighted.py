@@ -12,7 +12,8 @@ the matmul, per input column j) the error that matters is the output error, sum_
              largest |w|; n = 8, 16; Q8_0: d_k = max|w| / (127 + 0.1 k)), round l, refit
              d = sum u w l / sum u l^2, keep the candidate of least sum u (w - d l)^2
     asymmetric (Q4_1 levels 0..15, Q5_1 0..31), x = d * l + m:
-             for candidate ranges [min + a r, max - b r] (a, b in 0, 0.03, 0.08, r = max - min),
+             for candidate ranges [min + a r, max - b r] (a, b in 0, 0.03, 0.08, r = max - min)
+             with d = range / nmax, and d = r / (nmax + delta) from min (delta = +-0.2 .. +-1),
              round l, refit (d, m) by weighted least squares, keep the least weighted error
 
 K-quants reuse kquants.py's searches (make_qkx2_quants for Q4_K/Q5_K sub-blocks of 32, min <= 0;
@@ -81,9 +82,12 @@ def _asymmetric(x: np.ndarray, u: np.ndarray, nmax: int):
     r = mx - mn
     shrink = np.array([0.0, 0.03, 0.08], dtype=np.float32)
     a, b = np.meshgrid(shrink, shrink, indexing="ij")
-    lo = mn[:, None] + a.reshape(1, -1) * r[:, None]  # (B, K)
+    lo = mn[:, None] + a.reshape(1, -1) * r[:, None]  # (B, 9): ranges shrunk at either end
     hi = mx[:, None] - b.reshape(1, -1) * r[:, None]
     d0 = (hi - lo) / nmax
+    steps = np.array([-1.0, -0.8, -0.6, -0.4, -0.2, 0.2, 0.4, 0.6, 0.8, 1.0], dtype=np.float32)
+    lo = np.concatenate([lo, np.repeat(mn[:, None], len(steps), axis=1)], axis=1)  # (B, 19)
+    d0 = np.concatenate([d0, r[:, None] / (nmax + steps)[None, :]], axis=1)  # + full range, nmax + delta steps
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(d0 == 0, 0, 1 / d0)
     lv = np.clip(np.rint((x[:, None, :] - lo[:, :, None]) * inv[:, :, None]), 0, nmax)  # (B, K, 32)
@@ -101,6 +105,33 @@ def _asymmetric(x: np.ndarray, u: np.ndarray, nmax: int):
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(d == 0, 0, 1 / d)
     return d, m, np.clip(np.rint((x - m[:, None]) * inv[:, None]), 0, nmax).astype(np.int32)
+
+
+def quantize_scales6(v: np.ndarray, sw: np.ndarray):
+    """Q4_K/Q5_K sub-block scales (or mins) v (n, 8) >= 0 with weights sw (n, 8) -> (f16 (n, 1), uint8 (n, 8)).
+
+    v ~ d * L, L in 0..63: 9 candidates d = max / (63 + 0.1 k), k = -4..4, keep the least
+    sum sw (v - d L)^2, then refit d = sum sw v L / sum sw L^2 (ggml's make_qp_quants, without its
+    per-level refinement).
+    """
+    v = np.maximum(v, 0).astype(np.float32)
+    mx = v.max(axis=1, keepdims=True)  # (n, 1)
+    k = np.arange(-4, 5, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx > 1e-15, (63 + 0.1 * k)[None, :] / mx, 0)  # (n, K)
+        L = np.minimum(np.rint(iscale[:, :, None] * v[:, None, :]), 63)  # (n, K, 8)
+        scale = np.where(iscale > 0, 1 / iscale, 0)
+    err = (sw[:, None, :] * (v[:, None, :] - scale[:, :, None] * L) ** 2).sum(-1)
+    best = err.argmin(axis=1)
+    L = L[np.arange(len(v)), best]  # (n, 8)
+    num, den = (sw * v * L).sum(1, keepdims=True), (sw * L * L).sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(den > 0, num / den, 0).astype(np.float32)
+    d16 = d.astype(np.float16)
+    df = d16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = np.where(df > 0, np.clip(np.rint(v / df), 0, 63), 0)
+    return d16, L.astype(np.uint8)
 
 
 def _pack(qtype: T, d, m, lv) -> np.ndarray:
