@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import texts
 import tiny_models
 from qkvgguf.convert.imatrix import Imatrix, ImatrixError, collect_imatrix, default_calibration_text
 
@@ -125,3 +126,33 @@ def test_default_calibration_text():
     wp = texts.war_and_peace()
     assert text[5000:5200] not in wp and "Natasha" not in text  # not the evaluation text
     assert text[5000:5200] in texts.sherlock()  # real text from the stated source
+
+
+def test_calibrate_checkpoint_matches_transformers(tmp_path):
+    """A tiny Hugging Face folder (SentencePiece, BOS added): converted to a temporary f16 GGUF,
+    calibrated on real prose, the temporary file gone; statistics agree with hooks on the f32
+    transformers model over the same chunks to f16 weight precision."""
+    import sentencepiece as spm
+
+    import test_convert
+    from qkvgguf.convert.imatrix import calibrate_checkpoint
+
+    model = test_convert.hf_model("llama", seed=5)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    test_convert.write_spm(folder)
+    text = texts.sherlock()[:4000]
+    import glob
+    import tempfile
+
+    leftovers = lambda: set(glob.glob(f"{tempfile.gettempdir()}/qkvgguf-calib-*"))  # noqa: E731
+    before = leftovers()
+    im = calibrate_checkpoint(folder, text, n_ctx=32, n_chunks=3, dataset="sherlock")
+    assert im.n_chunks == 3 and im.dataset == "sherlock"
+    ids = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).encode(text)
+    chunks = [[1] + ids[c * 31:(c + 1) * 31] for c in range(3)]
+    ref, _ = _reference(model, chunks)
+    assert set(im.values) == set(ref)
+    for name, r in ref.items():
+        np.testing.assert_allclose(im.values[name], r, rtol=2e-2, atol=1e-6, err_msg=name)
+    assert leftovers() == before  # the temporary GGUF is deleted
