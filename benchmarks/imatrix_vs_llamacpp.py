@@ -4,12 +4,12 @@ llama.cpp's file. Not part of CI (it needs the llama.cpp tools).
 
     python benchmarks/imatrix_vs_llamacpp.py [--tools /tmp/lcpp_tools/bin] [--ctx 256] [--chunks 4]
 
-Building the tools: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, unpack,
-then in vendor/llama.cpp: cmake -B build -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+Building the tools: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`,
+unpack, then in vendor/llama.cpp: cmake -B build -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF && cmake --build build --target llama-imatrix.
 
-llama-imatrix tokenizes the whole text (BOS first), cuts chunks of n_ctx tokens and overwrites each
-chunk's first token with BOS when the model adds one (SmolLM2 does not); we feed our collector the same ids (BOS + the chunk's other tokens).
+llama-imatrix tokenizes the whole text, cuts chunks of n_ctx tokens and, when the model adds BOS
+(SmolLM2 does not), overwrites each chunk's first token with it; we feed our collector the same ids.
 Both evaluate the Q4_1 SmolLM2 GGUF; llama.cpp's CPU matmuls quantize activations to 8 bits and we
 do not, so the statistics agree to about a percent, not bit for bit.
 """

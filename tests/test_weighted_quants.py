@@ -123,3 +123,8 @@ def test_without_imatrix_unchanged(smol):
 def test_bad_imatrix_shape():
     with pytest.raises(ValueError, match="importance matrix"):
         quants.quantize(np.ones((2, 64), np.float32), T.Q4_0, np.ones(32, np.float32))
+
+
+def test_row_length_not_a_multiple_of_the_block():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quants.quantize(np.ones((2, 576), np.float32), T.Q4_K, np.ones(576, np.float32))

@@ -190,7 +190,10 @@ def quantize_weighted(values: np.ndarray, qtype: T, imatrix: np.ndarray) -> np.n
 
     if qtype not in TYPES:
         raise ValueError(f"no importance-weighted quantizer for {T(qtype).name}")
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    from .floats import np_blocks
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    values = np.ascontiguousarray(np_blocks(values, qtype, block)).reshape(len(values), -1)  # checks the shape
     rows, n = values.shape
     imatrix = np.asarray(imatrix, dtype=np.float32)
     if imatrix.shape != (n,):
@@ -199,7 +202,6 @@ def quantize_weighted(values: np.ndarray, qtype: T, imatrix: np.ndarray) -> np.n
     # a floor keeps zero-importance columns (never-seen inputs) rounded sensibly
     floor = 1e-6 * float(imatrix.mean()) if imatrix.any() else 1.0
     imp = imatrix + floor
-    block, size = GGML_QUANT_SIZES[qtype]
     u = block_weights(values, imp).reshape(-1, block)
     x = values.reshape(-1, block)
     out = []
