@@ -128,6 +128,7 @@ def plan_summary(gguf: GGUFFile) -> Optional[dict]:
         "not_in_file": [n for n in plan if n not in gguf.tensors],
         "not_in_plan": [n for n in gguf.tensors if n not in plan] if plan else [],
         "malformed": malformed,
+        "auto": {k[len("qkvgguf.auto."):]: v for k, v in md.items() if k.startswith("qkvgguf.auto.")} or None,
     }
 
 
@@ -282,6 +283,15 @@ def _model_lines(summary: dict) -> list[str]:
             n_bad = len(p["retyped"]) + len(p["not_in_file"]) + len(p["not_in_plan"]) + len(p["malformed"])
             out.append(f"        differs from the tensor records in {n_bad} place(s): {'; '.join(bad)}"
                        + ("; ..." if n_bad > len(bad) else ""))
+        a = p.get("auto")
+        if a:
+            out.append(f"        auto: target {a.get('target')}, {a.get('bpw', float('nan')):.3f} bits per weight, "
+                       f"weighted error {a.get('weighted_error', float('nan')):.4g}")
+            out.append(f"        calibration: {a.get('calibration')} ({a.get('calibration_chunks')} chunks)")
+            if a.get("layer_bpw"):
+                lb = a["layer_bpw"]
+                out.append(f"        bits per weight by layer: min {min(lb):.2f}, max {max(lb):.2f} "
+                           "(per layer table below)")
     return out
 
 

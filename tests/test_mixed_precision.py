@@ -114,6 +114,10 @@ def test_target_bpw(tiny, tmp_path):
     assert g.metadata["qkvgguf.outtype"] == "auto" and g.metadata["qkvgguf.auto.target"].startswith("bpw=")
     assert len(g.metadata["qkvgguf.auto.layer_bpw"]) == 2
     assert len({t.type for t in g.tensors.values() if len(t.shape) == 2}) >= 2  # a real mixture
+    from qkvgguf.inspect import render, summarize
+
+    shown = render(summarize(g))
+    assert "auto: target bpw=" in shown and "calibration: calib.txt" in shown
     # the weighted error is no higher than uniform Q5_0's (same estimator, same imatrix)
     from qkvgguf.convert.imatrix import Imatrix
     from qkvgguf.quants import dequantize
