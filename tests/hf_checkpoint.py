@@ -27,8 +27,12 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def smollm2_hf_folder(gguf_path, out) -> Path:
+def smollm2_hf_folder(gguf_path, out, dither: float = 0.0, seed: int = 0) -> Path:
+    """dither > 0 adds Gaussian noise of dither x each row's standard deviation to the 2-D weights:
+    the GGUF's weights lie exactly on Q4_1's grid, which a quantizer benchmark must not reward."""
     from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,8 @@ def smollm2_hf_folder(gguf_path, out) -> Path:
     state = {}
     for name, t in g.tensors.items():
         w = quants.dequantize(torch.from_numpy(np.array(g.raw(name))), t.type).reshape(t.shape)
+        if dither and w.dim() == 2:
+            w = w + dither * w.std(dim=1, keepdim=True) * torch.randn(w.shape, generator=gen)
         if name == "token_embd.weight":
             hf = "model.embed_tokens.weight"
         elif name == "output_norm.weight":
