@@ -100,6 +100,12 @@ def _load_rows(b, b16, bs, rows, rd, mask, stride_bs, FMT: tl.constexpr, HEAD_DI
 
 
 @triton.jit
+def _at_head(kvh, a, b, b16, bs, c, sh_a, sh_b, sh_bs, sh_c):
+    """An operand's pointers moved to KV head kvh (int64); b16 counts float16 elements (half of b's bytes)."""
+    return a + kvh * sh_a, b + kvh * sh_b, b16 + kvh * sh_b // 2, bs + kvh * sh_bs, c + kvh * sh_c
+
+
+@triton.jit
 def _load_kv(pos, valid, rd, a, b, b16, bs, c, a_end, b_end, stride_as, stride_bs, stride_cs,
              FMT: tl.constexpr, SEG: tl.constexpr, HEAD_DIM: tl.constexpr):
     """float32 (N, BLOCK_D): positions pos (N,) of one KV head, each read from its segment."""
@@ -158,10 +164,8 @@ def _prefill_kernel(
     q = tl.load(q_ptr + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
                 mask=(rm < T)[:, None] & dmask, other=0.0)
     q = q.to(tl.float16) if DOT_F16 else q.to(tl.float32)
-    ka, kc, kbs = ka + kvh * k_sh_a, kc + kvh * k_sh_c, kbs + kvh * k_sh_bs
-    kb, kb16 = kb + kvh * k_sh_b, kb16 + kvh * k_sh_b // 2
-    va, vc, vbs = va + kvh * v_sh_a, vc + kvh * v_sh_c, vbs + kvh * v_sh_bs
-    vb, vb16 = vb + kvh * v_sh_b, vb16 + kvh * v_sh_b // 2
+    ka, kb, kb16, kbs, kc = _at_head(kvh, ka, kb, kb16, kbs, kc, k_sh_a, k_sh_b, k_sh_bs, k_sh_c)
+    va, vb, vb16, vbs, vc = _at_head(kvh, va, vb, vb16, vbs, vc, v_sh_a, v_sh_b, v_sh_bs, v_sh_c)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -205,10 +209,8 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + heads[:, None] * stride_qh + rd[None, :], mask=hmask & dmask, other=0.0)
     q = q.to(tl.float16) if DOT_F16 else q.to(tl.float32)
     kvh = kvh.to(tl.int64)
-    ka, kc, kbs = ka + kvh * k_sh_a, kc + kvh * k_sh_c, kbs + kvh * k_sh_bs
-    kb, kb16 = kb + kvh * k_sh_b, kb16 + kvh * k_sh_b // 2
-    va, vc, vbs = va + kvh * v_sh_a, vc + kvh * v_sh_c, vbs + kvh * v_sh_bs
-    vb, vb16 = vb + kvh * v_sh_b, vb16 + kvh * v_sh_b // 2
+    ka, kb, kb16, kbs, kc = _at_head(kvh, ka, kb, kb16, kbs, kc, k_sh_a, k_sh_b, k_sh_bs, k_sh_c)
+    va, vb, vb16, vbs, vc = _at_head(kvh, va, vb, vb16, vbs, vc, v_sh_a, v_sh_b, v_sh_bs, v_sh_c)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
