@@ -1,12 +1,11 @@
 """End-to-end GPU speed: prompt and decode tokens/s, qkvgguf (Triton) vs llama.cpp (CUDA build).
 
     python benchmarks/gpu_decode.py                        # SmolLM2 + synthetic 7B Q4_0 and Q4_K
-    python benchmarks/gpu_decode.py --shape tiny --device cpu --backend torch   # smoke test, no GPU
+    python benchmarks/gpu_decode.py --synthetic tiny-q4_k_m --device cpu --backend torch   # smoke test, no GPU
 
-Models: the default SmolLM2-135M file, and synthetic Llama-2-7B-shaped GGUFs (32 layers, n_embd
-4096, n_ff 11008, 32 heads, vocab 32000) whose quantized blocks are random bytes with realistic
-f16 scales, written on the machine that runs the benchmark (they are too big to carry). Speed does
-not depend on the values, only on the formats and shapes.
+Models: the default SmolLM2-135M file, and synthetic Llama-2-7B-shaped GGUFs (benchmarks/synthetic.py:
+random blocks with realistic f16 scales, written on the machine that runs the benchmark, since they
+are too big to carry). Speed does not depend on the values, only on the formats and shapes.
 
 Per model: prompt tokens/s (one pass of --prompt-tokens), decode tokens/s (median per-token time
 over --decode-tokens; eager `Model.forward` and, where supported, replaying a captured CUDA graph
@@ -25,102 +24,16 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
 
+import synthetic  # noqa: E402
 from qkvgguf.default_model import default_model_path  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
 from qkvgguf.runtime import Model  # noqa: E402
 from qkvgguf.runtime.cuda_graph import GraphDecoder, graph_supported  # noqa: E402
-
-SHAPES = {  # n_layer, n_embd, n_ff, n_head, n_head_kv, vocab
-    "7b": (32, 4096, 11008, 32, 32, 32000),
-    "tiny": (2, 256, 512, 4, 4, 512),
-}
-
-
-def _random_blocks(rng, qtype, rows: int, cols: int) -> np.ndarray:
-    """Random quantized bytes (rows, row_bytes) with sane f16 scales for Q4_0 / Q4_K / Q6_K / Q8_0."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
-
-    bs, ts = GGML_QUANT_SIZES[qtype]
-    nb = cols // bs
-    raw = rng.integers(0, 256, size=(rows, nb, ts), dtype=np.uint8)
-    scale = (np.abs(rng.standard_normal((rows, nb))) * 0.002 + 1e-4).astype(np.float16).view(np.uint8)
-    scale = scale.reshape(rows, nb, 2)
-    if qtype in (T.Q4_0, T.Q8_0):
-        raw[:, :, 0:2] = scale
-    elif qtype == T.Q4_K:  # d, dmin
-        raw[:, :, 0:2] = scale
-        raw[:, :, 2:4] = scale
-    elif qtype == T.Q6_K:  # d is the last 2 bytes
-        raw[:, :, ts - 2:ts] = scale
-    else:
-        raise ValueError(qtype)
-    return raw.reshape(rows, nb * ts)
-
-
-def write_synthetic(path: str, shape: str, weight_type: str, seed: int = 0) -> str:
-    """A Llama-shaped GGUF with random weights and a minimal SentencePiece-style vocabulary."""
-    import gguf
-    from gguf import GGMLQuantizationType as T
-
-    n_layer, n_embd, n_ff, n_head, n_kv, vocab = SHAPES[shape]
-    main = {"q4_0": T.Q4_0, "q4_k": T.Q4_K}[weight_type]
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name(f"synthetic-{shape}-{weight_type}")
-    w.add_block_count(n_layer)
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(n_embd // n_head)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if main == T.Q4_0 else gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
-    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - 259)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(vocab)])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
-    def quant(name, rows, cols, qtype=main):
-        w.add_tensor(name, _random_blocks(rng, qtype, rows, cols), raw_dtype=qtype)
-
-    def norm(name):
-        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32))
-
-    quant("token_embd.weight", vocab, n_embd, T.Q8_0 if main == T.Q4_0 else T.Q4_K)
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        norm(p + "attn_norm.weight")
-        quant(p + "attn_q.weight", n_embd, n_embd)
-        quant(p + "attn_k.weight", n_embd * n_kv // n_head, n_embd)
-        quant(p + "attn_v.weight", n_embd * n_kv // n_head, n_embd, main if main == T.Q4_0 else T.Q6_K)
-        quant(p + "attn_output.weight", n_embd, n_embd)
-        norm(p + "ffn_norm.weight")
-        quant(p + "ffn_gate.weight", n_ff, n_embd)
-        quant(p + "ffn_up.weight", n_ff, n_embd)
-        quant(p + "ffn_down.weight", n_embd, n_ff, main if main == T.Q4_0 else T.Q6_K)
-    norm("output_norm.weight")
-    quant("output.weight", vocab, n_embd, T.Q6_K if main == T.Q4_K else T.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
 
 def _sync(device):
     if device.type == "cuda":
@@ -200,8 +113,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--shape", default="7b", choices=list(SHAPES))
-    ap.add_argument("--synthetic", default="q4_0,q4_k", help="comma list of q4_0, q4_k; empty for none")
+    ap.add_argument("--synthetic", default="7b-q4_0,7b-q4_k_m",
+                    help="comma list of benchmarks/synthetic.py recipes; empty for none")
     ap.add_argument("--workdir", default="/tmp/qkvgguf-bench")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -215,13 +128,8 @@ def main():
         return
     os.makedirs(args.workdir, exist_ok=True)
     models = [("SmolLM2-135M Q4_1", default_model_path())]
-    for kind in filter(None, args.synthetic.split(",")):
-        path = os.path.join(args.workdir, f"synthetic-{args.shape}-{kind}.gguf")
-        if not os.path.exists(path):
-            t0 = time.perf_counter()
-            write_synthetic(path, args.shape, kind)
-            print(f"wrote {path} ({os.path.getsize(path) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
-        models.append((f"synthetic {args.shape} {kind}", path))
+    for recipe in filter(None, args.synthetic.split(",")):
+        models.append((f"synthetic {recipe}", synthetic.ensure(recipe, args.workdir)))
     rows = []
     for name, path in models:
         row = {"model": name, "file": path, "ours": bench_ours(path, device, args.backend, args.prompt_tokens,

@@ -3,7 +3,7 @@
     python benchmarks/paging.py                      # needs a CUDA GPU; writes benchmarks/paging.json
 
 Models: synthetic Llama-2-7B-shaped GGUFs, Q4_0 and Q4_K (random blocks with sane scales, written on
-the GPU machine by benchmarks/gpu_decode.py's `write_synthetic`; speed does not depend on values).
+the GPU machine by benchmarks/synthetic.py; speed does not depend on values).
 Per (model, budget): the planner's plan at 4096 context with a q4_0 K/V cache (runtime/planner.py),
 the allocator capped at the budget (minus the CUDA context allowance), then a 512-token prompt and
 --decode-tokens greedy steps. Reported: resident/streamed layers, prompt and decode tokens/s, peak
@@ -26,7 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from gpu_decode import write_synthetic  # noqa: E402
+import synthetic  # noqa: E402
 
 from qkvgguf.config import ModelConfig  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budgets", default="4GiB,6GiB,none", help="comma list of sizes; none = unlimited")
-    ap.add_argument("--synthetic", default="q4_0,q4_k")
+    ap.add_argument("--synthetic", default="7b-q4_0,7b-q4_k_m", help="benchmarks/synthetic.py recipes")
     ap.add_argument("--ctx-size", type=int, default=4096)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -107,11 +107,9 @@ def main() -> int:
     budgets = [None if b == "none" else parse_size(b) for b in args.budgets.split(",")]
     rows = []
     for kind in args.synthetic.split(","):
-        path = os.path.join(args.workdir, f"synthetic-7b-{kind}.gguf")
-        if not os.path.exists(path):
-            write_synthetic(path, "7b", kind)
+        path = synthetic.ensure(kind, args.workdir)
         for b in budgets:
-            r = {"model": f"synthetic 7b {kind}", **run_one(path, device, b, args.ctx_size, args.prompt_tokens,
+            r = {"model": f"synthetic {kind}", **run_one(path, device, b, args.ctx_size, args.prompt_tokens,
                                                             args.decode_tokens, h2d)}
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "plan"}), flush=True)

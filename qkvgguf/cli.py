@@ -31,10 +31,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="context length in tokens (default: min(4096, the model's); 0 = the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("-ctk", "--cache-type-k", default="f32",
-                   help="KV cache type for K: f32, f16, q8_0, q4_0, q4g (default f32; see runtime/kv_cache.py)")
-    p.add_argument("-ctv", "--cache-type-v", default="f32",
-                   help="KV cache type for V: f32, f16, q8_0, q4_0, q4g (default f32)")
+    p.add_argument("-ctk", "--cache-type-k", default="f16",
+                   help="KV cache type for K: f32, f16, q8_0, q4_0, q4g (default f16, as llama.cpp; see runtime/kv_cache.py)")
+    p.add_argument("-ctv", "--cache-type-v", default="f16",
+                   help="KV cache type for V: f32, f16, q8_0, q4_0, q4g (default f16, as llama.cpp)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
                    help=f"RAM for dequantized weights kept between tokens (default {DEFAULT_CPU_CACHE}; 0 = none)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
@@ -43,6 +43,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram", metavar="SIZE", default=None,
                    help="VRAM budget on a CUDA device, e.g. 4GiB (default: free memory minus 256 MiB); layers that "
                         "do not fit stream from host memory; ignored on the CPU")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="decode with ordinary kernel launches instead of replaying a captured CUDA graph")
     p.add_argument("-v", "--verbose", action="store_true", help="print load and speed details")
 
 
@@ -87,6 +89,7 @@ def _load(args):
         raise QkvggufError(f"{path}: -c {n_ctx} is larger than the model's context length {n_train}")
     vram_plan = _plan_vram(args, gguf, cfg, device, n_ctx, path)  # before any allocation
     model = Model(gguf, cache_bytes=cache_bytes, device=device, backend=args.backend, plan=vram_plan)
+    model.load_seconds = time.perf_counter() - t0
     tokenizer = Tokenizer.from_gguf(gguf)
     if args.verbose:
         cfg = model.config
@@ -149,7 +152,8 @@ def cmd_run(args) -> int:
         raise QkvggufError(f"-n/--n-predict must be 0 or more, got {args.n_predict}")
     model, tok, n_ctx = _load(args)
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    session = Session(model, n_ctx=n_ctx, n_batch=args.batch_size, type_k=args.cache_type_k, type_v=args.cache_type_v)
+    session = Session(model, n_ctx=n_ctx, n_batch=args.batch_size, type_k=args.cache_type_k, type_v=args.cache_type_v,
+                      cuda_graph=not args.no_cuda_graph)
     sampler = Sampler(params)
     if args.chat:
         return _chat(args, session, tok, sampler, prompt)
@@ -245,7 +249,7 @@ def cmd_perplexity(args) -> int:
 
     t0 = time.perf_counter()
     res = perplexity(model, ids, n_ctx, bos_id=tok.bos_id if tok.add_bos else None, n_batch=args.batch_size,
-                     progress=progress)
+                     progress=progress, type_k=args.cache_type_k, type_v=args.cache_type_v)
     bar.close()
     seconds = time.perf_counter() - t0
     if args.json:
@@ -335,8 +339,14 @@ def cmd_bench(args) -> int:
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
 
-    session = Session(model, n_ctx, args.batch_size, args.cache_type_k, args.cache_type_v)
-    session.feed(ids[:min(16, len(ids))])  # warm-up (kernel compilation)
+    session = Session(model, n_ctx, args.batch_size, args.cache_type_k, args.cache_type_v,
+                      cuda_graph=not args.no_cuda_graph)
+    t0 = time.perf_counter()  # warm-up: compiles and autotunes the kernels, captures the decode graph
+    logits = session.feed(ids[:min(args.batch_size, len(ids))])
+    for _ in range(min(2, args.n_gen, n_ctx - session.cache.pos)):
+        logits = session.decode(int(logits.argmax()))
+    sync()
+    warmup_s = time.perf_counter() - t0
     prompt_s, decode_s = [], []
     for _ in range(args.repetitions):
         session.cache.reset()
@@ -356,7 +366,8 @@ def cmd_bench(args) -> int:
     res = {"model": model.gguf.path, "device": str(model.device), "backend": model.backend,
            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
            "type_k": args.cache_type_k, "type_v": args.cache_type_v, "prompt_tokens_per_s": p_tps,
-           "decode_tokens_per_s": d_tps, "cuda_graph": session._graph is not None,
+           "decode_tokens_per_s": d_tps, "cuda_graph": session._graph is not None, "warmup_s": warmup_s,
+           "load_s": getattr(model, "load_seconds", None),
            "plan": model.plan.summary() if model.plan is not None else None}
     if model.device.type == "cuda":
         res["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(model.device)

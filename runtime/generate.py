@@ -32,11 +32,18 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams = SamplingParams()):
         self.params = params
-        self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
+        self.generator: Optional[torch.Generator] = None  # made on the device of the first logits
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The random stream, on the probabilities' device (torch.multinomial refuses a generator on
+        another device: a CPU generator with CUDA probabilities fails every sampled token)."""
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
+        return self.generator
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits (vocab,) float32 -> token id."""
@@ -57,7 +64,7 @@ class Sampler:
             keep &= probs >= p.min_p * probs[0]
         keep[0] = True
         probs = torch.where(keep, probs, torch.zeros_like(probs))
-        choice = torch.multinomial(probs / probs.sum(), 1, generator=self.generator)
+        choice = torch.multinomial(probs / probs.sum(), 1, generator=self._generator(probs.device))
         return int(ids[choice])
 
 
@@ -83,8 +90,8 @@ class Session:
     model: Model
     n_ctx: int
     n_batch: int = 512
-    type_k: str = "f32"
-    type_v: str = "f32"
+    type_k: str = "f16"  # llama.cpp's default cache type
+    type_v: str = "f16"
     tokens: list[int] = field(default_factory=list)  # what the cache holds, in order
     cuda_graph: bool = True  # decode by replaying a captured CUDA graph where supported (runtime/cuda_graph.py)
 

@@ -38,7 +38,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
     """theta_i = base^(-2i/d) for i < d/2, divided by per-frequency factors (llama3's rope_freqs)."""
     d = cfg.rope_dim
-    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    device = freq_factors.device if freq_factors is not None else None  # the factors may live on the GPU
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     if freq_factors is not None:
         inv = inv / freq_factors.float()
     return inv
@@ -70,5 +71,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int) ->
         mask = None
     else:
         # query t (absolute position n_past + t) sees keys 0 .. n_past + t
-        mask = torch.arange(S)[None, :] <= (torch.arange(T)[:, None] + n_past)
+        mask = torch.arange(S, device=q.device)[None, :] <= (torch.arange(T, device=q.device)[:, None] + n_past)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[0] != k.shape[0])

@@ -22,8 +22,10 @@ rope_cos_sin = torch_ops.rope_cos_sin
 def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
     """x (T, in) @ W[name].T -> (T, out) in x's dtype."""
     w = W[name]
-    if w.type in FLOAT_TYPES:
-        y = x @ W.dense(name).to(x.dtype).T
+    if w.type in FLOAT_TYPES:  # the stored floats as they are: no dequantized or converted copy
+        wf = w.float_view()  # fp16 x: an F16/BF16 weight is used in its own dtype, F32 in fp32
+        dt = wf.dtype if wf.dtype != torch.float32 and x.dtype == torch.float16 else torch.promote_types(x.dtype, wf.dtype)
+        y = (x.to(dt) @ wf.to(dt).T).to(x.dtype)
     else:
         y = kernels.qmatmul(x, w.raw, w.type)
     if bias is not None:

@@ -1,8 +1,8 @@
 """Weight streaming: the planner's streamed units go through two fixed device slots.
 
-A unit (one layer's matmul weights, or the output matrix) is packed once at load into one host
-buffer, its tensors at 256-byte aligned offsets, pinned on CUDA so that a single asynchronous copy
-moves it. Two device slots, each the size of the largest streamed unit, are allocated once; unit
+A unit (one layer's matmul weights, or the output matrix) is packed once at load into its span of
+one host buffer, its tensors at 256-byte aligned offsets, pinned on CUDA (exactly: see
+`pinned_host_buffer`) so that a single asynchronous copy moves it. Two device slots, each the size of the largest streamed unit, are allocated once; unit
 k of the streamed order uses slot k % 2. Per forward pass:
 
     acquire(u)   wait (on the compute stream) for u's copy; its QTensors now view the slot
@@ -31,17 +31,22 @@ class Streamer:
         self.tensors = units
         self.layout: dict[int, list[tuple[object, int]]] = {}
         self.host: dict[int, torch.Tensor] = {}
-        size = 0
+        size, spans, total = 0, {}, 0
         for u in order:
             offsets, n = [], 0
             for t in units[u]:
                 offsets.append((t, n))
                 n += -(-t.n_bytes // ALIGN) * ALIGN
-            buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.cuda)
-            for t, off in offsets:
-                buf[off:off + t.n_bytes].copy_(t.raw.reshape(-1))
-            self.layout[u], self.host[u] = offsets, buf
+            self.layout[u], spans[u] = offsets, (total, n)
+            total += n
             size = max(size, n)
+        self.host_buffer = pinned_host_buffer(total) if self.cuda else torch.empty(total, dtype=torch.uint8)
+        for u in order:
+            start, n = spans[u]
+            buf = self.host_buffer[start:start + n]
+            for t, off in self.layout[u]:
+                buf[off:off + t.n_bytes].copy_(t.raw.reshape(-1))
+            self.host[u] = buf
         self.slot_bytes = size
         self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2 if order else 0)]
         self.slot_of = {u: k % 2 for k, u in enumerate(order)}
@@ -95,6 +100,33 @@ class Streamer:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
             self.free[s] = ev
+
+
+def pinned_host_buffer(n: int) -> torch.Tensor:
+    """n bytes of page-locked host memory, pinned exactly.
+
+    `torch.empty(pin_memory=True)` goes through torch's caching host allocator, which rounds each
+    request up to a power of two and keeps it: 2.2 GiB of streamed layers would pin 4 GiB of host
+    RAM. So we allocate ordinary memory and register exactly those pages with the driver
+    (cudaHostRegister), unregistering when the buffer is freed; torch's allocator is the fallback
+    where registration is unavailable or not recognised as pinned.
+    """
+    import weakref
+
+    buf = torch.empty(n, dtype=torch.uint8)
+    if n == 0:
+        return buf
+    try:
+        cudart = torch.cuda.cudart()
+        ptr = buf.data_ptr()
+        if int(cudart.cudaHostRegister(ptr, n, 0)) == 0:
+            if buf.is_pinned():
+                weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
+                return buf
+            cudart.cudaHostUnregister(ptr)
+    except Exception:  # no such binding in this torch build, or the driver refused: use torch's pinning
+        pass
+    return torch.empty(n, dtype=torch.uint8, pin_memory=True)
 
 
 def streamed_order(plan: Plan) -> list[int]:

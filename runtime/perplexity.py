@@ -30,9 +30,21 @@ class PerplexityResult:
     n_ctx: int
 
 
-def window_nll(model: Model, window: list[int], n_batch: int = 512) -> tuple[float, int]:
+def token_nll(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """-log p(targets[t]) under logits[t] (T, vocab), float32 on the logits' device.
+
+    logsumexp(logits) - logits[target] in float32: no T x vocab float64 copy (the VRAM planner
+    budgets one float32 logits matrix); callers sum in float64.
+    """
+    lp = logits.float()
+    ids = torch.tensor(targets, dtype=torch.long, device=lp.device)
+    return torch.logsumexp(lp, dim=-1) - lp.gather(1, ids.unsqueeze(1)).squeeze(1)
+
+
+def window_nll(model: Model, window: list[int], n_batch: int = 512, type_k: str = "f16",
+               type_v: str = "f16") -> tuple[float, int]:
     """Sum of -log p over tokens 1..n-1 of one window, and how many tokens that is."""
-    cache = model.new_cache(len(window))
+    cache = model.new_cache(len(window), type_k, type_v)
     total, count = 0.0, 0
     prev_logits = None  # logits of the position before the current chunk
     for start in range(0, len(window), n_batch):
@@ -40,12 +52,10 @@ def window_nll(model: Model, window: list[int], n_batch: int = 512) -> tuple[flo
         logits = model.forward(torch.tensor(chunk), cache, logits="all")  # (T, vocab)
         if prev_logits is not None:
             logits = torch.cat([prev_logits[None], logits])
-            targets = torch.tensor(chunk)
+            targets = chunk
         else:
-            targets = torch.tensor(chunk[1:])
-        predicting = logits[: len(targets)]
-        logp = torch.log_softmax(predicting.double(), dim=-1)
-        total -= float(logp.gather(1, targets[:, None]).sum())
+            targets = chunk[1:]
+        total += float(token_nll(logits[: len(targets)], targets).double().sum())
         count += len(targets)
         prev_logits = logits[-1]
     return total, count
@@ -58,7 +68,10 @@ def perplexity(
     bos_id: Optional[int] = None,
     n_batch: int = 512,
     progress: Optional[Callable[[int, float], None]] = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
 ) -> PerplexityResult:
+    """type_k / type_v: the KV cache types (runtime/kv_cache.py), f16 by default as llama.cpp."""
     if n_ctx < 2:
         raise QkvggufError(f"perplexity needs a context of at least 2 tokens, got -c {n_ctx}")
     n_windows = len(tokens) // n_ctx
@@ -69,7 +82,7 @@ def perplexity(
         window = tokens[w * n_ctx:(w + 1) * n_ctx]
         if bos_id is not None:
             window = [bos_id] + window[1:]
-        nll, n = window_nll(model, window, n_batch)
+        nll, n = window_nll(model, window, n_batch, type_k, type_v)
         total += nll
         count += n
         if progress is not None:

@@ -26,6 +26,9 @@ from qkvgguf.gguf_file import GGUFFile
 from qkvgguf.quants import dequantize, get_format
 
 
+_FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+
+
 @dataclass
 class QTensor:
     name: str
@@ -41,11 +44,35 @@ class QTensor:
     def dequantized_bytes(self) -> int:
         return 4 * int(np.prod(self.shape))
 
+    def float_view(self) -> torch.Tensor:
+        """An F32/F16/BF16 tensor's bytes viewed as its own dtype, shaped `shape`: no copy."""
+        dtype = _FLOAT_DTYPES[self.type]
+        return self.raw.view(dtype).view(self.shape)
+
     def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """float32 values, all rows or the selected ones; reshaped to `shape` when all rows."""
         if rows is None:
             return dequantize(self.raw, self.type).view(self.shape)
         return dequantize(self.raw[rows], self.type)
+
+
+def _load_arena(tensors: list[QTensor], device: torch.device) -> torch.Tensor:
+    """Copy the tensors' bytes into one device buffer (256-byte aligned offsets) and repoint each
+    QTensor at its slice. One allocation, not one per tensor: the caching allocator rounds every
+    large block up (to 2 MiB), which over a 7B model's ~290 tensors adds hundreds of MiB that the
+    VRAM planner, counting bytes as stored, never planned."""
+    from .planner import ALIGN
+
+    offsets, n = [], 0
+    for t in tensors:
+        offsets.append(n)
+        n += -(-t.n_bytes // ALIGN) * ALIGN
+    arena = torch.empty(n, dtype=torch.uint8, device=device)
+    for t, off in zip(tensors, offsets):
+        dst = arena[off:off + t.n_bytes].view(t.raw.shape)
+        dst.copy_(t.raw)
+        t.raw = dst
+    return arena
 
 
 def _from_memmap(array: np.ndarray) -> torch.Tensor:
@@ -96,10 +123,12 @@ class Weights:
         self.device = device
         self.path = gguf.path
         self.tensors: dict[str, QTensor] = {}
+        self.host_raw: dict[str, torch.Tensor] = {}  # the file's bytes of every streamed tensor
         streamed = set(plan.streamed_units) if plan is not None else set()
         host = set(plan.host_tensors) if plan is not None else set()
         tied = "output.weight" not in gguf.tensors
         units: dict[int, list[QTensor]] = {}
+        resident: list[QTensor] = []
         for name, info in gguf.tensors.items():
             try:  # fail at load, naming the tensor, not mid-generation
                 get_format(info.type)
@@ -107,12 +136,14 @@ class Weights:
                 raise UnsupportedError(f"{gguf.path}: tensor '{name}': {e}") from None
             raw = _from_memmap(gguf.raw(name))
             unit = unit_of(name, tied)
-            on_device = unit not in streamed and name not in host
-            if device.type != "cpu" and on_device:
-                raw = raw.to(device)
             self.tensors[name] = QTensor(name, info.type, info.shape, raw)
             if unit in streamed:
                 units.setdefault(unit, []).append(self.tensors[name])
+                self.host_raw[name] = raw
+            elif name not in host:
+                resident.append(self.tensors[name])
+        if device.type != "cpu":
+            self.arena = _load_arena(resident, device)
         self.streamer = Streamer(units, streamed_order(plan), device) if streamed else None
         self.cache = DequantCache(cache_bytes)
 
@@ -145,6 +176,11 @@ class Weights:
         hit = self.cache.peek(name)
         if hit is not None:
             return hit[ids]
-        if w.raw.device != ids.device:  # a host-side embedding: gather there, copy the rows
-            return w.dequantize(ids.to(w.raw.device)).to(ids.device)
-        return w.dequantize(ids)
+        # A streamed tensor (a tied embedding that is also the streamed output matrix) is read from
+        # its host bytes: its QTensor views a staging slot only between acquire and release, and
+        # the slot may be refilled for another unit at any time outside that window.
+        raw = self.host_raw.get(name, w.raw)
+        if raw.device != ids.device:  # a host-side embedding: gather there, copy the rows
+            rows = dequantize(raw[ids.to(raw.device)], w.type)
+            return rows.to(ids.device)
+        return dequantize(raw[ids], w.type)

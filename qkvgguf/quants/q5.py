@@ -27,7 +27,7 @@ from .q4 import unpack_nibbles
 
 def unpack_q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     """qh uint8 (..., 4), qs uint8 (..., 16) -> 5-bit q uint8 (..., 2, 16), element order."""
-    high = (qh.unsqueeze(-1) >> shifts(list(range(8)), qh).view(8)) & 1  # (..., 4, 8): element 8k + j
+    high = (qh.unsqueeze(-1) >> shifts(8, 1, qh).view(8)) & 1  # (..., 4, 8): element 8k + j
     return unpack_nibbles(qs) | (high.view(*qh.shape[:-1], 2, 16) << 4)
 
 

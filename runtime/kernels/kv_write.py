@@ -67,7 +67,7 @@ def _kv_write_kernel(
     hi = tl.load(src + 16 + rj, mask=bmask, other=0.0).to(tl.float32)  # elements 16..31
     if FMT == 1:  # q8_0
         amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
-        d = amax / 127.0
+        d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))  # IEEE: '/' may be approximate on a GPU
         inv = _inverse(d)
         qlo = _round_half_away(lo * inv).to(tl.int8).to(tl.uint8, bitcast=True)
         qhi = _round_half_away(hi * inv).to(tl.int8).to(tl.uint8, bitcast=True)
@@ -81,7 +81,7 @@ def _kv_write_kernel(
         first = tl.minimum(tl.min(tl.where(alo == amax, rj, 32), axis=1),
                            tl.min(tl.where(ahi == amax, rj + 16, 32), axis=1))[:, None]
         m = tl.sum(tl.where(rj == first, lo, 0.0), axis=1) + tl.sum(tl.where(rj + 16 == first, hi, 0.0), axis=1)
-        d = m / -8.0
+        d = m * -0.125  # exact, as the IEEE quotient m / -8
         inv = _inverse(d)
         qlo = tl.minimum(tl.maximum(tl.floor(lo * inv + 8.5), 0.0), 15.0).to(tl.int32)
         qhi = tl.minimum(tl.maximum(tl.floor(hi * inv + 8.5), 0.0), 15.0).to(tl.int32)

@@ -27,3 +27,29 @@ def fp32_precision(device: torch.device, precision: str | None) -> str:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return "ieee"
     return precision or "tf32"
+
+
+def autotune_bench(fn, quantiles=None, warmup: int = 3, rep: int = 20) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, for `triton.autotune(do_bench=...)`.
+
+    Triton's default benchmarker flushes L2 before each run through a 256 MB buffer: on a 4 GiB
+    card that buffer is memory the VRAM planner never gave out, and the allocator cap
+    (--vram) can make the first call of a kernel fail with out-of-memory. Our matmul weights
+    are larger than L2 at the shapes that matter, so the flush changes no ranking there; without
+    it, autotuning allocates nothing. `quantiles` is accepted (the autotuner passes it) and
+    answered with the same median for each.
+    """
+    fn()  # compile / first launch outside the timing
+    torch.cuda.synchronize()
+    for _ in range(warmup):
+        fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    for s, e in zip(start, end):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
+    med = times[len(times) // 2]
+    return [med] * len(quantiles) if quantiles else med

@@ -38,6 +38,7 @@ exactly its file size in VRAM.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import triton
@@ -47,7 +48,7 @@ from gguf import GGMLQuantizationType as T
 from qkvgguf.errors import QkvggufError
 
 from .dequant import LAYOUTS, check_weight, dequant
-from .launch import fp32_precision, interpreting, next_pow2
+from .launch import autotune_bench, fp32_precision, interpreting, next_pow2
 
 GEMV_MAX_M = 8
 
@@ -171,7 +172,12 @@ def _tuned(kind: str, qtype: T):
     """The autotuned kernel of one strategy and format, built on first use (never at import)."""
     kernel, configs = (_gemv_kernel, gemv_configs(qtype)) if kind == "gemv" else (_gemm_kernel, gemm_configs(qtype))
     key = ["M", "N", "NBLK"] if kind == "gemv" else ["M_BUCKET", "N", "NBLK"]  # not one tuning per prompt length
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return triton.autotune(configs=configs, key=key, do_bench=autotune_bench, **_AUTOTUNE_DISK_CACHE)(kernel)
+
+
+# Triton >= 3.2 can keep autotuning results in its on-disk cache: a second run (another process)
+# of the same model skips the timing of every candidate.
+_AUTOTUNE_DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 # -- wrapper -------------------------------------------------------------------------------------
