@@ -64,7 +64,7 @@ STAGES = [
     ("env", 40, 30),
     ("models", 90, 50),
     ("tests", 180, 120),
-    ("kernels", 130, 50),
+    ("kernels", 130, 70),
     ("decode", 120, 60),
     ("kv4k", 70, 30),
     ("paging", 90, 45),
