@@ -102,13 +102,17 @@ def _device(args):
     return torch.device("cpu" if args.dry_run else "cuda")
 
 
+def _recipes(args) -> list[str]:
+    """The synthetic models (benchmarks/synthetic.py recipes) this run uses."""
+    return (["tiny-q4_k_m"] if args.dry_run else
+            ["smollm2-q4_1", "8b-q4_k_m"] if args.quick else ["smollm2-q4_1", "8b-q4_k_m", "7b-q4_0"])
+
+
 def _models(args) -> dict:
-    """recipe -> path of the synthetic models this run uses (written by the models stage)."""
+    """recipe -> path (written by the models stage, or here when that stage did not run)."""
     import synthetic
 
-    recipes = (["tiny-q4_k_m"] if args.dry_run else
-               ["smollm2-q4_1", "8b-q4_k_m"] if args.quick else ["smollm2-q4_1", "8b-q4_k_m", "7b-q4_0"])
-    return {r: os.path.join(args.workdir, f"synthetic-{r}.gguf") for r in recipes if r in synthetic.RECIPES}
+    return {r: synthetic.ensure(r, args.workdir) for r in _recipes(args)}
 
 
 def _env_json(args) -> dict:
@@ -162,26 +166,20 @@ def stage_env(st: Stage) -> None:
     st.save()
 
 
-def _time(fn, dev, reps: int = 10) -> float:
-    """Median seconds of fn() (CUDA events on a GPU, wall clock on the CPU), after one warm-up."""
-    import torch
+def _time(fn, dev, reps: int = 10, calls: int = 10) -> float:
+    """Median seconds of one fn(): on a GPU replayed from a CUDA graph of `calls` calls (kernel time,
+    not the host's launch overhead: launch.graph_time_ms), wall clock on the CPU."""
+    if dev.type == "cuda":
+        from qkvgguf.runtime.kernels.launch import graph_time_ms
 
+        return graph_time_ms(fn, calls=calls, reps=reps) / 1e3
     fn()
-    if dev.type != "cuda":
-        times = []
-        for _ in range(min(reps, 3)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    torch.cuda.synchronize(dev)
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
+    times = []
+    for _ in range(min(reps, 3)):
+        t0 = time.perf_counter()
         fn()
-        b.record()
-    torch.cuda.synchronize(dev)
-    return statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def copy_bandwidth(dev, n_bytes: int) -> float:
@@ -205,8 +203,16 @@ def h2d_bandwidth(dev, n_bytes: int, pinned: bool = True) -> float:
     src = pinned_host_buffer(n_bytes) if pinned else torch.empty(n_bytes, dtype=torch.uint8)
     src.fill_(1)
     dst = torch.empty(n_bytes, dtype=torch.uint8, device=dev)
-    t = _time(lambda: dst.copy_(src, non_blocking=pinned), dev, 5)
-    return n_bytes / t
+    dst.copy_(src, non_blocking=pinned)
+    times = []
+    for _ in range(5):  # not in a graph (a pageable copy cannot be captured); long copies need none
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=pinned)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return n_bytes / statistics.median(times)
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -214,9 +220,9 @@ def stage_models(st: Stage) -> None:
     import synthetic
 
     st.md = ["## Synthetic models (benchmarks/synthetic.py)", "", "| recipe | GiB | seconds |", "|---|---:|---:|"]
-    for recipe, path in _models(st.args).items():
+    for recipe in _recipes(st.args):
         t0 = time.perf_counter()
-        synthetic.ensure(recipe, st.args.workdir)
+        path = synthetic.ensure(recipe, st.args.workdir)
         row = {"recipe": recipe, "path": path, "bytes": os.path.getsize(path), "seconds": time.perf_counter() - t0}
         st.md.append(f"| {recipe} | {row['bytes'] / 2**30:.2f} | {row['seconds']:.0f} |")
         st.row(row)
@@ -229,7 +235,7 @@ def stage_tests(st: Stage) -> None:
     args = st.args
     files = DRY_TESTS if args.dry_run else GPU_TESTS
     files = [f for f in files if os.path.exists(os.path.join(ROOT, f))]
-    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", *files]
+    cmd = [sys.executable, "-P", "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", *files]
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd += ["--timeout", "120"]
     env = dict(os.environ, QKVGGUF_NO_DEFAULT_MODEL="1")  # the 98 MB demo file cannot travel here
@@ -245,7 +251,7 @@ def stage_tests(st: Stage) -> None:
     counts = {k: len(re.findall(rf"(?m) {k.upper()}( |$)", text)) for k in ("passed", "failed", "error", "skipped")}
     failures = sorted(set(re.findall(r"(?m)^(?:FAILED|ERROR) (\S+)", text)))
     st.data.update(returncode=rc, seconds=time.perf_counter() - t0, files=files, counts=counts, failures=failures)
-    st.md = ["## GPU tests", "", f"`{' '.join(cmd[2:])}`: exit {rc}, {counts['passed']} passed, "
+    st.md = ["## GPU tests", "", f"`{' '.join(cmd[3:])}`: exit {rc}, {counts['passed']} passed, "
              f"{counts['failed']} failed, {counts['error']} errors, {counts['skipped']} skipped "
              f"in {st.data['seconds']:.0f} s", ""] + [f"- {x}" for x in failures]
     st.save()
@@ -292,8 +298,10 @@ def stage_kernels(st: Stage) -> None:
         shapes, m_gemm = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)], 512
     st.data["copy_GBps"] = copy / 1e9
     st.md = [f"## Quantized matmul (copy bandwidth {copy / 1e9:.0f} GB/s)", "",
-             "| format | M | N x K | us | GB/s | of copy | cuBLAS f16 us | cuBLAS bf16 us | torch int4 us | vs f16 | vs int4 | TFLOP/s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Kernel time from CUDA-graph replays (no launch overhead). M = 1: our GEMV; larger M: qmatmul's "
+             "default (w dequantized to fp16 tiles + cuBLAS), with our Triton GEMM alone in the last column.", "",
+             "| format | M | N x K | us | GB/s | of copy | cuBLAS f16 us | cuBLAS bf16 us | torch int4 us | vs f16 | vs int4 | TFLOP/s | Triton GEMM us |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fmt in formats:
         qtype = T[fmt]
         for n, k in shapes:
@@ -315,15 +323,16 @@ def stage_kernels(st: Stage) -> None:
                 tb16 = _time(lambda: xb @ db.T, dev)
                 i4 = int4_reference(x, n, k, dev) if dev.type == "cuda" else "cpu"
                 t4 = _time(i4, dev) if callable(i4) else None
+                t_tri = _time(lambda: qmatmul(x, w, qtype, strategy="gemm"), dev) if m > 8 else None
                 moved = w.numel() + x.numel() * x.element_size() + m * n * x.element_size()
                 row = {"format": fmt, "M": m, "N": n, "K": k, "us": t * 1e6, "GBps": moved / t / 1e9,
                        "of_copy": moved / t / copy, "rel_err": err, "first_call_s": first_s,
                        "cublas_f16_us": t16 * 1e6, "cublas_bf16_us": tb16 * 1e6,
                        "int4_us": None if t4 is None else t4 * 1e6, "int4_note": None if callable(i4) else i4,
-                       "TFLOPs": 2 * m * n * k / t / 1e12}
+                       "TFLOPs": 2 * m * n * k / t / 1e12, "triton_gemm_us": None if t_tri is None else t_tri * 1e6}
                 st.md.append(f"| {fmt} | {m} | {n}x{k} | {t * 1e6:.1f} | {row['GBps']:.0f} | {row['of_copy']:.1%} | "
                              f"{t16 * 1e6:.1f} | {tb16 * 1e6:.1f} | {_fmt(row['int4_us'])} | {t16 / t:.2f} | "
-                             f"{'-' if t4 is None else f'{t4 / t:.2f}'} | {row['TFLOPs']:.1f} |")
+                             f"{'-' if t4 is None else f'{t4 / t:.2f}'} | {row['TFLOPs']:.1f} | {_fmt(row['triton_gemm_us'])} |")
                 st.row(row)
             del w, dense
 
@@ -332,23 +341,23 @@ def stage_kernels(st: Stage) -> None:
 def cli_bench(st: Stage, model: str, extra: list[str], timeout: float) -> dict:
     """`qkvgguf bench --json` in a fresh process (the user's code path); its JSON, or the error."""
     args = st.args
-    cmd = [sys.executable, "-m", "qkvgguf.cli", "bench", "-m", model, "--json", *extra]
+    cmd = [sys.executable, "-P", "-m", "qkvgguf.cli", "bench", "-m", model, "--json", *extra]
     if args.dry_run:
         cmd += ["--device", "cpu", "--backend", "triton"]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5, timeout))
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s", "cmd": " ".join(cmd[2:])}
+        return {"error": f"timed out after {timeout:.0f} s", "cmd": " ".join(cmd[3:])}
     wall = time.perf_counter() - t0
     with open(os.path.join(args.out, f"{st.name}.log"), "a") as f:
-        f.write(f"$ {' '.join(cmd[2:])}\n{p.stdout}{p.stderr}\n")
+        f.write(f"$ {' '.join(cmd[3:])}\n{p.stdout}{p.stderr}\n")
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {p.returncode}: {err[:300]}", "cmd": " ".join(cmd[2:]), "wall_s": wall}
+        return {"error": f"exit {p.returncode}: {err[:300]}", "cmd": " ".join(cmd[3:]), "wall_s": wall}
     res = json.loads(lines[-1])
-    res["cmd"] = "qkvgguf " + " ".join(cmd[4:])
+    res["cmd"] = "qkvgguf " + " ".join(cmd[5:])
     res["wall_s"] = wall
     return res
 

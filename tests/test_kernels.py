@@ -171,6 +171,25 @@ def test_qmatmul_default_config_and_out_dtype(qtype, M):
     assert_matmul_close(y, x, dense, rtol=2e-3)
 
 
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, None), (torch.float16, None), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q6_K], ids=lambda t: t.name)
+def test_qmatmul_dense_strategy_tiles(qtype, dtype, out_dtype, monkeypatch):
+    """Prompt-sized M: w dequantized tile by tile (here 5 rows of w a tile, the last one partial) and
+    multiplied by torch (cuBLAS on a GPU); the same bounds as the kernels."""
+    import importlib
+
+    qm = importlib.import_module("qkvgguf.runtime.kernels.qmatmul")
+    raw, dense = weight(qtype, sane_only=True)
+    monkeypatch.setattr(qm, "DENSE_TILE_BYTES", 5 * dense.shape[1] * torch.finfo(dtype).bits // 8)
+    x = torch.randn(70, dense.shape[1], generator=torch.Generator().manual_seed(3)).to(DEV).to(dtype)
+    y = qmatmul(x, raw, qtype, out_dtype=out_dtype, strategy="dense")
+    assert y.dtype == (out_dtype or dtype) and y.shape == (70, N_ROWS)
+    if dtype == torch.float32:
+        assert_matmul_close(y, x, dense, rtol=1e-5 if not GPU else 2e-3)
+    else:
+        assert_matmul_close(y, x, dense, rtol=2e-3, out_rtol=1e-3)
+
+
 def test_qmatmul_rejects_bad_input():
     raw, dense = weight(T.Q4_0)
     x = torch.zeros(1, dense.shape[1], device=DEV)

@@ -230,16 +230,18 @@ def _dequant_rows_kernel(
         tl.store(out_ptr + r * stride_on + elem, vals, mask=mask)
 
 
-def dequantize_rows(w_raw: torch.Tensor, qtype, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows `ids` (default: all) of GGUF bytes w_raw (N, row_bytes) -> float32 (len(ids), K).
+def dequantize_rows(w_raw: torch.Tensor, qtype, ids: torch.Tensor | None = None,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows `ids` (default: all) of GGUF bytes w_raw (N, row_bytes) -> out_dtype (len(ids), K).
 
-    For what must be dense (an embedding lookup of a few tokens); matmuls use qmatmul instead.
+    For what must be dense: an embedding lookup of a few tokens, and the fp16 tiles that
+    qmatmul hands to cuBLAS for prompt-sized batches.
     """
     qtype, lay, nblk = check_weight(w_raw, qtype, "dequantize_rows")
     if ids is None:
         ids = torch.arange(w_raw.shape[0], device=w_raw.device)
     ids = ids.to(device=w_raw.device, dtype=torch.int64).reshape(-1)
-    out = torch.empty((ids.numel(), nblk * lay.block_size), dtype=torch.float32, device=w_raw.device)
+    out = torch.empty((ids.numel(), nblk * lay.block_size), dtype=out_dtype, device=w_raw.device)
     nb = max(1, 256 // lay.block_size)
     if ids.numel():
         _dequant_rows_kernel[(ids.numel(), triton.cdiv(nblk, nb))](

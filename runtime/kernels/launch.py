@@ -29,27 +29,47 @@ def fp32_precision(device: torch.device, precision: str | None) -> str:
     return precision or "tf32"
 
 
-def autotune_bench(fn, quantiles=None, warmup: int = 3, rep: int = 20) -> float:
-    """Median milliseconds of fn() on the current CUDA stream, for `triton.autotune(do_bench=...)`.
+def graph_time_ms(fn, calls: int = 1, reps: int = 20) -> float:
+    """Median milliseconds of one fn() on the GPU, timed by replaying a CUDA graph of `calls` calls.
 
-    Triton's default benchmarker flushes L2 before each run through a 256 MB buffer: on a 4 GiB
-    card that buffer is memory the VRAM planner never gave out, and the allocator cap
-    (--vram) can make the first call of a kernel fail with out-of-memory. Our matmul weights
-    are larger than L2 at the shapes that matter, so the flush changes no ranking there; without
-    it, autotuning allocates nothing. `quantiles` is accepted (the autotuner passes it) and
-    answered with the same median for each.
+    Timing each call with events around an ordinary launch measures the host's launch overhead
+    whenever the kernel is shorter than it (a decode GEMV takes a few microseconds; a Triton launch
+    from Python costs tens): replaying a captured graph leaves only GPU time (plus one graph launch
+    per replay, spread over `calls`). fn must be capturable: no host synchronization, no compile
+    (it is called once before capture, outside it)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def autotune_bench(fn, quantiles=None) -> float:
+    """Median milliseconds of fn(), for `triton.autotune(do_bench=...)`: `graph_time_ms`.
+
+    Triton's default benchmarker times ordinary launches (host overhead included: for a decode
+    GEMV the ranking is then mostly noise) and flushes L2 before each run through a 256 MB buffer,
+    memory the VRAM planner never gave out (with the --vram allocator cap, the first call of a
+    kernel could fail with out-of-memory). Our matmul weights are larger than L2 at the shapes that
+    matter, so the flush changes no ranking there. `quantiles` is accepted (the autotuner passes
+    it) and answered with the median for each.
     """
-    fn()  # compile / first launch outside the timing
-    torch.cuda.synchronize()
-    for _ in range(warmup):
-        fn()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-    for s, e in zip(start, end):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
-    med = times[len(times) // 2]
+    med = graph_time_ms(fn, calls=1, reps=20)
     return [med] * len(quantiles) if quantiles else med

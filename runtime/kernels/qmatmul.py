@@ -51,6 +51,8 @@ from .dequant import LAYOUTS, check_weight, dequant
 from .launch import autotune_bench, fp32_precision, interpreting, next_pow2
 
 GEMV_MAX_M = 8
+DENSE_MIN_M = 64  # from this many rows of x on a GPU: dequantize to fp16 tiles, multiply with cuBLAS
+DENSE_TILE_BYTES = 32 * 2**20  # the fp16 scratch of one tile of w (the VRAM planner counts it)
 
 
 # -- kernels -------------------------------------------------------------------------------------
@@ -181,14 +183,37 @@ _AUTOTUNE_DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.sig
 
 
 # -- wrapper -------------------------------------------------------------------------------------
+def dense_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out: torch.Tensor) -> torch.Tensor:
+    """out = x @ dequant(w).T through cuBLAS: w is dequantized to x's dtype a tile of rows at a
+    time (at most DENSE_TILE_BYTES of scratch), each tile multiplied as it is made.
+
+    For prompt-sized M the product is compute-bound: cuBLAS's tensor-core GEMM on an fp16 tile
+    beats dequantizing inside a Triton GEMM, and the extra traffic (write and read the tile once)
+    is small next to M x N x K multiply-adds."""
+    from .dequant import dequantize_rows
+
+    N, K = w_raw.shape[0], x.shape[1]
+    rows = max(1, DENSE_TILE_BYTES // (K * x.element_size()))
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        tile = dequantize_rows(w_raw[n0:n1], qtype, out_dtype=x.dtype)
+        if n1 - n0 == N and out.dtype == x.dtype:
+            torch.matmul(x, tile.T, out=out)
+        else:
+            out[:, n0:n1] = x @ tile.T
+    return out
+
+
 def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype | None = None,
-            *, config: dict | None = None, precision: str | None = None) -> torch.Tensor:
+            *, config: dict | None = None, precision: str | None = None, strategy: str | None = None) -> torch.Tensor:
     """x (M, K) fp16/fp32 @ dequant(w_raw (N, row_bytes) uint8, qtype).T -> (M, N) out_dtype.
 
     config pins the meta-parameters, e.g. {"BLOCK_N": 16, "GS": 4, "num_warps": 4} for the GEMV
     (M <= 8) or {"BLOCK_M": 16, "BLOCK_N": 32, "GS": 2, "GROUP_M": 8} for the GEMM; GS counts
     groups of dequant.LAYOUTS[qtype].inner quant bytes per K step. precision: tl.dot precision of
     the GEMM with fp32 x (launch.fp32_precision: "tf32" by default on sm80+, or "tf32x3", "ieee").
+    strategy: "gemv", "gemm" (the Triton kernels) or "dense" (dense_matmul); default by M: GEMV
+    up to GEMV_MAX_M rows, dense from DENSE_MIN_M rows on a CUDA device, the Triton GEMM between.
     """
     qtype, lay, nblk = check_weight(w_raw, qtype, "qmatmul")
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.float32):
@@ -210,7 +235,14 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype 
     fmt = dict(QTYPE=int(qtype), BS=lay.block_size, TS=lay.type_size, G=lay.groups, INNER=lay.inner,
                PLANES=lay.planes)
     args = (x, w_raw, w16, y, M, N, nblk, x.stride(0), w_raw.stride(0), y.stride(0))
-    if M <= GEMV_MAX_M:
+    if strategy is None:
+        strategy = ("gemv" if M <= GEMV_MAX_M else
+                    "dense" if M >= DENSE_MIN_M and x.is_cuda and config is None else "gemm")
+    if strategy == "dense":
+        return dense_matmul(x, w_raw, qtype, y)
+    if strategy == "gemv":
+        if M > GEMV_MAX_M:
+            raise QkvggufError(f"qmatmul: the GEMV takes at most {GEMV_MAX_M} rows, got {M}")
         fmt["BLOCK_M"] = next_pow2(M)
         if config is None and interpreting():
             config = interpreter_config("gemv", qtype)
