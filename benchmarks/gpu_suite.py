@@ -20,6 +20,7 @@ time still leaves what it measured) and DIR/<stage>.log; DIR/summary.md gathers 
              fraction of the copy bandwidth, and torch's own kernels on the same shapes in the
              same run: cuBLAS fp16 / bf16 on the dense weight and the int4 weight-only kernel
              (`aten._weight_int4pack_mm`, as gpt-fast and torchao use)
+    sweep    every GEMV tile candidate (and some beyond the autotuner's list) at decode shapes
     decode   `qkvgguf bench` (the CLI, as a user runs it) on each model: prompt and decode tok/s,
              CUDA-graph decode vs ordinary launches, warm-up (compile + autotune) time, peak
              memory, and decode's weight bandwidth as a fraction of copy bandwidth
@@ -65,6 +66,7 @@ STAGES = [
     ("models", 90, 50),
     ("tests", 180, 120),
     ("kernels", 130, 70),
+    ("sweep", 60, 40),
     ("decode", 120, 60),
     ("kv4k", 70, 30),
     ("paging", 90, 45),
@@ -161,6 +163,9 @@ def stage_env(st: Stage) -> None:
     d["copy_GBps"] = copy_bandwidth(dev, 2**20 if args.dry_run else 2**30) / 1e9
     d["h2d_pinned_GBps"] = h2d_bandwidth(dev, 2**20 if args.dry_run else 2**29) / 1e9
     d["h2d_pageable_GBps"] = h2d_bandwidth(dev, 2**20 if args.dry_run else 2**28, pinned=False) / 1e9
+    from qkvgguf.runtime import paging
+
+    d["pinned_by"] = paging.PIN_METHOD  # cudaHostRegister (exact) or torch's pin_memory (power-of-two rounding)
     st.data.update(d)
     st.md = ["## Environment", "", "| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in d.items()]
     st.save()
@@ -182,14 +187,32 @@ def _time(fn, dev, reps: int = 10, calls: int = 10) -> float:
     return statistics.median(times)
 
 
+def _time_long(fn, dev, reps: int = 5) -> float:
+    """Median seconds of fn() between two events, for operations long enough (hundreds of
+    microseconds and more) that the launch overhead does not count, or that a graph cannot hold."""
+    import torch
+
+    if dev.type != "cuda":
+        return _time(fn, dev, reps)
+    fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
 def copy_bandwidth(dev, n_bytes: int) -> float:
     """Device-to-device copy, (bytes read + written) / time."""
     import torch
 
     src = torch.randn(n_bytes // 4, device=dev)
     dst = torch.empty_like(src)
-    t = _time(lambda: dst.copy_(src), dev, 20)
-    return 2 * n_bytes / t
+    return 2 * n_bytes / _time_long(lambda: dst.copy_(src), dev, 10)
 
 
 def h2d_bandwidth(dev, n_bytes: int, pinned: bool = True) -> float:
@@ -203,16 +226,7 @@ def h2d_bandwidth(dev, n_bytes: int, pinned: bool = True) -> float:
     src = pinned_host_buffer(n_bytes) if pinned else torch.empty(n_bytes, dtype=torch.uint8)
     src.fill_(1)
     dst = torch.empty(n_bytes, dtype=torch.uint8, device=dev)
-    dst.copy_(src, non_blocking=pinned)
-    times = []
-    for _ in range(5):  # not in a graph (a pageable copy cannot be captured); long copies need none
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src, non_blocking=pinned)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return n_bytes / statistics.median(times)
+    return n_bytes / _time_long(lambda: dst.copy_(src, non_blocking=pinned), dev)  # a pageable copy cannot be captured
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -233,7 +247,7 @@ def stage_tests(st: Stage) -> None:
     import importlib.util
 
     args = st.args
-    files = DRY_TESTS if args.dry_run else GPU_TESTS
+    files = args.test_files.split(",") if args.test_files else DRY_TESTS if args.dry_run else GPU_TESTS
     files = [f for f in files if os.path.exists(os.path.join(ROOT, f))]
     cmd = [sys.executable, "-P", "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", *files]
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -337,6 +351,56 @@ def stage_kernels(st: Stage) -> None:
             del w, dense
 
 
+def stage_sweep(st: Stage) -> None:
+    """Every GEMV candidate (and a few beyond the autotuner's list) timed at decode shapes: where
+    the kernel stands against the copy roofline, and which tiles the next tuning should try."""
+    import torch
+    from gguf import GGMLQuantizationType as T
+
+    import kernels as kb
+    from qkvgguf.runtime.kernels import qmatmul
+    from qkvgguf.runtime.kernels.dequant import LAYOUTS
+    from qkvgguf.runtime.kernels.qmatmul import gemv_configs
+
+    args, t0 = st.args, time.perf_counter()
+    dev = _device(args)
+    copy = (_env_json(args).get("copy_GBps") or copy_bandwidth(dev, 2**20 if args.dry_run else 2**30) / 1e9) * 1e9
+    formats = ["Q4_K"] if args.dry_run else ["Q4_K", "Q4_0"]
+    shapes = [(64, 256)] if args.dry_run else [(4096, 4096), (14336, 4096)]
+    extras = [(32, 256, 8, 2), (32, 512, 8, 2), (64, 256, 8, 2), (16, 1024, 8, 2), (8, 1024, 4, 2),
+              (16, 512, 4, 3), (16, 256, 4, 4), (4, 512, 4, 3), (2, 1024, 4, 2), (32, 128, 4, 2)]
+    st.md = [f"## GEMV tile sweep, M = 1 (copy bandwidth {copy / 1e9:.0f} GB/s; CUDA-graph replays)", "",
+             "| format | N x K | BLOCK_N | K bytes/step | warps | stages | us | of copy | in autotune list |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for fmt in formats:
+        qtype = T[fmt]
+        inner = LAYOUTS[qtype].inner
+        cands = [(c.kwargs["BLOCK_N"], c.kwargs["GS"] * inner, c.num_warps, c.num_stages, True) for c in gemv_configs(qtype)]
+        cands += [(bn, kb_, w, s, False) for bn, kb_, w, s in extras if kb_ >= inner]
+        if args.dry_run:
+            cands = cands[:2]
+        for n, k in shapes:
+            w = kb.random_weight(qtype, n, k, dev)
+            x = torch.randn(1, k, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+            for bn, kbytes, warps, stages, listed in cands:
+                if _remaining(st, t0) < 5:
+                    st.row({"format": fmt, "skipped": "stage time used up"})
+                    return
+                cfg = {"BLOCK_N": bn, "GS": kbytes // inner, "num_warps": warps, "num_stages": stages}
+                try:
+                    t = _time(lambda: qmatmul(x, w, qtype, config=cfg), dev)
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile is a finding
+                    st.row({"format": fmt, "N": n, "K": k, **cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                moved = w.numel() + x.numel() * x.element_size() + n * x.element_size()
+                row = {"format": fmt, "N": n, "K": k, **cfg, "k_bytes": kbytes, "us": t * 1e6,
+                       "of_copy": moved / t / copy, "listed": listed}
+                st.md.append(f"| {fmt} | {n}x{k} | {bn} | {kbytes} | {warps} | {stages} | {t * 1e6:.1f} | "
+                             f"{row['of_copy']:.1%} | {'yes' if listed else 'no'} |")
+                st.row(row)
+            del w
+
+
 # -- decode, kv4k, paging: through the CLI ----------------------------------------------------------
 def cli_bench(st: Stage, model: str, extra: list[str], timeout: float) -> dict:
     """`qkvgguf bench --json` in a fresh process (the user's code path); its JSON, or the error."""
@@ -376,7 +440,8 @@ def stage_decode(st: Stage) -> None:
              "| model | graph | prompt tok/s | decode tok/s | step ms | weight GB/s | of copy | warm-up s | peak reserved GiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for recipe, path in _models(args).items():
-        weights = sum(t.n_bytes for t in GGUFFile(path).tensors.values())
+        tensors = GGUFFile(path).tensors  # bytes read per decode token: all but an untied embedding's
+        weights = sum(t.n_bytes for n, t in tensors.items() if n != "token_embd.weight" or "output.weight" not in tensors)
         for graph in (True, False):
             left = _remaining(st, t0)
             if left < 10:
@@ -480,6 +545,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(s for s, _, _ in STAGES), help="comma list of stages to run")
     ap.add_argument("--workdir", default=None, help="where synthetic models are written (default: <out>/models)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's time limit")
+    ap.add_argument("--test-files", default=None, help="comma list of test files for the tests stage")
+    ap.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
+                    help="override one stage's time limit (repeatable)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     ap.add_argument("--stage-seconds", type=float, default=60, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -498,15 +566,21 @@ def main(argv=None) -> int:
         return 2
     results = []
     t_all = time.perf_counter()
-    for name, full, quick in STAGES:
-        if name not in wanted:
-            continue
+    limits = {name: (full, quick) for name, full, quick in STAGES}
+    for item in args.limit:
+        name, _, secs = item.partition("=")
+        if name not in limits or not secs.replace(".", "", 1).isdigit():
+            print(f"gpu_suite: --limit wants STAGE=SECONDS with a known stage, got '{item}'", file=sys.stderr)
+            return 2
+        limits[name] = (float(secs), float(secs))
+    for name in wanted:  # in the order asked
+        full, quick = limits[name]
         limit = (quick if args.quick else full) * args.scale
         if args.dry_run:
             limit = max(limit, 120)
         cmd = [sys.executable, os.path.abspath(__file__), "--stage", name, "--stage-seconds", str(limit),
                "--out", args.out, "--workdir", args.workdir] + (["--quick"] if args.quick else []) + \
-              (["--dry-run"] if args.dry_run else [])
+              (["--dry-run"] if args.dry_run else []) + (["--test-files", args.test_files] if args.test_files else [])
         t0 = time.perf_counter()
         with open(os.path.join(args.out, f"{name}.log"), "a") as log:
             try:

@@ -121,6 +121,8 @@ def _plan_vram(args, gguf, cfg, device, n_ctx, path):
             _log("--vram applies to CUDA devices; ignored on the CPU")
         return None
     dev = torch.device(device)
+    if dev.index is None:  # set_per_process_memory_fraction needs an explicit index
+        dev = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(dev)
     if budget is None:
         budget = free - 256 * 2**20

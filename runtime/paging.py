@@ -102,6 +102,9 @@ class Streamer:
             self.free[s] = ev
 
 
+PIN_METHOD = None  # how the last pinned_host_buffer was pinned (reported by the GPU suite)
+
+
 def pinned_host_buffer(n: int) -> torch.Tensor:
     """n bytes of page-locked host memory, pinned exactly.
 
@@ -113,6 +116,7 @@ def pinned_host_buffer(n: int) -> torch.Tensor:
     """
     import weakref
 
+    global PIN_METHOD
     buf = torch.empty(n, dtype=torch.uint8)
     if n == 0:
         return buf
@@ -122,10 +126,12 @@ def pinned_host_buffer(n: int) -> torch.Tensor:
         if int(cudart.cudaHostRegister(ptr, n, 0)) == 0:
             if buf.is_pinned():
                 weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
+                PIN_METHOD = "cudaHostRegister"
                 return buf
             cudart.cudaHostUnregister(ptr)
     except Exception:  # no such binding in this torch build, or the driver refused: use torch's pinning
         pass
+    PIN_METHOD = "torch pin_memory"
     return torch.empty(n, dtype=torch.uint8, pin_memory=True)
 
 

@@ -123,7 +123,12 @@ def test_vram_budget_too_small_fails_before_allocating(monkeypatch, smollm2_path
 
     fraction = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (3 * 2**30, 4 * 2**30))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, dev=None: fraction.append(f))
+    def set_fraction(f, dev=None):  # as torch: the device must carry an index
+        assert isinstance(dev, int) or (dev is not None and torch.device(dev).index is not None), dev
+        fraction.append(f)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     gguf = GGUFFile(smollm2_path)
     cfg = ModelConfig.from_gguf(gguf)
     args = argparse.Namespace(cache_type_k="q8_0", cache_type_v="q8_0", vram="600MiB", batch_size=512, verbose=False)
