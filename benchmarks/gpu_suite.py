@@ -421,7 +421,7 @@ def cli_bench(st: Stage, model: str, extra: list[str], timeout: float) -> dict:
         err = (p.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"exit {p.returncode}: {err[:300]}", "cmd": " ".join(cmd[3:]), "wall_s": wall}
     res = json.loads(lines[-1])
-    res["cmd"] = "qkvgguf " + " ".join(cmd[5:])
+    res["cmd"] = "qkvgguf " + " ".join(cmd[4:])  # what a user types: qkvgguf bench -m ...
     res["wall_s"] = wall
     return res
 

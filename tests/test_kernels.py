@@ -363,7 +363,7 @@ def test_select_backend(monkeypatch):
         assert select_backend("auto", "cpu") == "torch"
 
 
-def test_import_compiles_nothing_and_allocates_no_cuda():
+def test_import_compiles_nothing_and_allocates_no_cuda(tmp_path):
     """Importing the kernels (as @jit, not interpreted) neither initializes CUDA nor compiles."""
     code = ("import torch, qkvgguf.runtime.kernels, qkvgguf.runtime.backend, triton\n"
             "assert not torch.cuda.is_initialized()\n"
@@ -371,17 +371,18 @@ def test_import_compiles_nothing_and_allocates_no_cuda():
             "import importlib; m = importlib.import_module('qkvgguf.runtime.kernels.qmatmul')\n"
             "assert isinstance(m._gemv_kernel, triton.runtime.jit.JITFunction)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # cwd outside the checkout: its 'qkvgguf' folder would shadow a non-editable install of the package
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_kernels_compile_for_gpus_without_one():
+def test_kernels_compile_for_gpus_without_one(tmp_path):
     """The interpreter cannot tell whether a kernel compiles: lower a few to cubins (sm_80) with
     the ptxas inside the triton wheel, and require the default GEMV tiles not to spill."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cmd = [sys.executable, "-m", "qkvgguf.runtime.kernels.aot", "80", "--only", "gemv Q4_0,gemm Q4_0,Q4_K,Q6_K,flash,rms,rope,swiglu"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     if r.returncode != 0 and "ptxas" in r.stderr and "No such file" in r.stderr:  # pragma: no cover
         pytest.skip("this triton has no bundled ptxas")
     assert r.returncode == 0, r.stderr[-3000:]
