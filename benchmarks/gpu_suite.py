@@ -23,7 +23,9 @@ time still leaves what it measured) and DIR/<stage>.log; DIR/summary.md gathers 
     sweep    every GEMV tile candidate (and some beyond the autotuner's list) at decode shapes
     decode   `qkvgguf bench` (the CLI, as a user runs it) on each model: prompt and decode tok/s,
              CUDA-graph decode vs ordinary launches, warm-up (compile + autotune) time, peak
-             memory, and decode's weight bandwidth as a fraction of copy bandwidth
+             memory, and decode's weight bandwidth as a fraction of copy bandwidth; llama.cpp on
+             the same files where llama-cpp-python is installed (a CUDA build takes longer than a
+             lease to compile, so on the GPU machine this row usually says it is missing)
     kv4k     decode at a 4,096-token context per KV cache type (f16, q8_0, q4_0, q4g)
     paging   the 8B and 7B models under `--vram 4GiB` (and 6 GiB) with a 4,096 context and a
              q4_0 KV cache: the planner's plan, peak reserved memory against the budget, decode
@@ -58,7 +60,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
 
 # name, seconds (full), seconds (quick)
 STAGES = [
@@ -296,7 +297,7 @@ def stage_kernels(st: Stage) -> None:
     import torch
     from gguf import GGMLQuantizationType as T
 
-    import kernels as kb
+    import kernel_speed as kb
     from qkvgguf.runtime.kernels import qmatmul
     from qkvgguf.runtime.kernels.dequant import dequantize_rows
 
@@ -357,7 +358,7 @@ def stage_sweep(st: Stage) -> None:
     import torch
     from gguf import GGMLQuantizationType as T
 
-    import kernels as kb
+    import kernel_speed as kb
     from qkvgguf.runtime.kernels import qmatmul
     from qkvgguf.runtime.kernels.dequant import LAYOUTS
     from qkvgguf.runtime.kernels.qmatmul import gemv_configs
@@ -426,6 +427,38 @@ def cli_bench(st: Stage, model: str, extra: list[str], timeout: float) -> dict:
     return res
 
 
+def llamacpp_bench(path: str, n_prompt: int, n_decode: int) -> dict:
+    """llama.cpp on the same file, every layer offloaded (-ngl all), as the end-to-end reference:
+    prompt tok/s (one pass) and decode tok/s (median step). Needs llama-cpp-python built for the
+    device (with CUDA on a GPU: see shared/GPU.md); reports why not otherwise."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"error": "llama-cpp-python is not installed here"}
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import llamacpp
+    import numpy as np
+
+    try:
+        llm = llamacpp.load(path, n_ctx=n_prompt + n_decode + 8, n_batch=512, n_gpu_layers=-1, n_threads=os.cpu_count())
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    ids = np.random.default_rng(0).integers(3, llm.n_vocab(), n_prompt).tolist()
+    llm.eval(ids[:16])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prompt_tps = n_prompt / (time.perf_counter() - t0)
+    tok, times = int(llamacpp.last_logits(llm).argmax()), []
+    for _ in range(n_decode):
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        tok = int(llamacpp.last_logits(llm).argmax())
+        times.append(time.perf_counter() - t0)
+    return {"prompt_tokens_per_s": prompt_tps, "decode_tokens_per_s": 1.0 / statistics.median(times),
+            "gpu_offload": bool(getattr(__import__("llama_cpp"), "llama_supports_gpu_offload", lambda: False)())}
+
+
 def _remaining(st: Stage, t0: float) -> float:
     return st.args.stage_seconds - (time.perf_counter() - t0) - 3
 
@@ -460,6 +493,22 @@ def stage_decode(st: Stage) -> None:
                          f"{_fmt((r.get('peak_reserved_bytes') or 0) / 2**30 or None, '.2f')} |"
                          if "error" not in r else f"| {recipe} | {graph} | error: {r['error'][:150]} |||||||")
             st.row(r)
+        if _remaining(st, t0) > 20:  # the reference, in its own process (a crash in C stays there)
+            code = (f"import sys, json; sys.path.insert(0, {HERE!r}); import gpu_suite; "
+                    f"print(json.dumps(gpu_suite.llamacpp_bench({path!r}, {int(p)}, {int(n)})))")
+            try:
+                out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                                     timeout=_remaining(st, t0), cwd=args.out)
+                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+                lc = json.loads(lines[-1]) if lines else {"error": f"exit {out.returncode}: {out.stderr[-200:]}"}
+            except subprocess.TimeoutExpired:
+                lc = {"error": "timed out"}
+            lc.update(model=recipe, engine="llama.cpp")
+            d = lc.get("decode_tokens_per_s")
+            st.md.append(f"| {recipe} (llama.cpp, all layers offloaded) | - | {_fmt(lc.get('prompt_tokens_per_s'))} | "
+                         f"{_fmt(d)} | {_fmt(1e3 / d if d else None, '.2f')} | | | | |" if d else
+                         f"| {recipe} (llama.cpp) | - | {lc['error'][:120]} |||||||")
+            st.row(lc)
 
 
 def stage_kv4k(st: Stage) -> None:
@@ -551,6 +600,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     ap.add_argument("--stage-seconds", type=float, default=60, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sys.path.insert(0, HERE)  # synthetic.py, kernel_speed.py (only when run as the suite)
     os.makedirs(args.out, exist_ok=True)
     args.workdir = args.workdir or os.path.join(args.out, "models")
     if args.dry_run:

@@ -7,7 +7,7 @@ block bytes and decodes it in registers (`dequant.py`), so the memory traffic of
     N * row_bytes (weight, read once) + M * K * x.element_size() + M * N * y.element_size()
 
 which for decode (M = 1) is almost all weight bytes: the GEMV is bound by memory bandwidth and its
-target is the device-to-device copy bandwidth (benchmarks/kernels.py measures both).
+target is the device-to-device copy bandwidth (benchmarks/gpu_suite.py measures both).
 
 Two launch strategies, chosen by M in `qmatmul`:
 
@@ -140,14 +140,16 @@ def gemv_configs(qtype: T) -> list[triton.Config]:
     """GEMV candidates: BLOCK_N rows per program, GS groups (of INNER quant bytes) per K step.
 
     Kept to 8-32 quant bytes per thread per step: more holds too many activations and values in
-    registers (ptxas spills, occupancy falls); fewer leaves too few loads in flight.
+    registers (ptxas spills, occupancy falls); fewer leaves too few loads in flight. 1024-byte steps
+    were the fastest tiles on an H200 at 4096 and 14336 x 4096 (Q4_K, Q4_0: 18-26% of copy bandwidth
+    against 15-20% for the best 512-byte tile; benchmarks/results/gpu-2026-12-04/sweep.json).
     """
     lay = LAYOUTS[T(qtype)]
     inner = lay.inner
     out = []
     for warps in (4, 8):
         for block_n in (2, 4, 8, 16):
-            for k_bytes in (64, 128, 256, 512):  # quant bytes of one row per K step
+            for k_bytes in (64, 128, 256, 512, 1024):  # quant bytes of one row per K step
                 per_thread = block_n * k_bytes // (32 * warps)
                 if lay.groups == 4 and (block_n, k_bytes, warps) == (16, 128, 4):
                     continue  # Q4_K/Q5_K: ptxas spills 200-400 bytes (sm80, sm90)

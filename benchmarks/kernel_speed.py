@@ -1,9 +1,11 @@
 """Triton kernel speed on a GPU: each kernel's achieved bandwidth against the copy roofline.
 
-    python benchmarks/kernels.py [--formats Q4_0,Q4_K] [--shapes 4096x4096] [--gemm-m 512] [--quick]
+    python benchmarks/kernel_speed.py [--formats Q4_0,Q4_K] [--shapes 4096x4096] [--gemm-m 512] [--quick]
 
-Needs a CUDA GPU (on CPU it says so and exits 0). Measures, with triton.testing.do_bench
-(median of many runs after warm-up; autotuning happens in the first call, outside the timing):
+Needs a CUDA GPU (on CPU it says so and exits 0). Every op in every format and the fused ops;
+`benchmarks/gpu_suite.py` (kernels stage) runs the decode-relevant subset with torch's int4 kernel
+beside it. Measures kernel time by replaying CUDA graphs (median; autotuning happens in the first
+call, outside the timing):
 
 - copy: device-to-device bandwidth, (bytes read + bytes written) / time of a 1 GiB `copy_`,
   the roofline of every memory-bound kernel below;
@@ -45,10 +47,11 @@ F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0,
 
 
 def bench(fn) -> float:
-    """Median seconds of fn() (triton.testing.do_bench: warm-up, then ~100 ms of runs)."""
-    import triton.testing
+    """Median seconds of one fn(), replayed from a CUDA graph of 10 calls (launch.graph_time_ms):
+    per-launch event timing would measure the host's launch overhead for microsecond kernels."""
+    from qkvgguf.runtime.kernels.launch import graph_time_ms
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    return graph_time_ms(fn, calls=10, reps=20) * 1e-3
 
 
 def random_weight(qtype, n: int, k: int, device) -> torch.Tensor:
@@ -62,14 +65,6 @@ def random_weight(qtype, n: int, k: int, device) -> torch.Tensor:
         scales = (torch.randn(n, nblk, device=device) * 0.01).half()
         raw[..., off:off + 2] = scales.view(torch.uint8).view(n, nblk, 2)
     return raw.view(n, nblk * ts)
-
-
-def copy_bandwidth(device) -> float:
-    src = torch.randn(1 << 28, device=device)  # 1 GiB of float32
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * (1 << 30) / t
 
 
 def bench_matmul(fmt: str, shapes, gemm_m: int, copy_bw: float, device) -> tuple[list, list]:
@@ -198,10 +193,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K, comma separated")
     ap.add_argument("--gemm-m", type=int, default=512, help="GEMM rows (0: skip the GEMM)")
     ap.add_argument("--quick", action="store_true", help="Q4_0 and Q4_K on 4096x4096 only")
-    ap.add_argument("--out", default=os.path.join(HERE, "kernels.json"))
+    ap.add_argument("--out", default=os.path.join(HERE, "kernel_speed.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU; none is available here, nothing measured.")
+        print("benchmarks/kernel_speed.py needs a CUDA GPU; none is available here, nothing measured.")
         return 0
     formats = ["Q4_0", "Q4_K"] if args.quick else args.formats.split(",")
     shapes = [(4096, 4096)] if args.quick else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -210,7 +205,10 @@ def main(argv=None) -> int:
 
     res = {"device": torch.cuda.get_device_name(device), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
            "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "triton": triton.__version__}
-    res["copy_GBps"] = copy_bandwidth(device) / 1e9
+    sys.path.insert(0, HERE)
+    from gpu_suite import copy_bandwidth  # one definition of the roofline for both
+
+    res["copy_GBps"] = copy_bandwidth(device, 1 << 30) / 1e9
     res["gemv"], res["gemm"] = [], []
     for fmt in formats:
         t0 = time.time()
