@@ -17,12 +17,20 @@ vendor/llama.cpp: `cmake -B build -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_A
 -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF && cmake --build build --target llama-quantize llama-imatrix`.
 
 The only SmolLM2 weights available offline are llama.cpp's Q4_1 quantization of the original
-model, so the rebuilt checkpoint lies exactly on Q4_1's grid (and on Q5_1's where the scale halves
-exactly): a Q4_1 tensor would reproduce its source without error, which rewards whichever method
-picks Q4_1. By default the source is therefore dithered (--dither 0.05: Gaussian noise of 0.05 x
-each row's standard deviation on every 2-D weight, about an eighth of a Q4_1 step), so no format
-reproduces it; every file, ours and llama.cpp's, is made from the same dithered source, and the
-f16 row is that source's own perplexity.
+model, so a plain rebuild lies exactly on Q4_1's grid: a Q4_1 tensor reproduces it without error,
+which rewards whichever method picks Q4_1. The default source (--source rotated) is therefore the
+same model with its residual stream rotated by a random orthogonal matrix and the norm gains
+folded into the matrices (tests/hf_checkpoint.py `rotate_residual`; tests/test_offgrid.py checks
+the logits equal the original's to 2e-6 and that Q4_1 no longer reproduces any weight): the
+model's exact function, every weight off every grid. `--source dithered` is the earlier choice
+(noise of --dither row standard deviations: a slightly different function, weights near the grid);
+`--source grid` the plain rebuild. Every file, ours and llama.cpp's, is made from the same source,
+and the f16 row is that source's own perplexity.
+
+Per file: perplexity over the windows, its ratio to the source's with the standard error of that
+ratio from per-window differences, and the KL divergence from the source's token distributions
+(mean per token with its standard error, 99th percentile, same-top-token %), the measure
+quantization users compare now: errors that cancel in perplexity still show in KLD.
 
 Prints the table and the issue-7 checks; writes benchmarks/mixed_precision.json.
 """
@@ -45,8 +53,9 @@ sys.path.insert(0, HERE)
 
 import texts  # noqa: E402
 from hf_checkpoint import smollm2_hf_folder  # noqa: E402
-from kv_quality import llama as llama_ppl  # noqa: E402
-from kv_quality import windows_of  # noqa: E402
+from kv_quality import N_BATCH, ratio_stderr_pct, windows_of  # noqa: E402
+
+import llamacpp  # noqa: E402
 
 from qkvgguf.default_model import default_model_path  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
@@ -62,6 +71,44 @@ def qkvgguf(*args) -> float:
     return time.perf_counter() - t0
 
 
+def log_probs(path: str, wins: list[list[int]], threads: int):
+    """Per window: llama.cpp's log-softmax (float32, scored positions x vocab) of one file."""
+    import torch
+
+    llm = llamacpp.load(path, n_ctx=len(wins[0]), n_batch=N_BATCH, logits_all=True, flash_attn=True,
+                        n_threads=threads, n_threads_batch=threads)
+    for w in wins:
+        llm.reset()
+        llm.eval(w)
+        yield torch.log_softmax(torch.tensor(llm.scores[:len(w) - 1], dtype=torch.float32), dim=-1)
+    del llm
+
+
+def score(path: str, wins: list[list[int]], threads: int, source=None) -> dict:
+    """Perplexity (per-window mean NLL) and, against `source` (the source's per-window float16
+    log-probabilities), per-token KL divergence KL(source || file) and same-top-token agreement."""
+    import torch
+
+    nll, kld, same, keep = [], [], 0, []
+    for i, lp in enumerate(log_probs(path, wins, threads)):
+        targets = torch.tensor(wins[i][1:])
+        nll.append(-float(lp.gather(1, targets[:, None]).double().mean()))
+        if source is None:
+            keep.append(lp.half())
+        else:
+            ref = source[i].float()
+            kld.append((ref.exp() * (ref - lp)).sum(-1).double())
+            same += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+    out = {"ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll}
+    if source is None:
+        out["log_probs"] = keep
+    else:
+        k = torch.cat(kld)
+        out.update(kld_mean=float(k.mean()), kld_stderr=float(k.std() / math.sqrt(k.numel())),
+                   kld_p99=float(torch.quantile(k.float(), 0.99)), same_top_pct=100.0 * same / k.numel())
+    return out
+
+
 def bpw(path) -> float:
     g = GGUFFile(str(path))
     return 8.0 * g.tensor_data_bytes / sum(t.n_elements for t in g.tensors.values())
@@ -73,13 +120,16 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--dither", type=float, default=0.05,
-                    help="noise added to the source weights, in row standard deviations (0: the Q4_1 grid as is)")
+    ap.add_argument("--source", choices=["rotated", "dithered", "grid"], default="rotated",
+                    help="rotated: SmolLM2's function with every weight off-grid (default); dithered: noise "
+                         "of --dither row std; grid: the Q4_1-grid weights as they are")
+    ap.add_argument("--dither", type=float, default=0.05, help="with --source dithered: noise in row standard deviations")
     ap.add_argument("--json", default=os.path.join(HERE, "mixed_precision.json"))
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qkvgguf-mixed-"))
     work.mkdir(parents=True, exist_ok=True)
-    hf = smollm2_hf_folder(default_model_path(), work / "hf", dither=args.dither)
+    hf = smollm2_hf_folder(default_model_path(), work / "hf", dither=args.dither if args.source == "dithered" else 0.0,
+                           rotate=args.source == "rotated", seed=1)
     calib = Path(__file__).resolve().parent.parent / "qkvgguf" / "data" / "calibration.txt"
     times, files = {}, {}
     f16 = work / "f16.gguf"
@@ -121,35 +171,49 @@ def main() -> int:
     tok = Tokenizer.from_gguf(GGUFFile(str(f16)))
     ids = tok.encode(texts.war_and_peace()[:200_000], add_special=False)
     wins = windows_of(ids, 512, args.windows, tok.bos_id if tok.add_bos else None)
-    rows = []
-    for key, path in files.items():
+    rows, source = [], None
+    for key, path in files.items():  # the source first: its distributions are the KLD reference
         t0 = time.perf_counter()
-        ppl, nll = llama_ppl(str(path), wins, "f16", "f16", args.threads)
-        rows.append(dict(file=key, bytes=GGUFFile(str(path)).tensor_data_bytes, bpw=bpw(path), ppl=ppl,
-                         window_nll=nll, convert_seconds=round(times.get(key, float("nan")), 1),
+        res = score(str(path), wins, args.threads, source)
+        if source is None:
+            source = res.pop("log_probs")
+            src_nll = res["window_nll"]
+        rows.append(dict(file=key, bytes=GGUFFile(str(path)).tensor_data_bytes, bpw=bpw(path), **res,
+                         ppl_ratio_stderr_pct=ratio_stderr_pct(res["window_nll"], src_nll),
+                         convert_seconds=round(times.get(key, float("nan")), 1),
                          eval_seconds=round(time.perf_counter() - t0, 1)))
-        print(f"  {key:28s} {rows[-1]['bpw']:.3f} bpw  PPL {ppl:.4f}", file=sys.stderr, flush=True)
+        print(f"  {key:28s} {rows[-1]['bpw']:.3f} bpw  PPL {res['ppl']:.4f}  KLD {res.get('kld_mean', 0):.5f}",
+              file=sys.stderr, flush=True)
 
     by = {r["file"]: r for r in rows}
-    table = ["| file | tensor MiB | bits/weight | PPL (War and Peace) | convert s |", "|---|---:|---:|---:|---:|"]
+    src_ppl = rows[0]["ppl"]
+    table = ["| file | tensor MiB | bits/weight | PPL | vs source | mean KLD | KLD p99 | same top | convert s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        table.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['bpw']:.3f} | {r['ppl']:.4f} | "
+        ratio = f"{100 * (r['ppl'] / src_ppl - 1):+.2f}% ± {r['ppl_ratio_stderr_pct']:.2f}%" if r is not rows[0] else "-"
+        kld = (f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {r['kld_p99']:.3f} | {r['same_top_pct']:.2f}%"
+               if "kld_mean" in r else "- | - | -")
+        table.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['bpw']:.3f} | {r['ppl']:.4f} | {ratio} | {kld} | "
                      f"{r['convert_seconds']:.1f} |")
     auto4, l4, l4i = by["ours auto @ q4_k_m size"], by["llama.cpp q4_k_m"], by["llama.cpp q4_k_m imatrix"]
     checks = [
         ("auto @ q4_k_m size is no larger than llama.cpp's q4_k_m", auto4["bytes"] <= l4["bytes"]),
-        ("auto @ q4_k_m size beats llama.cpp q4_k_m without imatrix", auto4["ppl"] < l4["ppl"]),
-        ("auto @ q4_k_m size is no worse than llama.cpp q4_k_m with imatrix", auto4["ppl"] <= l4i["ppl"]),
+        ("auto @ q4_k_m size beats llama.cpp q4_k_m without imatrix (PPL)", auto4["ppl"] < l4["ppl"]),
+        ("auto @ q4_k_m size is no worse than llama.cpp q4_k_m with imatrix (PPL)", auto4["ppl"] <= l4i["ppl"]),
+        ("auto @ q4_k_m size beats llama.cpp q4_k_m without imatrix (KLD)", auto4["kld_mean"] < l4["kld_mean"]),
+        ("auto @ q4_k_m size is no worse than llama.cpp q4_k_m with imatrix (KLD)", auto4["kld_mean"] <= l4i["kld_mean"]),
         ("calibration + conversion under 5 minutes (2 cores)", times["ours auto @ q4_k_m size"] < 300),
     ]
     print("\n".join(table))
     print(f"\nllama-imatrix: {times['llama-imatrix']:.1f} s; ours (imatrix + auto conversion): "
           f"{times['ours auto @ q4_k_m size']:.1f} s")
-    print(f"source: SmolLM2's Q4_1 weights dequantized, dither {args.dither} (see the module docstring)")
+    print(f"source: SmolLM2, {args.source}" + (f" {args.dither}" if args.source == "dithered" else "")
+          + " (see the module docstring)")
     for c, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {c}")
     with open(args.json, "w") as f:
-        json.dump(dict(date=time.strftime("%Y-%m-%d"), threads=args.threads, windows=args.windows, dither=args.dither, rows=rows,
+        json.dump(dict(date=time.strftime("%Y-%m-%d"), threads=args.threads, windows=args.windows, source=args.source,
+                       dither=args.dither if args.source == "dithered" else None, rows=rows,
                        times=times, checks=[dict(check=c, ok=ok) for c, ok in checks], table="\n".join(table)),
                   f, indent=1)
     return 0
