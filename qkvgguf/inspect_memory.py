@@ -5,14 +5,17 @@
 - weights: tensor bytes as stored (the kernels read quantized weights in place); when the whole
   model does not fit, the planner streams layers from host memory through two device slots of the
   largest streamed layer and says how many bytes cross PCIe per decode token;
-- KV cache: `runtime.kv_cache.kv_cache_bytes(cfg, n_ctx, type_k, type_v)`, exact;
+- KV cache: `runtime.kv_cache.kv_cache_bytes(cfg, n_ctx, type_k, type_v)`, exact: a fixed part
+  (q4g's f16 sinks and newest group) plus a rate per token (`kv_layout_bytes`), and the bits per
+  value that makes at this context (q4g's is above 4.5 at short contexts: 6.06 at 512 for SmolLM2);
 - activations: `planner.activation_bytes` for a batch of `n_batch` prompt tokens (float16
   intermediates on the GPU, float32 logits);
 - CUDA context: a fixed allowance of 0.5 GiB (`CUDA_CONTEXT_BYTES`).
 
 The verdict: "fits" (everything resident), "streams" (a plan within SIZE that pages layers), or
 "does not fit" with the minimum SIZE that runs; `max_ctx` is the longest context with everything
-resident (capped at the model's training context).
+resident (capped at the model's training context), solved with the cache's fixed part and rate
+(`planner.max_resident_ctx`): dividing the room by the rate alone overstates it for q4g.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ H2D_BYTES_PER_S = 25e9  # PCIe 4.0 x16, what a prediction without a measurement 
 def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, type_k: str = DEFAULT_CACHE_TYPE,
              type_v: str = DEFAULT_CACHE_TYPE, n_batch: int = DEFAULT_BATCH) -> dict:
     """The memory estimate as plain data; `vram` None gives the sizes without a verdict."""
-    from .runtime.kv_cache import kv_bytes_per_token
+    from .runtime.kv_cache import kv_bits_per_value, kv_bytes_per_token, kv_layout_bytes
 
     cfg = ModelConfig.from_gguf(gguf)
     if n_ctx is None:
@@ -52,9 +55,9 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
             kv_bytes_per_token(cfg, t, t)
         except (KeyError, ValueError):
             raise QkvggufError(f"cache type '{t}' is not known to the KV accounting (runtime/kv_cache.py)") from None
-    from .runtime.planner import BudgetTooSmall, minimum_budget, plan, specs_of
+    from .runtime.planner import BudgetTooSmall, max_resident_ctx, minimum_budget, plan, specs_of
 
-    per_token = kv_bytes_per_token(cfg, type_k, type_v)
+    fixed, per_token = kv_layout_bytes(cfg, n_ctx, type_k, type_v)
     specs = specs_of(gguf)
     full = plan(specs, cfg, None, n_ctx, type_k, type_v, n_batch)
     weights = gguf.tensor_data_bytes
@@ -64,7 +67,9 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
         "n_ctx": n_ctx, "n_batch": full.n_batch, "type_k": type_k, "type_v": type_v,
         "weights_bytes": weights,
         "kv_bytes_per_token": per_token,
+        "kv_fixed_bytes": fixed,
         "kv_bytes": full.kv_bytes,
+        "kv_bits_per_value": kv_bits_per_value(cfg, n_ctx, type_k, type_v) if n_ctx else None,
         "activation_bytes": full.activation_bytes,
         "cuda_context_bytes": full.context_bytes,
         "total_bytes": full.total_bytes,
@@ -72,10 +77,9 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
         "minimum_bytes": minimum_budget(specs, cfg, n_ctx, type_k, type_v, n_batch),
     }
     if vram is not None:
-        room = vram - (full.total_bytes - full.kv_bytes)
         out["fits"] = full.total_bytes <= vram
         out["headroom_bytes"] = vram - full.total_bytes
-        out["max_ctx"] = max(0, min(cfg.n_ctx_train, room // per_token)) if per_token else cfg.n_ctx_train
+        out["max_ctx"] = max_resident_ctx(specs, cfg, vram, type_k, type_v, n_batch, limit=cfg.n_ctx_train)
         try:
             p = plan(specs, cfg, vram, n_ctx, type_k, type_v, n_batch, source=gguf.path)
             out["plan"] = p.summary()
@@ -89,8 +93,7 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
 def render_memory(m: dict) -> str:
     rows = [
         ("weights", m["weights_bytes"], "tensor data as stored (all resident)"),
-        ("KV cache", m["kv_bytes"], f"{m['kv_bytes_per_token']:,} B/token x {m['n_ctx']:,} tokens "
-                                    f"(K {m['type_k']}, V {m['type_v']})"),
+        ("KV cache", m["kv_bytes"], _kv_line(m)),
         ("activations", m["activation_bytes"], f"one layer (float16) + logits (float32) for a batch of {m['n_batch']} tokens"),
         ("CUDA context", m["cuda_context_bytes"], "fixed allowance"),
     ]
@@ -116,6 +119,15 @@ def render_memory(m: dict) -> str:
                        f"(streaming every layer; {format_bytes(m['total_bytes'])} with everything resident)"
                        + (f"; longest context with everything resident: {m['max_ctx']:,} tokens" if m["max_ctx"] else ""))
     return "\n".join(out)
+
+
+def _kv_line(m: dict) -> str:
+    """'6,480 B/token x 2,048 tokens + 1.49 MiB fixed (K q4g, V q4g; 4.89 bits per value)': the
+    fixed part is shown only when there is one (q4g's f16 rows); the bits count all of it."""
+    fixed = f" + {format_bytes(m['kv_fixed_bytes'])} fixed" if m["kv_fixed_bytes"] else ""
+    bits = f"; {m['kv_bits_per_value']:.2f} bits per value" if m["kv_bits_per_value"] is not None else ""
+    return (f"{m['kv_bytes_per_token']:,} B/token x {m['n_ctx']:,} tokens{fixed} "
+            f"(K {m['type_k']}, V {m['type_v']}{bits})")
 
 
 def _ranges(xs: list[int]) -> str:

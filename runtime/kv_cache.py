@@ -56,17 +56,61 @@ def cache_type(name: str, head_dim: int | None = None) -> KVType:
     return t
 
 
+def kv_layout_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> tuple[int, int]:
+    """(fixed, per_token) across all layers, K and V: a cache of n_ctx positions allocates exactly
+    fixed + per_token * n_ctx. fixed is q4g's f16 sink and tail rows less the rate of the positions
+    only they hold (0 for the other types); it varies with n_ctx mod 64, and at n_ctx 0 it is the
+    f16 rows alone, which no n_ctx exceeds (see kv_max_ctx)."""
+    d, heads = cfg.head_dim, cfg.n_layer * cfg.n_head_kv
+    (fk, rk), (fv, rv) = (cache_type(t, d).layout(n_ctx, d) for t in (type_k, type_v))
+    return heads * (fk + fv), heads * (rk + rv)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, type_k: str = "f16", type_v: str = "f16") -> int:
-    """Bytes one more position costs across all layers, K and V (the rate; see kv_cache_bytes)."""
-    d = cfg.head_dim
-    return cfg.n_layer * cfg.n_head_kv * (cache_type(type_k, d).row_bytes(d) + cache_type(type_v, d).row_bytes(d))
+    """Bytes one more position costs on average across all layers, K and V: the rate, without q4g's
+    fixed f16 rows (so n_ctx times it undercounts a q4g cache; use kv_cache_bytes for a total)."""
+    return kv_layout_bytes(cfg, 0, type_k, type_v)[1]
 
 
 def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
-    """Exact bytes a KVCache of n_ctx positions allocates: n_ctx * kv_bytes_per_token plus q4g's fixed
-    f16 rows (at most (4 + 64) * 2 * head_dim bytes per layer and KV head, for K and for V)."""
-    args = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-    return cache_type(type_k, cfg.head_dim).store_bytes(*args, "k") + cache_type(type_v, cfg.head_dim).store_bytes(*args, "v")
+    """Exact bytes a KVCache of n_ctx positions allocates (tests check it against the stores)."""
+    fixed, per_token = kv_layout_bytes(cfg, n_ctx, type_k, type_v)
+    return fixed + per_token * n_ctx
+
+
+def bits_per_value(type_name: str, n_ctx: int, head_dim: int) -> float:
+    """Bits a cache of this type stores per value at n_ctx positions, everything allocated counted
+    (block scales, q4g's f16 sinks and tail): q4g at head_dim 64 is 6.06 at 512, 4.60 at 8192."""
+    return cache_type(type_name, head_dim).bits_per_value(n_ctx, head_dim)
+
+
+def kv_bits_per_value(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> float:
+    """kv_cache_bytes * 8 over the values held, 2 * n_layer * n_head_kv * n_ctx * head_dim (K and V)."""
+    if n_ctx < 1:
+        raise ValueError(f"bits per value of a KV cache needs n_ctx >= 1, got {n_ctx}")
+    return kv_cache_bytes(cfg, n_ctx, type_k, type_v) * 8 / (2 * cfg.n_layer * cfg.n_head_kv * n_ctx * cfg.head_dim)
+
+
+def kv_max_ctx(cfg: ModelConfig, room: int, type_k: str = "f16", type_v: str = "f16") -> int:
+    """The largest n_ctx whose cache fits in `room` bytes (0 when none does).
+
+    Solved from the layout, not by dividing by the rate: with the f16 rows F (fixed at n_ctx 0) and
+    the rate R, n = (room - F) // R always fits, and since at most f16_rows positions per store skip
+    the rate, the answer is below n + max f16_rows + 1; bytes never fall as n_ctx grows, so bisect.
+    """
+    rows, rate = kv_layout_bytes(cfg, 0, type_k, type_v)
+    if room < rows:
+        return 0
+    d = cfg.head_dim
+    lo = (room - rows) // rate  # fits
+    hi = lo + max(cache_type(t, d).f16_rows for t in (type_k, type_v)) + 1  # does not fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if kv_cache_bytes(cfg, mid, type_k, type_v) <= room:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class KVCache:

@@ -5,7 +5,7 @@ them in its format and reads any prefix back as float32. Each format is a few pl
 leading layer dim, laid out so that a fused attention kernel can read them in place.
 
 Per-token layouts, d = head_dim (elements, bytes per block), and the rate in bytes per token and
-KV head (`KVType.row_bytes`):
+KV head (`KVType.row_bytes`; q4g also keeps fixed f16 rows, below):
 
     f32   (1, 4)           d*4      float32
     f16   (1, 2)           d*2      float16
@@ -18,8 +18,10 @@ q8_0/q4_0 rows are exactly ggml's: `blocks[layer, head, pos]` is the byte string
 that token and head (nibble order: byte j = element j low, element j+16 high). New tokens are
 quantized as they are written, with the quantizers of qkvgguf.quants (bit-exact with ggml).
 
-q4g, the improved 4-bit mode (4.5 bits per value, like q4_0), after KIVI (Liu et al. 2024) and
-StreamingLLM (Xiao et al. 2023):
+q4g, the improved 4-bit mode, after KIVI (Liu et al. 2024) and StreamingLLM (Xiao et al. 2023).
+Its groups cost 4.5 bits per value like q4_0, but its f16 sinks and newest group are a fixed
+(S + 64) * 2d bytes per layer and KV head, so what it stores is more at short contexts: at head_dim
+64 (SmolLM2) 6.06 bits per value at 512 positions, 4.89 at 2048, 4.60 at 8192 (q4_0: 4.5 at all):
 
     positions 0 .. S-1            "attention sinks": float16 in `sink` (n_layer, n_kv, S, d)
     positions S + 64g .. +63      group g; float16 in `tail` (n_layer, n_kv, 64, d) until its last
@@ -34,9 +36,13 @@ StreamingLLM (Xiao et al. 2023):
     V, per token: q4_0 rows `blocks` (n_layer, n_kv, n_group*64, d/32*18) uint8
 
 So a query always sees the newest partial group (and the sinks) in float16 and every complete group
-quantized, whether its tokens came in one batch or one at a time. The fixed overhead is the f16
-sink and tail rows, (S + 64) * 2d bytes per layer and KV head, less the rate of the positions past
-the last whole group (`KVType.store_bytes` is exact; the cache's measured bytes equal it).
+quantized, whether its tokens came in one batch or one at a time.
+
+Memory, per layer and KV head (`KVType.layout`): bytes(n_ctx) = fixed + rate * n_ctx, exact at every
+n_ctx. For f32/f16/q8_0/q4_0 fixed = 0. For q4g fixed = the f16 sink and tail rows, (S + 64) * 2d,
+less the rate of the positions that live only there (the sinks and those past the last whole group:
+the rate is paid per complete group, so bytes step up every 64 positions). Hence "bits per value"
+(`KVType.bits_per_value`) is a function of n_ctx, counting scales, sinks and tail rows.
 """
 
 from __future__ import annotations
@@ -309,6 +315,16 @@ def q8_0_round_trip(x: torch.Tensor) -> torch.Tensor:
 
 
 # -- the table of cache types -----------------------------------------------------------------------
+def _all_rated(n_ctx: int) -> int:
+    return 0
+
+
+def q4g_unrated(n_ctx: int) -> int:
+    """Of n_ctx positions, how many q4g holds only in its f16 rows: the sinks and the positions past
+    the last whole group (the store has (n_ctx - S) // 64 groups)."""
+    return n_ctx - GROUP * max(0, (n_ctx - N_SINK) // GROUP)
+
+
 @dataclass(frozen=True)
 class KVType:
     name: str
@@ -317,13 +333,26 @@ class KVType:
     llama_maths: bool = False  # llama.cpp's quantized-cache maths: Hadamard rotation, q as q8_0 for K
     head_dim_multiple: int = 1
     help: str = ""
+    f16_rows: int = 0  # float16 rows allocated per layer and KV head whatever n_ctx (q4g: sinks + tail)
+    unrated: Callable[[int], int] = _all_rated  # positions of n_ctx held only in those rows (no rate paid)
 
-    @property
-    def bits_per_value(self) -> float:
-        return self.row_bytes(64) * 8 / 64
+    def layout(self, n_ctx: int, d: int) -> tuple[int, int]:
+        """(fixed, rate) bytes per layer and KV head: a store of n_ctx positions allocates exactly
+        fixed + rate * n_ctx. fixed = the f16 rows less the rate of the positions only they hold, so it
+        depends on n_ctx (mod 64 for q4g); at n_ctx 0 it is the f16 rows alone, an upper bound."""
+        rate = self.row_bytes(d)
+        return self.f16_rows * 2 * d - rate * self.unrated(n_ctx), rate
+
+    def bits_per_value(self, n_ctx: int, d: int) -> float:
+        """Bits stored per cached value at n_ctx positions: every byte allocated (scales, f16 sinks and
+        tail rows) over the n_ctx * d values it holds; q4g's is above its rate's at short contexts."""
+        if n_ctx < 1:
+            raise ValueError(f"bits per value of a {self.name} cache needs n_ctx >= 1, got {n_ctx}")
+        fixed, rate = self.layout(n_ctx, d)
+        return (fixed + rate * n_ctx) * 8 / (n_ctx * d)
 
     def store_bytes(self, n_layer: int, n_kv: int, n_ctx: int, d: int, kind: str = "k") -> int:
-        """Exact bytes a store of this type allocates (the rate times n_ctx plus any fixed overhead)."""
+        """Bytes a store of this type allocates, measured on the meta device (what `layout` must equal)."""
         return self.make((n_layer, n_kv, n_ctx, d), kind, torch.device("meta")).n_bytes
 
 
@@ -342,8 +371,9 @@ KV_TYPES: dict[str, KVType] = {
         KVType("q4_0", lambda d: d // 32 * (2 + 16), _block_store("q4_0"), llama_maths=True,
                head_dim_multiple=32, help="ggml Q4_0 blocks, 4.5 bits per value"),
         KVType("q4g", lambda d: d // 2 + 2 * 2 * d // GROUP, lambda s, k, dev: GroupStore(s, k, dev),
-               head_dim_multiple=32,
-               help="4.5 bits per value: groups of 64 positions, K per channel, V as q4_0; "
-                    "first 4 positions and the newest partial group in f16"),
+               head_dim_multiple=32, f16_rows=N_SINK + GROUP, unrated=q4g_unrated,
+               help="groups of 64 positions at 4.5 bits per value (K per channel, V as q4_0) plus the "
+                    "first 4 positions and the newest partial group in f16: at head_dim 64, 6.06 bits "
+                    "per value at 512 positions, 4.89 at 2048, 4.60 at 8192"),
     ]
 }

@@ -5,7 +5,8 @@ file reads, so every budget from "everything fits" to "too small" is unit-tested
 
 The budget pays for, in this order:
 
-    fixed       KV cache (runtime.kv_cache.kv_cache_bytes, exact), activations of one prompt batch
+    fixed       KV cache (runtime.kv_cache.kv_cache_bytes, exact: q4g's f16 sink and tail rows
+                included, not just n_ctx times a per-token rate), activations of one prompt batch
                 (`activation_bytes`), the CUDA context allowance, and the small tensors every
                 step needs (norms, biases: all tensors outside the streaming units)
     staging     when anything streams: two device slots of the largest streamed unit, so unit
@@ -210,6 +211,32 @@ def full_residency_bytes(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx:
                          context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
     """VRAM needed with every weight resident (what `convert --fit` must stay under)."""
     return plan(tensors, cfg, None, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes).total_bytes
+
+
+def max_resident_ctx(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: int, type_k: str = "f16",
+                     type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
+                     context_bytes: int = CUDA_CONTEXT_BYTES, limit: Optional[int] = None) -> int:
+    """The longest context (<= limit) at which every weight is resident within budget; 0 if none.
+
+    From n_batch tokens on, only the cache grows, so the cache's room is solved exactly by
+    kv_cache.kv_max_ctx (q4g's fixed f16 rows counted). Shorter contexts also shrink the prompt
+    batch, hence the activations: below n_batch the plan totals are bisected instead."""
+    from .kv_cache import kv_cache_bytes, kv_max_ctx
+
+    tensors = list(tensors)
+
+    def total(n):
+        return full_residency_bytes(tensors, cfg, n, type_k, type_v, n_batch, act_elt, context_bytes)
+
+    rest = total(n_batch) - kv_cache_bytes(cfg, n_batch, type_k, type_v)  # weights, context, a full batch
+    n = kv_max_ctx(cfg, budget - rest, type_k, type_v)
+    if n < n_batch:  # totals never fall as n grows: the largest n < n_batch within budget
+        lo, hi = -1, n_batch
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
+        n = max(lo, 0)
+    return n if limit is None else min(n, limit)
 
 
 def specs_of(gguf) -> list[TensorSpec]:

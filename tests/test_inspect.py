@@ -304,6 +304,42 @@ def test_vram_plan(capsys, smollm2_path):
     assert "streams" in text and "PCIe per decode token" in text
 
 
+def test_vram_q4g_bytes_are_the_allocated_ones(capsys, smollm2_path):
+    """inspect --vram -ctk q4g -ctv q4g reports the bytes a real cache allocates (f16 sinks and newest
+    group included) and the bits per value they make: 6.06 / 4.89 / 4.60 at 512 / 2048 / 8192."""
+    from qkvgguf.runtime import Model
+
+    model = Model(GGUFFile(smollm2_path))
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_head_kv, cfg.head_dim) == (30, 3, 64)
+    for n_ctx, bits in ((512, 6.0625), (2048, 4.890625), (8192, 4.59765625)):
+        argv = (smollm2_path, "--vram", "4GiB", "-c", n_ctx, "-ctk", "q4g", "-ctv", "q4g")
+        m = _json(capsys, *argv)["memory"]
+        allocated = model.new_cache(n_ctx, "q4g", "q4g").n_bytes
+        assert m["kv_bytes"] == allocated == m["kv_fixed_bytes"] + m["kv_bytes_per_token"] * n_ctx
+        assert m["kv_bits_per_value"] == allocated * 8 / (2 * 30 * 3 * n_ctx * 64) == bits
+        assert f"{bits:.2f} bits per value" in _run(capsys, *argv)
+
+
+def test_vram_longest_context_counts_q4g_fixed_rows(capsys, smollm2_path):
+    """With exactly the VRAM a 2,048-position q4g run needs, the longest context is 2,051 (the same
+    groups), not the 2,225 the room over the per-token rate gives; every answer is exact."""
+    from qkvgguf.runtime import Model
+
+    model = Model(GGUFFile(smollm2_path))
+    q4g = ("-c", 2048, "-ctk", "q4g", "-ctv", "q4g")
+    kv = lambda n: model.new_cache(n, "q4g", "q4g").n_bytes  # noqa: E731
+    need = _json(capsys, smollm2_path, "--vram", "4GiB", *q4g)["memory"]["total_bytes"]
+    m = _json(capsys, smollm2_path, "--vram", need, *q4g)["memory"]
+    assert m["fits"] and m["headroom_bytes"] == 0 and m["max_ctx"] == 2051
+    assert kv(2051) == m["kv_bytes"] < kv(2052)
+    assert "longest context that fits: 2,051 tokens" in _run(capsys, smollm2_path, "--vram", need, *q4g)
+    rest = m["total_bytes"] - m["kv_bytes"]
+    for vram in (need - 1, need + 1_000_000):
+        got = _json(capsys, smollm2_path, "--vram", vram, *q4g)["memory"]["max_ctx"]
+        assert kv(got) <= vram - rest < kv(got + 1)
+
+
 # -- --diff ----------------------------------------------------------------------------------------------
 
 def test_diff_lists_every_type_change(capsys, smollm2_path, smollm2_q8_0):

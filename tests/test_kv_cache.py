@@ -7,7 +7,9 @@
   inputs, rotation and q8_0 query included) to float tolerance, and a q4g batch equals the same
   tokens attended one at a time
 - close to f32 attention on random and on real activations (SmolLM2 on real prose): stated bounds
-- measured cache bytes equal kv_cache_bytes, and n_ctx * kv_bytes_per_token plus documented overhead
+- measured cache bytes equal kv_cache_bytes = fixed + per_token * n_ctx (kv_layout_bytes) at every
+  context, q4g's f16 sink and tail rows included; bits per value count everything stored (q4g at
+  head_dim 64: 6.06 / 4.89 / 4.60 at 512 / 2048 / 8192); kv_max_ctx is the largest context that fits
 - bad type names: one-line QkvggufError listing the valid types
 """
 
@@ -23,7 +25,8 @@ from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
 from qkvgguf.quants.q4 import quantize_q4_0_torch
 from qkvgguf.quants.q8 import quantize_q8_0_torch
-from qkvgguf.runtime.kv_cache import CACHE_TYPES, KVCache, kv_bytes_per_token, kv_cache_bytes
+from qkvgguf.runtime.kv_cache import (CACHE_TYPES, KVCache, bits_per_value, kv_bits_per_value, kv_bytes_per_token,
+                                      kv_cache_bytes, kv_layout_bytes, kv_max_ctx)
 from qkvgguf.runtime.kv_quant import GROUP, KV_TYPES, N_SINK
 
 QUANT_TYPES = ["q8_0", "q4_0", "q4g"]
@@ -246,29 +249,80 @@ def test_q4g_beats_q4_0_on_smollm2_activations(smollm2_qkv):
 
 
 # -- memory ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n_ctx", [1, 67, 512, 1000])
+@pytest.mark.parametrize("n_ctx", [1, 4, 67, 68, 131, 132, 512, 1000])
 @pytest.mark.parametrize("type_k, type_v", [(t, t) for t in CACHE_TYPES] + [("q8_0", "q4_0"), ("q4g", "f16")])
 def test_measured_bytes_equal_accounting(type_k, type_v, n_ctx):
     cfg = config(n_layer=3, head_dim=128)
     cache = KVCache(cfg, n_ctx, type_k, type_v)
-    assert cache.n_bytes == kv_cache_bytes(cfg, n_ctx, type_k, type_v)
-    overhead = cache.n_bytes - n_ctx * kv_bytes_per_token(cfg, type_k, type_v)
+    fixed, per_token = kv_layout_bytes(cfg, n_ctx, type_k, type_v)
+    assert cache.n_bytes == kv_cache_bytes(cfg, n_ctx, type_k, type_v) == fixed + per_token * n_ctx
+    assert per_token == kv_bytes_per_token(cfg, type_k, type_v)
+    heads, d = cfg.n_layer * cfg.n_head_kv, cfg.head_dim
     n_q4g = (type_k == "q4g") + (type_v == "q4g")
-    assert 0 <= overhead <= n_q4g * cfg.n_layer * cfg.n_head_kv * (N_SINK + GROUP) * 2 * cfg.head_dim
-    if n_q4g == 0:
-        assert overhead == 0
+    if n_q4g:  # the f16 sink + tail rows, less the rate of the positions not in a complete group
+        n_grouped = GROUP * max(0, (n_ctx - N_SINK) // GROUP)
+        rate = KV_TYPES["q4g"].row_bytes(d)
+        assert fixed == n_q4g * heads * ((N_SINK + GROUP) * 2 * d - rate * (n_ctx - n_grouped))
+    else:
+        assert fixed == 0
+
+
+def test_bytes_step_per_complete_group():
+    """q4g pays its rate per complete group of 64: one more position costs 0 bytes or a group's worth."""
+    cfg = config(n_layer=1, n_head_kv=1)
+    steps = {n: kv_cache_bytes(cfg, n + 1, "q4g", "q4g") - kv_cache_bytes(cfg, n, "q4g", "q4g") for n in range(300)}
+    group = GROUP * 2 * KV_TYPES["q4g"].row_bytes(64)
+    assert {n for n, b in steps.items() if b} == {N_SINK + GROUP * g - 1 for g in range(1, 5)}
+    assert set(steps.values()) == {0, group}
+
+
+SMOLLM2_BITS = {  # head_dim 64, everything allocated counted: q4g's f16 sinks and newest group too
+    "f32": {512: 32, 2048: 32, 8192: 32}, "f16": {512: 16, 2048: 16, 8192: 16},
+    "q8_0": {512: 8.5, 2048: 8.5, 8192: 8.5}, "q4_0": {512: 4.5, 2048: 4.5, 8192: 4.5},
+    "q4g": {512: 6.0625, 2048: 4.890625, 8192: 4.59765625},
+}
 
 
 def test_bits_per_value():
-    assert {n: KV_TYPES[n].bits_per_value for n in CACHE_TYPES} == {
-        "f32": 32, "f16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4g": 4.5}
+    cfg = config(n_layer=1, n_head_kv=1, head_dim=64)
+    for t, by_ctx in SMOLLM2_BITS.items():
+        for n_ctx, bits in by_ctx.items():
+            measured = KVCache(cfg, n_ctx, t, t).n_bytes * 8 / (2 * n_ctx * 64)
+            assert measured == bits == bits_per_value(t, n_ctx, 64) == kv_bits_per_value(cfg, n_ctx, t, t), (t, n_ctx)
+    assert round(bits_per_value("q4g", 10**6, 64), 3) == 4.501  # the rate, once the f16 rows are amortized
 
 
 def test_smollm2_figures_from_llamacpp_notes():
-    """shared/LLAMACPP.md: at 8,192 positions f16 180.00 MiB, q8_0 95.62 MiB, q4_0 50.62 MiB."""
+    """shared/LLAMACPP.md: at 8,192 positions f16 180.00 MiB, q8_0 95.62 MiB, q4_0 50.62 MiB; q4g
+    allocates 51.72 MiB (its f16 rows), not the 50.62 MiB its rate alone gives."""
     cfg = config(n_layer=30, n_head=9, n_head_kv=3, head_dim=64)
-    mib = {t: 8192 * kv_bytes_per_token(cfg, t, t) / 2**20 for t in ("f16", "q8_0", "q4_0", "q4g")}
-    assert [round(mib[t], 2) for t in ("f16", "q8_0", "q4_0", "q4g")] == [180.0, 95.62, 50.62, 50.62]
+    types = ("f16", "q8_0", "q4_0", "q4g")
+    mib = {t: kv_cache_bytes(cfg, 8192, t, t) / 2**20 for t in types}
+    assert [round(mib[t], 2) for t in types] == [180.0, 95.62, 50.62, 51.72]
+    assert all(kv_cache_bytes(cfg, 8192, t, t) == KVCache(cfg, 8192, t, t, device="meta").n_bytes for t in types)
+    assert round(8192 * kv_bytes_per_token(cfg, "q4g", "q4g") / 2**20, 2) == 50.62  # the rate only
+
+
+@pytest.mark.parametrize("type_k, type_v", [(t, t) for t in CACHE_TYPES] + [("q4g", "f16"), ("q8_0", "q4g")])
+def test_max_ctx_is_the_largest_that_fits(type_k, type_v):
+    cfg = config(n_layer=30, n_head=9, n_head_kv=3, head_dim=64)
+    size = lambda n: kv_cache_bytes(cfg, n, type_k, type_v)  # noqa: E731
+    rooms = [0, size(0) - 1, size(1), size(2048), size(2048) - 1, size(2048) + 1, size(5000) + 12345]
+    for room in rooms:
+        n = kv_max_ctx(cfg, room, type_k, type_v)
+        assert (n == 0 and size(0) > room) or size(n) <= room < size(n + 1), (room, n)
+
+
+def test_max_ctx_counts_q4g_fixed_rows():
+    """SmolLM2's q4g cache of 2,048 positions also holds 2,051 (same groups), not the 2,225 that
+    room / rate says (that many positions need 14.34 MiB; 2,048 allocate 13.75 MiB)."""
+    cfg = config(n_layer=30, n_head=9, n_head_kv=3, head_dim=64)
+    room = KVCache(cfg, 2048, "q4g", "q4g", device="meta").n_bytes
+    assert room // kv_bytes_per_token(cfg, "q4g", "q4g") == 2225
+    assert kv_max_ctx(cfg, room, "q4g", "q4g") == 2051
+    assert KVCache(cfg, 2051, "q4g", "q4g", device="meta").n_bytes == room
+    assert KVCache(cfg, 2052, "q4g", "q4g", device="meta").n_bytes > room
+    assert KVCache(cfg, 2225, "q4g", "q4g", device="meta").n_bytes > room
 
 
 # -- bad input --------------------------------------------------------------------------------------

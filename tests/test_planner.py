@@ -4,16 +4,19 @@
 - shrinking budgets: never above the budget; streamed bytes only grow as the budget shrinks; the
   staging pool is two slots of the largest streamed layer
 - the smallest budget that runs streams every layer; one byte less: a one-line error with the minimum
-- KV and activation bytes are the accounting functions' (kv_cache_bytes, activation_bytes)
+- KV and activation bytes are the accounting functions' (kv_cache_bytes, activation_bytes), and the
+  KV bytes are what a real KVCache allocates (q4g's f16 rows included)
+- max_resident_ctx: the longest context with everything resident, exact at both sides of n_batch
 - on the real SmolLM2 file (sizes from the GGUF)
 """
 
 import pytest
 
 from qkvgguf.config import ModelConfig
-from qkvgguf.runtime.kv_cache import kv_cache_bytes
+from qkvgguf.runtime.kv_cache import KVCache, kv_bytes_per_token, kv_cache_bytes
 from qkvgguf.runtime.planner import (CUDA_CONTEXT_BYTES, OUTPUT_UNIT, BudgetTooSmall, TensorSpec,
-                                     activation_bytes, full_residency_bytes, minimum_budget, plan, specs_of)
+                                     activation_bytes, full_residency_bytes, max_resident_ctx, minimum_budget,
+                                     plan, specs_of)
 
 MiB = 2**20
 
@@ -103,8 +106,30 @@ def test_kv_and_activations_follow_the_accounting(model):
     cfg, specs = model
     for n_ctx, tk, tv in ((512, "f16", "f16"), (4096, "q8_0", "q4_0"), (2048, "q4g", "q4g")):
         p = plan(specs, cfg, None, n_ctx, tk, tv, n_batch=256, act_elt=4)
-        assert p.kv_bytes == kv_cache_bytes(cfg, n_ctx, tk, tv)
+        assert p.kv_bytes == kv_cache_bytes(cfg, n_ctx, tk, tv) == KVCache(cfg, n_ctx, tk, tv, device="meta").n_bytes
         assert p.activation_bytes == activation_bytes(cfg, 256, 4)
+
+
+@pytest.mark.parametrize("tk, tv", [("f16", "f16"), ("q4_0", "q4_0"), ("q4g", "q4g"), ("q4g", "q8_0")])
+def test_max_resident_ctx_is_the_longest_that_fits(model, tk, tv):
+    cfg, specs = model
+    total = lambda n: full_residency_bytes(specs, cfg, n, tk, tv, n_batch=512)  # noqa: E731
+    for n_want in (100, 511, 512, 2048, 3000):  # below, at and above the prompt batch
+        for budget in (total(n_want), total(n_want) - 1, total(n_want) + 4096):
+            n = max_resident_ctx(specs, cfg, budget, tk, tv, n_batch=512)
+            assert total(n) <= budget < total(n + 1), (n_want, budget, n)
+    assert max_resident_ctx(specs, cfg, total(2048), tk, tv, limit=1000) == 1000
+    assert max_resident_ctx(specs, cfg, total(0) - 1, tk, tv) == 0
+
+
+def test_max_resident_ctx_counts_q4g_fixed_rows(model):
+    """Dividing the cache's room by the rate (the old inspect --vram) overstates a q4g context."""
+    cfg, specs = model
+    budget = full_residency_bytes(specs, cfg, 2048, "q4g", "q4g")
+    n = max_resident_ctx(specs, cfg, budget, "q4g", "q4g")
+    by_rate = kv_cache_bytes(cfg, 2048, "q4g", "q4g") // kv_bytes_per_token(cfg, "q4g", "q4g")
+    assert n == 2051 < by_rate  # 2,051 positions use the 2,048-position cache's groups
+    assert KVCache(cfg, by_rate, "q4g", "q4g", device="meta").n_bytes > kv_cache_bytes(cfg, 2048, "q4g", "q4g")
 
 
 def test_smollm2_file(smollm2_path):
