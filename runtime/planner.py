@@ -155,6 +155,15 @@ def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
     return units, raw, small, host, kv, act
 
 
+def _spread(u: int) -> int:
+    """Tie-break among equal-sized units: layers in bit-reversed index order (0, 16, 8, 24, 4, ...),
+    so the layers kept resident, and those left to stream, are spread through the model instead of
+    the last ones all streaming. A streamed layer's copy then runs while the resident layers before
+    it compute (the slot pool prefetches one streamed unit ahead), rather than back to back at the
+    end of the pass. The bytes, and so the plan's totals and PCIe traffic, do not change."""
+    return int(f"{u:016b}"[::-1], 2) if u >= 0 else -1
+
+
 def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
          type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
          context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model") -> Plan:
@@ -183,7 +192,7 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
         if room < 0:
             continue
         resident = list(must)
-        for u in sorted((u for u in order if units[u] <= m), key=lambda u: -units[u]):
+        for u in sorted((u for u in order if units[u] <= m), key=lambda u: (-units[u], _spread(u))):
             if units[u] <= room:
                 resident.append(u)
                 room -= units[u]

@@ -143,3 +143,21 @@ def test_smollm2_file(smollm2_path):
     assert 0 <= sum(p.unit_bytes.values()) + p.small_bytes - gguf.tensor_data_bytes < 256 * len(specs)  # aligned
     tight = plan(specs, cfg, p.total_bytes - 10 * MiB, 2048)
     assert tight.total_bytes <= p.total_bytes - 10 * MiB and tight.streamed_units
+
+
+@pytest.mark.parametrize("n_streamed", [4, 13, 24])
+def test_streamed_layers_are_spread_through_the_model(model, n_streamed):
+    """Equal-sized layers: which ones stream is a free choice, and the planner spreads them, so each
+    streamed layer's copy overlaps the resident layers computing before it (no run of streamed
+    layers at the end of the pass). Same bytes as any other choice."""
+    cfg, specs = model
+    full = plan(specs, cfg, None, 4096, "q4_0", "q4_0")
+    layer = full.unit_bytes[0]
+    budget = full.total_bytes + 2 * layer - n_streamed * layer - 1  # room for two staging slots
+    p = plan(specs, cfg, budget, 4096, "q4_0", "q4_0")
+    streamed = sorted(u for u in p.streamed_units if u != OUTPUT_UNIT)
+    assert abs(len(streamed) - n_streamed) <= 1, streamed  # the embedding moving to the host frees a little
+    gaps = [b - a for a, b in zip(streamed, streamed[1:])]
+    even = cfg.n_layer / len(streamed)
+    assert max(gaps) <= 2 * even and min(gaps) >= even / 2, streamed  # no runs, no long holes
+    assert streamed[-1] - streamed[0] >= cfg.n_layer / 2, streamed  # across the model, not its end
