@@ -14,8 +14,16 @@ differ window by window (K/V perturbed by 1e-5 moved our 4-window q4_0 figure by
 "ours / llama.cpp" column therefore carries the standard error of the ratio from the per-window
 NLL differences; 16 windows at -c 512 and 2 at -c 2048 (8,176 and 4,094 scored tokens).
 
+Per row: bits per value with everything stored counted at that context (kv_cache.kv_bits_per_value:
+q4g's f16 sinks and newest group make it 6.06 bits at -c 512 and 4.89 at 2048; llama.cpp's types
+have no fixed rows), perplexity and its change over the same engine's f16 cache, and the KL
+divergence from that engine's f16-cache distributions over the full vocabulary (mean per scored
+token with its standard error, same-top-token %). llama.cpp's q5_0 and q4_1 caches (5.5 and 5.0
+bits) are the equal-memory comparison for q4g, which we compare against at equal or lower bits.
+
 Prints a table, the issue-5 bars (q8_0 <= +0.3% over f16; our q4_0 within 1% of llama.cpp's q4_0;
-q4g's increase over f16 at most a third of q4_0's) and writes benchmarks/kv_quality.json.
+q4g's increase over f16 at most a third of q4_0's) and writes --json (default
+benchmarks/kv_quality.json).
 """
 
 from __future__ import annotations
@@ -40,25 +48,17 @@ import texts  # noqa: E402
 from qkvgguf.default_model import default_model_path  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
 from qkvgguf.runtime import Model, perplexity  # noqa: E402
+from qkvgguf.runtime.kv_cache import kv_bits_per_value  # noqa: E402
 from qkvgguf.tokenizer import Tokenizer  # noqa: E402
 
-# (K, V) rows; llama.cpp has no q4g
-SETTINGS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4g", "q4g"), ("q8_0", "q4_0")]
-GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # llama_cpp.GGML_TYPE_*
+# (K, V) rows; llama.cpp has no q4g, we have no q5_0 / q4_1 cache (llama.cpp's rows for the
+# equal-memory comparison: 5.5 and 5.0 bits per value, between q4_0's 4.5 and q4g's 4.9-6.1)
+SETTINGS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4g", "q4g"), ("q8_0", "q4_0"),
+            ("q5_0", "q5_0"), ("q4_1", "q4_1")]
+GGML_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8}  # llama_cpp.GGML_TYPE_*
+OUR_TYPES = {"f32", "f16", "q8_0", "q4_0", "q4g"}
+LLAMA_BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5}  # ggml block sizes, no fixed rows
 N_BATCH = 512
-
-
-class TypedCacheModel:
-    """A Model whose new_cache uses fixed cache types, so `runtime.perplexity` scores with them."""
-
-    def __init__(self, model: Model, type_k: str, type_v: str):
-        self.model, self.type_k, self.type_v = model, type_k, type_v
-
-    def new_cache(self, n_ctx: int, *_):
-        return self.model.new_cache(n_ctx, self.type_k, self.type_v)
-
-    def forward(self, *args, **kwargs):
-        return self.model.forward(*args, **kwargs)
 
 
 def windows_of(ids: list[int], n_ctx: int, n: int, bos_id) -> list[list[int]]:
@@ -68,20 +68,37 @@ def windows_of(ids: list[int], n_ctx: int, n: int, bos_id) -> list[list[int]]:
     return [[bos_id] + w[1:] if bos_id is not None else w for w in wins]
 
 
-def ours(model: Model, wins: list[list[int]], type_k: str, type_v: str) -> tuple[float, list[float]]:
-    """Perplexity and the mean NLL of each window (from runtime.perplexity's running figures)."""
+def ours(model: Model, wins: list[list[int]], type_k: str, type_v: str, keep=None):
+    """Perplexity, the mean NLL of each window (from runtime.perplexity's running figures), and the
+    scored positions' log-probabilities (float16, for the KL divergence) when `keep` is a list."""
     stream = [t for w in wins for t in w]
     n = len(wins[0]) - 1
     running = []
-    res = perplexity(TypedCacheModel(model, type_k, type_v), stream, len(wins[0]), n_batch=N_BATCH,
-                     progress=lambda w, ppl: running.append(math.log(ppl) * w * n))
+    sink = None if keep is None else (lambda lp, targets: keep.append(lp.to(torch.float16).cpu()))
+    res = perplexity(model, stream, len(wins[0]), n_batch=N_BATCH, type_k=type_k, type_v=type_v,
+                     progress=lambda w, ppl: running.append(math.log(ppl) * w * n), on_logprobs=sink)
     assert res.n_scored == len(wins) * n
     return res.ppl, [(b - a) / n for a, b in zip([0.0] + running[:-1], running)]
 
 
+def kld_stats(ref: list, got: list) -> dict:
+    """KL(ref || got) per scored token over the full vocabulary (both float16 log-probabilities,
+    matched chunk by chunk): mean with its standard error, 99th percentile, same-top-token %."""
+    k, same, n = [], 0, 0
+    for a, b in zip(ref, got):
+        a, b = a.float(), b.float()
+        k.append((a.exp() * (a - b)).sum(-1).double())
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+    k = torch.cat(k)
+    return dict(kld_mean=float(k.mean()), kld_stderr=float(k.std() / math.sqrt(k.numel())),
+                kld_p99=float(torch.quantile(k.float(), 0.99)), same_top_pct=100.0 * same / n)
+
+
 def llama(path: str, wins: list[list[int]], type_k: str, type_v: str, threads: int,
-          rotate: bool = True) -> tuple[float, list[float]]:
-    """llama.cpp's perplexity on the same windows; every logit of a window from one llm.eval."""
+          rotate: bool = True, keep=None) -> tuple[float, list[float]]:
+    """llama.cpp's perplexity on the same windows; every logit of a window from one llm.eval;
+    the log-probabilities (float16) appended to `keep` when it is a list."""
     if rotate:
         os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
     else:
@@ -99,6 +116,8 @@ def llama(path: str, wins: list[list[int]], type_k: str, type_v: str, threads: i
         logits = torch.tensor(llm.scores[:len(w)], dtype=torch.float64)
         logp = torch.log_softmax(logits[:-1], dim=-1)
         nll.append(-float(logp.gather(1, torch.tensor(w[1:])[:, None]).mean()))
+        if keep is not None:
+            keep.append(logp.to(torch.float16))
     del llm
     return math.exp(sum(nll) / len(nll)), nll
 
@@ -134,6 +153,7 @@ def main(argv=None) -> int:
     gguf = GGUFFile(path)
     tok = Tokenizer.from_gguf(gguf)
     model = Model(gguf, cache_bytes=1 << 30)
+    cfg = model.config
     ids = tok.encode(texts.war_and_peace()[:200_000], add_special=False)
     bos = tok.bos_id if tok.add_bos else None
 
@@ -143,18 +163,29 @@ def main(argv=None) -> int:
             continue
         wins = windows_of(ids, n_ctx, n_win, bos)
         settings = [(k, v, True) for k, v in SETTINGS] + [("q4_0", "q4_0", False)]
+        ref_ours, ref_llama = [], []  # each engine's f16-cache distributions: the KLD reference
         for k, v, rot in settings:
             t0 = time.perf_counter()
-            ppl_ours, nll_ours = ours(model, wins, k, v) if rot else (None, None)
+            base = (k, v) == ("f16", "f16")
+            got_ours, got_llama = (ref_ours, ref_llama) if base else ([], [])
+            ppl_ours, nll_ours = (ours(model, wins, k, v, got_ours) if rot and k in OUR_TYPES and v in OUR_TYPES
+                                  else (None, None))
             t1 = time.perf_counter()
             ppl_llama, nll_llama = None, None
             if not args.no_llamacpp and k in GGML_TYPES and v in GGML_TYPES:
-                ppl_llama, nll_llama = llama(path, wins, k, v, args.threads, rotate=rot)
+                ppl_llama, nll_llama = llama(path, wins, k, v, args.threads, rotate=rot, keep=got_llama)
             t2 = time.perf_counter()
             row = dict(n_ctx=n_ctx, n_windows=n_win, type_k=k, type_v=v, llamacpp_rotation=rot,
+                       bits_per_value_qkvgguf=(kv_bits_per_value(cfg, n_ctx, k, v)
+                                               if k in OUR_TYPES and v in OUR_TYPES else None),
+                       bits_per_value_llamacpp=(LLAMA_BITS[k] + LLAMA_BITS[v]) / 2 if k in LLAMA_BITS and v in LLAMA_BITS else None,
                        ppl_qkvgguf=ppl_ours, ppl_llamacpp=ppl_llama,
                        window_nll_qkvgguf=nll_ours, window_nll_llamacpp=nll_llama,
                        seconds_qkvgguf=round(t1 - t0, 1), seconds_llamacpp=round(t2 - t1, 1))
+            if not base:
+                row["kld_qkvgguf"] = kld_stats(ref_ours, got_ours) if got_ours else None
+                row["kld_llamacpp"] = kld_stats(ref_llama, got_llama) if got_llama else None
+            del got_ours, got_llama
             rows.append(row)
             print(f"  -c {n_ctx} K {k:5s} V {v:5s}{'' if rot else ' (llama.cpp rotation off)'}: "
                   f"ours {fmt(ppl_ours, '.4f')} ({t1 - t0:.0f} s), llama.cpp {fmt(ppl_llama, '.4f')} "
@@ -163,8 +194,12 @@ def main(argv=None) -> int:
     def find(n_ctx, k, v, rot=True):
         return next((r for r in rows if (r["n_ctx"], r["type_k"], r["type_v"], r["llamacpp_rotation"]) == (n_ctx, k, v, rot)), None)
 
-    table = ["| -c | windows | K | V | qkvgguf PPL | vs f16 | llama.cpp PPL | vs f16 | ours / llama.cpp (± s.e.) |",
-             "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    table = ["| -c | windows | K | V | bits/value ours (llama.cpp) | qkvgguf PPL | vs f16 | KLD vs f16 (± s.e.) | same top | "
+             "llama.cpp PPL | vs f16 | KLD vs f16 (± s.e.) | ours / llama.cpp PPL (± s.e.) |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def kld_cell(x):
+        return "-" if not x else f"{x['kld_mean']:.5f} (± {x['kld_stderr']:.5f})"
     checks = []
     for r in rows:
         base = find(r["n_ctx"], "f16", "f16")
@@ -176,9 +211,12 @@ def main(argv=None) -> int:
                                             if both else None)
         label = "q4_0 (llama.cpp, rotation off)" if not r["llamacpp_rotation"] else r["type_k"]
         se = r["ours_vs_llamacpp_stderr_pct"]
-        table.append(f"| {r['n_ctx']} | {r['n_windows']} | {label} | {r['type_v']} | {fmt(r['ppl_qkvgguf'], '.4f')} | "
-                     f"{fmt(r['increase_pct_qkvgguf'], '+.2f', '%')} | {fmt(r['ppl_llamacpp'], '.4f')} | "
-                     f"{fmt(r['increase_pct_llamacpp'], '+.2f', '%')} | {fmt(r['ours_vs_llamacpp_pct'], '+.2f', '%')}"
+        bits = f"{fmt(r['bits_per_value_qkvgguf'], '.2f')} ({fmt(r['bits_per_value_llamacpp'], '.2f')})"
+        ko, kl = r.get("kld_qkvgguf"), r.get("kld_llamacpp")
+        table.append(f"| {r['n_ctx']} | {r['n_windows']} | {label} | {r['type_v']} | {bits} | {fmt(r['ppl_qkvgguf'], '.4f')} | "
+                     f"{fmt(r['increase_pct_qkvgguf'], '+.2f', '%')} | {kld_cell(ko)} | "
+                     f"{fmt(ko['same_top_pct'] if ko else None, '.2f', '%')} | {fmt(r['ppl_llamacpp'], '.4f')} | "
+                     f"{fmt(r['increase_pct_llamacpp'], '+.2f', '%')} | {kld_cell(kl)} | {fmt(r['ours_vs_llamacpp_pct'], '+.2f', '%')}"
                      f"{'' if se is None else f' (± {se:.2f})'} |")
     for n_ctx in sorted({r["n_ctx"] for r in rows}):
         q8, q4, qg = find(n_ctx, "q8_0", "q8_0"), find(n_ctx, "q4_0", "q4_0"), find(n_ctx, "q4g", "q4g")
