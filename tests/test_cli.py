@@ -9,6 +9,8 @@ import pytest
 import texts
 from qkvgguf.cli import main
 
+from cli_errors import one_line_error
+
 from test_gguf_file import _write
 
 
@@ -17,15 +19,6 @@ def _cli(*args, stdin=None):
     p = subprocess.run([sys.executable, "-m", "qkvgguf", *args], capture_output=True, text=True, input=stdin,
                        timeout=300)
     return p.returncode, p.stdout, p.stderr
-
-
-def _one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qkvgguf: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_run_default_model_greedy():
@@ -41,28 +34,28 @@ def test_run_truncated_file(tmp_path, smollm2_path):
     with open(smollm2_path, "rb") as f:
         bad.write_bytes(f.read(40_000_000))
     rc, _, err = _cli("run", "-m", str(bad), "hello")
-    _one_line_error(rc, err, str(bad), "past the end")
+    one_line_error(rc, err, str(bad), "past the end")
 
 
 def test_empty_prompt(capsys):
     assert main(["run", "   "]) == 2
-    _one_line_error(2, capsys.readouterr().err, "empty prompt")
+    one_line_error(2, capsys.readouterr().err, "empty prompt")
 
 
 def test_context_larger_than_model(capsys, smollm2_path):
     assert main(["run", "-m", smollm2_path, "-c", "100000", "hi"]) == 2
-    _one_line_error(2, capsys.readouterr().err, smollm2_path, "8192")
+    one_line_error(2, capsys.readouterr().err, smollm2_path, "8192")
 
 
 def test_unsupported_architecture(capsys, tmp_path):
     path = _write(tmp_path / "a.gguf", arch="gpt2")
     assert main(["run", "-m", path, "hi"]) == 2
-    _one_line_error(2, capsys.readouterr().err, path, "'gpt2'")
+    one_line_error(2, capsys.readouterr().err, path, "'gpt2'")
 
 
 def test_bad_size_flag(capsys):
     assert main(["run", "--cpu-cache", "lots", "hi"]) == 2
-    _one_line_error(2, capsys.readouterr().err, "lots")
+    one_line_error(2, capsys.readouterr().err, "lots")
 
 
 def test_inspect_json(capsys, smollm2_path):
@@ -79,7 +72,7 @@ def test_inspect_text_and_errors(capsys, tmp_path, smollm2_path):
     assert "blk.29.ffn_down.weight" in out and "Q4_1" in out and "total: 272 tensors" in out
     (tmp_path / "x.bin").write_bytes(b"\0" * 100)
     assert main(["inspect", str(tmp_path / "x.bin")]) == 2
-    _one_line_error(2, capsys.readouterr().err, "not a GGUF file")
+    one_line_error(2, capsys.readouterr().err, "not a GGUF file")
 
 
 def test_perplexity_command(capsys, tmp_path, smollm2_path):
@@ -93,7 +86,7 @@ def test_perplexity_command(capsys, tmp_path, smollm2_path):
 
 def test_convert_missing_folder(capsys, tmp_path):
     assert main(["convert", str(tmp_path / "nope"), "-o", str(tmp_path / "o.gguf")]) == 2
-    _one_line_error(2, capsys.readouterr().err, "nope")
+    one_line_error(2, capsys.readouterr().err, "nope")
     assert not (tmp_path / "o.gguf").exists()
 
 
@@ -105,7 +98,7 @@ def test_bench(capsys):
     assert r["n_prompt"] == 12 and r["n_gen"] == 3 and r["prompt_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
     assert (r["type_k"], r["type_v"]) == ("q8_0", "q4_0")
     assert main(["bench", "-p", "0"]) == 2
-    _one_line_error(2, capsys.readouterr().err, "-p must be at least 1")
+    one_line_error(2, capsys.readouterr().err, "-p must be at least 1")
 
 
 def test_vram_budget_too_small_fails_before_allocating(monkeypatch, smollm2_path):
@@ -146,6 +139,6 @@ def test_vram_budget_too_small_fails_before_allocating(monkeypatch, smollm2_path
 def test_backend_flags(capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["run", "--backend", "triton", "--device", "cpu", "hi"]) == 2
-    _one_line_error(2, capsys.readouterr().err, "backend triton is not available")
+    one_line_error(2, capsys.readouterr().err, "backend triton is not available")
     assert main(["run", "--device", "tpu", "hi"]) == 2
-    _one_line_error(2, capsys.readouterr().err, "--device")
+    one_line_error(2, capsys.readouterr().err, "--device")

@@ -20,16 +20,9 @@ from qkvgguf.runtime.model import Model
 
 from qkvgguf.cli import main
 
+from cli_errors import one_line_error
+
 N_CTX, CHUNKS = 128, 2
-
-
-def _one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qkvgguf: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _main(*args):
@@ -175,7 +168,7 @@ def test_bench_reports_the_cache_it_built(smollm2_path, spy):
 
 def test_bad_cache_type_names_the_flag(smollm2_path, text_file):
     rc, _, err = _main("perplexity", "-m", smollm2_path, "-f", text_file, "-ctv", "q5_9")
-    _one_line_error(rc, err, "-ctv", "q5_9")
+    one_line_error(rc, err, "-ctv", "q5_9")
 
 
 # -- standard error ------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ def test_kld_text_output(smollm2_path, text_file, base_file):
     (N_CTX, 1, False, "saved over 256 tokens, this run has 128"),
     (N_CTX, CHUNKS, True, "a different text"),  # as many tokens, other ids
 ])
-def test_kld_mismatch_is_a_one_line_error(smollm2_path, text_file, base_file, tmp_path, n_ctx, chunks, other_text,
+def test_kld_mismatch_is_aone_line_error(smollm2_path, text_file, base_file, tmp_path, n_ctx, chunks, other_text,
                                           needle):
     path, _ = base_file
     text = text_file
@@ -265,7 +258,7 @@ def test_kld_mismatch_is_a_one_line_error(smollm2_path, text_file, base_file, tm
         text.write_text(texts.sherlock()[50_000:55_000], encoding="utf-8")
     rc, out, err = _main("perplexity", "-m", smollm2_path, "-f", text, "-c", n_ctx, "--chunks", chunks,
                          "--kl-divergence", path)
-    _one_line_error(rc, err, str(path), needle)
+    one_line_error(rc, err, str(path), needle)
     assert out == ""
 
 
@@ -302,17 +295,17 @@ def _bad_files(good: pathlib.Path, tmp: pathlib.Path):
     return ["cut.npz", "garbage.npz", "empty.npz", "short.npz", "nomember.npz", "pickle.npz"]
 
 
-def test_kld_bad_file_is_a_one_line_error(smollm2_path, text_file, base_file, tmp_path):
+def test_kld_bad_file_is_aone_line_error(smollm2_path, text_file, base_file, tmp_path):
     path, _ = base_file
     for name in _bad_files(path, tmp_path):
         bad = tmp_path / name
         rc, out, err = _main("perplexity", "-m", smollm2_path, "-f", text_file, "-c", N_CTX, "--chunks", CHUNKS,
                              "--kl-divergence", bad)
-        _one_line_error(rc, err, str(bad))
+        one_line_error(rc, err, str(bad))
         assert out == "", name
     assert not (tmp_path / "unpickled").exists()
     rc, _, err = _main("perplexity", "-m", smollm2_path, "-f", text_file, "--kl-divergence", tmp_path / "nope.npz")
-    _one_line_error(rc, err, "nope.npz", "no such file")
+    one_line_error(rc, err, "nope.npz", "no such file")
 
 
 def test_kld_bad_file_subprocess_no_traceback(text_file, tmp_path):
@@ -324,7 +317,7 @@ def test_kld_bad_file_subprocess_no_traceback(text_file, tmp_path):
     p = subprocess.run([sys.executable, "-m", "qkvgguf", "perplexity", "-f", str(text_file), "--kl-divergence",
                         str(bad)], check=False, capture_output=True, text=True, timeout=300)
     err = "\n".join(line for line in p.stderr.splitlines() if "no -m given" not in line)
-    _one_line_error(p.returncode, err, str(bad))
+    one_line_error(p.returncode, err, str(bad))
 
 
 def test_run_config_from_python(smollm2_path):
