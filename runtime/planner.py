@@ -54,12 +54,17 @@ class TensorSpec:
     n_bytes: int
 
 
+DENSE_MIN_M = 64  # from this many rows a GPU matmul dequantizes w to fp16 tiles for cuBLAS ...
+DENSE_TILE_BYTES = 32 * 2**20  # ... at most this much at a time (runtime/kernels/qmatmul.py dense_matmul)
+
+
 def activation_bytes(cfg: ModelConfig, n_batch: int, elt: int = 4) -> int:
     """One layer's intermediates for a batch of n_batch tokens plus the batch's logits:
     residual, norm output, attention output (3 n_embd), q/k/v, gate/up/product (3 n_ff), logits
-    (float32); attention is flash-style (no n_ctx x n_ctx scores)."""
+    (float32); attention is flash-style (no n_ctx x n_ctx scores); and, for batches of at least
+    DENSE_MIN_M tokens, the fp16 weight tile the prompt matmul multiplies through cuBLAS."""
     per_token = 3 * cfg.n_embd + cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.n_ff
-    return n_batch * (elt * per_token + 4 * cfg.vocab_size)
+    return n_batch * (elt * per_token + 4 * cfg.vocab_size) + (DENSE_TILE_BYTES if n_batch >= DENSE_MIN_M else 0)
 
 
 def unit_of(name: str, tied: bool) -> Optional[int]:

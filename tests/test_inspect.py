@@ -26,7 +26,7 @@ from qkvgguf.gguf_file import GGUFFile
 from qkvgguf.inspect import summarize
 from qkvgguf.inspect_tensor import DECODERS, LAYOUTS, tensor_report
 
-from test_cli import _one_line_error
+from cli_errors import one_line_error
 
 def _run(capsys, *argv):
     rc = main(["inspect", *map(str, argv)])
@@ -397,7 +397,7 @@ def test_plot_without_matplotlib_is_one_line(capsys, monkeypatch, smollm2_path, 
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert main(["inspect", smollm2_path, "--plot", str(tmp_path / "x.png")]) == 2
-    _one_line_error(2, capsys.readouterr().err, "pip install matplotlib")
+    one_line_error(2, capsys.readouterr().err, "pip install matplotlib")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -414,7 +414,7 @@ def test_plot_without_matplotlib_is_one_line(capsys, monkeypatch, smollm2_path, 
 ])
 def test_one_line_errors(capsys, smollm2_path, argv, needles):
     assert main(["inspect", smollm2_path, *argv]) == 2
-    _one_line_error(2, capsys.readouterr().err, *needles)
+    one_line_error(2, capsys.readouterr().err, *needles)
 
 
 def test_not_gguf_is_one_line(capsys, tmp_path, smollm2_path):
@@ -423,4 +423,4 @@ def test_not_gguf_is_one_line(capsys, tmp_path, smollm2_path):
     for argv in ([str(bad)], [smollm2_path, "--diff", str(bad)], [smollm2_path, "--tensor", "output_norm.weight",
                                                                    "--ref", str(bad)]):
         assert main(["inspect", *argv]) == 2
-        _one_line_error(2, capsys.readouterr().err, "not a GGUF file", str(bad))
+        one_line_error(2, capsys.readouterr().err, "not a GGUF file", str(bad))

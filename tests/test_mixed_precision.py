@@ -24,7 +24,7 @@ from qkvgguf.convert.convert import convert
 from qkvgguf.convert.mixed import BudgetError, Option, Target, allocate, sensitivity
 
 import texts
-from test_cli import _one_line_error
+from cli_errors import one_line_error
 
 
 def _instance(rng, n_tensors=5):
@@ -171,5 +171,5 @@ def test_fit_within_the_planner_budget(tiny, tmp_path):
 def test_bad_flags(tiny, tmp_path, capsys, flags, words):
     out = tmp_path / "bad.gguf"
     assert _convert_auto(tiny, out, *flags) == 2
-    _one_line_error(2, capsys.readouterr().err, words)
+    one_line_error(2, capsys.readouterr().err, words)
     assert not out.exists() and not list(tmp_path.iterdir())

@@ -51,8 +51,9 @@ from .dequant import LAYOUTS, check_weight, dequant
 from .launch import autotune_bench, fp32_precision, interpreting, next_pow2
 
 GEMV_MAX_M = 8
-DENSE_MIN_M = 64  # from this many rows of x on a GPU: dequantize to fp16 tiles, multiply with cuBLAS
-DENSE_TILE_BYTES = 32 * 2**20  # the fp16 scratch of one tile of w (the VRAM planner counts it)
+# from DENSE_MIN_M rows of x on a GPU: dequantize w to fp16 tiles of at most DENSE_TILE_BYTES and
+# multiply with cuBLAS; the VRAM planner counts that scratch, so both live there
+from ..planner import DENSE_MIN_M, DENSE_TILE_BYTES  # noqa: E402
 
 
 # -- kernels -------------------------------------------------------------------------------------
