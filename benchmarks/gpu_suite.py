@@ -355,7 +355,6 @@ def stage_kernels(st: Stage) -> None:
                              f"{t16 * 1e6:.1f} | {tb16 * 1e6:.1f} | {_fmt(row['int4_us'])} | {t16 / t:.2f} | "
                              f"{'-' if t4 is None else f'{t4 / t:.2f}'} | {row['TFLOPs']:.1f} | {_fmt(row['triton_gemm_us'])} |")
                 st.row(row)
-            del w, dense
 
 
 def stage_sweep(st: Stage) -> None:
@@ -405,7 +404,6 @@ def stage_sweep(st: Stage) -> None:
                 st.md.append(f"| {fmt} | {n}x{k} | {bn} | {kbytes} | {warps} | {stages} | {t * 1e6:.1f} | "
                              f"{row['of_copy']:.1%} | {'yes' if listed else 'no'} |")
                 st.row(row)
-            del w
 
 
 # -- decode, kv4k, paging: through the CLI ----------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .planner import ALIGN, Plan
+from .planner import Plan, packed
 
 
 class Streamer:
@@ -33,11 +33,8 @@ class Streamer:
         self.host: dict[int, torch.Tensor] = {}
         size, spans, total = 0, {}, 0
         for u in order:
-            offsets, n = [], 0
-            for t in units[u]:
-                offsets.append((t, n))
-                n += -(-t.n_bytes // ALIGN) * ALIGN
-            self.layout[u], spans[u] = offsets, (total, n)
+            offsets, n = packed(t.n_bytes for t in units[u])
+            self.layout[u], spans[u] = list(zip(units[u], offsets)), (total, n)
             total += n
             size = max(size, n)
         self.host_buffer = pinned_host_buffer(total) if self.cuda else torch.empty(total, dtype=torch.uint8)

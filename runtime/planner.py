@@ -44,6 +44,16 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 _MATMUL = re.compile(r"\.(attn_q|attn_k|attn_v|attn_output|attn_qkv|ffn_gate|ffn_up|ffn_down)\.weight$")
 
 
+def packed(sizes) -> tuple[list[int], int]:
+    """Offsets of byte blocks packed one after another at ALIGN-byte boundaries, and the total:
+    how a streamed unit sits in its slot (paging.py) and resident weights in their arena (weights.py)."""
+    offsets, n = [], 0
+    for size in sizes:
+        offsets.append(n)
+        n += -(-size // ALIGN) * ALIGN
+    return offsets, n
+
+
 class BudgetTooSmall(QkvggufError):
     pass
 
@@ -149,7 +159,7 @@ def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
     for t in tensors:
         u = unit_of(t.name, tied)
         if u is not None:  # packed for streaming at 256-byte aligned offsets (paging.ALIGN)
-            units[u] = units.get(u, 0) + -(-t.n_bytes // ALIGN) * ALIGN
+            units[u] = units.get(u, 0) + packed([t.n_bytes])[1]
             raw[u] = raw.get(u, 0) + t.n_bytes
         elif t.name == "token_embd.weight":
             host.append(t.name)

@@ -61,12 +61,9 @@ def _load_arena(tensors: list[QTensor], device: torch.device) -> torch.Tensor:
     QTensor at its slice. One allocation, not one per tensor: the caching allocator rounds every
     large block up (to 2 MiB), which over a 7B model's ~290 tensors adds hundreds of MiB that the
     VRAM planner, counting bytes as stored, never planned."""
-    from .planner import ALIGN
+    from .planner import packed
 
-    offsets, n = [], 0
-    for t in tensors:
-        offsets.append(n)
-        n += -(-t.n_bytes // ALIGN) * ALIGN
+    offsets, n = packed(t.n_bytes for t in tensors)
     arena = torch.empty(n, dtype=torch.uint8, device=device)
     for t, off in zip(tensors, offsets):
         dst = arena[off:off + t.n_bytes].view(t.raw.shape)
