@@ -2,9 +2,10 @@
 
     python benchmarks/cpu_decode.py [-m FILE] [-t 2] [--prompt-tokens 512] [--decode-tokens 64] [--repeats 3]
 
-Both engines process the same real-text prompt (token ids from llama.cpp's tokenizer) and then
-decode greedily. Each figure is the median over `--repeats` runs after one warm-up. Prints a table
-and writes benchmarks/cpu_decode.json.
+Ours is `qkvgguf bench` run as a user runs it (its JSON; random prompt ids from torch's generator
+seeded 0), llama.cpp processes the same ids and then decodes greedily; speed does not depend on
+which tokens they are. Each figure is the median over `--repeats` runs after one warm-up. Prints a
+table and writes --out (default benchmarks/cpu_decode.json).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -23,30 +25,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import llamacpp  # noqa: E402
-import texts  # noqa: E402
 
+from qkvgguf.config import ModelConfig  # noqa: E402
 from qkvgguf.default_model import default_model_path  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
-from qkvgguf.runtime import Model  # noqa: E402
 
 
-def bench_qkvgguf(path, prompt, n_decode, repeats, cache_bytes):
-    model = Model(GGUFFile(path), cache_bytes=cache_bytes)
-    results = []
-    for r in range(repeats + 1):
-        cache = model.new_cache(len(prompt) + n_decode + 1)
-        t0 = time.perf_counter()
-        logits = None
-        for s in range(0, len(prompt), 512):
-            logits = model.forward(torch.tensor(prompt[s:s + 512]), cache)
-        t1 = time.perf_counter()
-        tok = int(logits.argmax())
-        for _ in range(n_decode):
-            tok = int(model.forward(torch.tensor([tok]), cache).argmax())
-        t2 = time.perf_counter()
-        if r > 0:  # the first run fills the dequantization cache: warm-up
-            results.append((len(prompt) / (t1 - t0), n_decode / (t2 - t1)))
-    return results
+def bench_qkvgguf(path, n_prompt, n_decode, repeats, threads, cpu_cache):
+    """`qkvgguf bench --json` in its own process: the code path a user's CLI call takes (random token
+    ids from torch's generator seeded 0; one warm-up, then the median of `repeats`)."""
+    cmd = [sys.executable, "-m", "qkvgguf.cli", "bench", "-m", path, "-p", str(n_prompt), "-n", str(n_decode),
+           "-r", str(repeats), "-t", str(threads), "--device", "cpu", "--cpu-cache", str(cpu_cache), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    res = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    res["cmd"] = "qkvgguf " + " ".join(cmd[3:])
+    return res
+
+
+def bench_prompt_ids(vocab: int, n: int) -> list[int]:
+    """The ids `qkvgguf bench` feeds (qkvgguf/cli.py cmd_bench), so llama.cpp processes the same prompt."""
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
 def bench_llamacpp(path, prompt, n_decode, repeats, threads):
@@ -79,19 +77,15 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "cpu_decode.json"))
     args = ap.parse_args()
     path = args.model or default_model_path()
-    torch.set_num_threads(args.threads)
 
-    ref = llamacpp.load(path, n_ctx=8, vocab_only=True)
-    prompt = llamacpp.tokenize(ref, texts.sherlock()[10_000:40_000])[: args.prompt_tokens]
-    del ref
-
-    ours = bench_qkvgguf(path, prompt, args.decode_tokens, args.repeats, args.cpu_cache)
+    ours = bench_qkvgguf(path, args.prompt_tokens, args.decode_tokens, args.repeats, args.threads, args.cpu_cache)
+    prompt = bench_prompt_ids(ModelConfig.from_gguf(GGUFFile(path)).vocab_size, args.prompt_tokens)
     theirs = bench_llamacpp(path, prompt, args.decode_tokens, args.repeats, args.threads)
     med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
     row = {
         "model": os.path.basename(path), "threads": args.threads, "prompt_tokens": len(prompt),
-        "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-        "qkvgguf_prompt_tps": med(ours, 0), "qkvgguf_decode_tps": med(ours, 1),
+        "decode_tokens": args.decode_tokens, "repeats": args.repeats, "qkvgguf_cmd": ours["cmd"],
+        "qkvgguf_prompt_tps": ours["prompt_tokens_per_s"], "qkvgguf_decode_tps": ours["decode_tokens_per_s"],
         "llamacpp_prompt_tps": med(theirs, 0), "llamacpp_decode_tps": med(theirs, 1),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
