@@ -33,13 +33,18 @@ time still leaves what it measured) and DIR/<stage>.log; DIR/summary.md gathers 
              same plan would give at PCIe 3.0 x8 / 4.0 x16 rates (4 GB laptop cards)
 
 On the GPU machine (no network; torch, triton, transformers, pytest are there, `gguf` is not),
-carry the one missing wheel: on a machine with pip access, in the repository root,
+carry the one missing wheel and a wheel of this package, made on a machine with pip access, in the
+repository root (`.whl/` is ignored by git: name it in the device tool's `carry`):
 
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux2014_x86_64 -d .whl gguf==0.19.0        # .whl/ is git-ignored
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl gguf==0.19.0
+    pip wheel --no-deps -w .whl .        # rebuild it after every change
 
-then there: `pip install --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site`
-and `pip install --no-deps --no-build-isolation --no-index -e .` before running this file.
+then there: `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl;
+export PYTHONPATH=/tmp/site` and run this file (an editable install there needs a build backend
+the machine may lack). The suite starts its pytest and CLI processes with `python -P`, so the
+checkout's `qkvgguf/` folder cannot shadow the installed package. Set TRITON_CACHE_DIR to a folder
+you bring back (tar) to reuse compiled kernels in a later run of the same lease.
 
 `--dry-run` runs every stage's setup and control flow on the CPU (Triton interpreter, tiny model,
 a handful of tests) so the suite cannot rot between GPU sessions; its numbers mean nothing.
