@@ -154,6 +154,31 @@ def build_checkpoint(folder: Path) -> Path:
     return folder
 
 
+def rotated_checkpoint(plain: Path, folder: Path, seed: int = 1) -> Path:
+    """The plain checkpoint with its residual stream rotated (tests/hf_checkpoint.py rotate_residual:
+    the same function, every weight off Q4_1's grid), tokenizer files copied (cached)."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from hf_checkpoint import rotate_residual
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((plain / "config.json").read_text())
+    state = load_file(str(plain / "model.safetensors"))
+    state.pop("lm_head.weight", None)  # tied: rotate_residual writes the untied head
+    save_file(rotate_residual(state, config["num_hidden_layers"], seed), str(folder / "model.safetensors"))
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    for f in plain.iterdir():
+        if f.name not in ("model.safetensors", "config.json") and f.is_file():
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
 # -- measurements -------------------------------------------------------------------------------------
 
 def repeated(cmd: list[str], repeats: int, env: dict | None = None) -> dict:
@@ -314,6 +339,10 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each conversion (median time)")
     ap.add_argument("--results", action="store_true", help="write the section into benchmarks/RESULTS.md")
+    ap.add_argument("--source", choices=["grid", "rotated"], default="grid",
+                    help="grid: SmolLM2's weights as published (on Q4_1's grid); rotated: the same function with "
+                         "every weight off-grid (tests/hf_checkpoint.py rotate_residual)")
+    ap.add_argument("--json", default=None, help="where to write the JSON (default benchmarks/convert_vs_llamacpp.json)")
     args = ap.parse_args()
 
     import importlib.metadata
@@ -323,6 +352,8 @@ def main() -> None:
     lcpp = llama_cpp_sources(work, args.llama_cpp)
     print(f"checkpoint in {work / 'smollm2-hf'}", flush=True)
     hf = build_checkpoint(work / "smollm2-hf")
+    if args.source == "rotated":
+        hf = rotated_checkpoint(hf, work / "smollm2-hf-rotated")
     files = make_files(hf, work, lcpp, args.threads, args.repeats)
 
     from qkvgguf.convert.checkpoint import Checkpoint
@@ -354,7 +385,8 @@ def main() -> None:
     print(text)
     print("peak RSS - RSS after imports:", {k: f"{v / 2**20:.0f} MiB" for k, v in grown.items()},
           f"bound {res['memory']['bound'] / 2**20:.0f} MiB")
-    (HERE / "convert_vs_llamacpp.json").write_text(json.dumps(res, indent=1) + "\n")
+    res["source"] = args.source
+    Path(args.json or HERE / "convert_vs_llamacpp.json").write_text(json.dumps(res, indent=1) + "\n")
     if args.results:
         write_results(res, text, HERE / "RESULTS.md")
 
