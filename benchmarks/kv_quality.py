@@ -49,6 +49,7 @@ from qkvgguf.default_model import default_model_path  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
 from qkvgguf.runtime import Model, perplexity  # noqa: E402
 from qkvgguf.runtime.kv_cache import kv_bits_per_value  # noqa: E402
+from qkvgguf.runtime.perplexity import kld_summary, token_kld  # noqa: E402
 from qkvgguf.tokenizer import Tokenizer  # noqa: E402
 
 # (K, V) rows; llama.cpp has no q4g, we have no q5_0 / q4_1 cache (llama.cpp's rows for the
@@ -83,16 +84,9 @@ def ours(model: Model, wins: list[list[int]], type_k: str, type_v: str, keep=Non
 
 def kld_stats(ref: list, got: list) -> dict:
     """KL(ref || got) per scored token over the full vocabulary (both float16 log-probabilities,
-    matched chunk by chunk): mean with its standard error, 99th percentile, same-top-token %."""
-    k, same, n = [], 0, 0
-    for a, b in zip(ref, got):
-        a, b = a.float(), b.float()
-        k.append((a.exp() * (a - b)).sum(-1).double())
-        same += int((a.argmax(-1) == b.argmax(-1)).sum())
-        n += a.shape[0]
-    k = torch.cat(k)
-    return dict(kld_mean=float(k.mean()), kld_stderr=float(k.std() / math.sqrt(k.numel())),
-                kld_p99=float(torch.quantile(k.float(), 0.99)), same_top_pct=100.0 * same / n)
+    matched chunk by chunk), summarized as the CLI's --kl-divergence does (runtime/perplexity.py)."""
+    pairs = [token_kld(a, b) for a, b in zip(ref, got)]
+    return kld_summary(torch.cat([k for k, _ in pairs]).numpy(), torch.cat([s for _, s in pairs]).numpy())
 
 
 def llama(path: str, wins: list[list[int]], type_k: str, type_v: str, threads: int,

@@ -89,23 +89,23 @@ def score(path: str, wins: list[list[int]], threads: int, source=None) -> dict:
     log-probabilities), per-token KL divergence KL(source || file) and same-top-token agreement."""
     import torch
 
-    nll, kld, same, keep = [], [], 0, []
+    from qkvgguf.runtime.perplexity import kld_summary, token_kld
+
+    nll, kld, same, keep = [], [], [], []
     for i, lp in enumerate(log_probs(path, wins, threads)):
         targets = torch.tensor(wins[i][1:])
         nll.append(-float(lp.gather(1, targets[:, None]).double().mean()))
         if source is None:
             keep.append(lp.half())
         else:
-            ref = source[i].float()
-            kld.append((ref.exp() * (ref - lp)).sum(-1).double())
-            same += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+            k, s = token_kld(source[i], lp)
+            kld.append(k)
+            same.append(s)
     out = {"ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll}
     if source is None:
         out["log_probs"] = keep
     else:
-        k = torch.cat(kld)
-        out.update(kld_mean=float(k.mean()), kld_stderr=float(k.std() / math.sqrt(k.numel())),
-                   kld_p99=float(torch.quantile(k.float(), 0.99)), same_top_pct=100.0 * same / k.numel())
+        out.update(kld_summary(torch.cat(kld).numpy(), torch.cat(same).numpy()))
     return out
 
 

@@ -332,6 +332,22 @@ class KLDResult:
         return dict(self.__dict__)
 
 
+def token_kld(base: torch.Tensor, this: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored token, from two log-softmax matrices (T, vocab): KL(base || this) over the full
+    vocabulary (float64, on the CPU) and whether both put the same token on top (bool)."""
+    base, this = base.float(), this.float()
+    return (base.exp() * (base - this)).sum(-1).double().cpu(), (base.argmax(-1) == this.argmax(-1)).cpu()
+
+
+def kld_summary(kld: np.ndarray, same: np.ndarray) -> dict:
+    """Mean per-token KLD with its standard error, median, 99th percentile and maximum, and the
+    same-top-token percentage with its standard error (what llama-perplexity reports)."""
+    kld, same = np.asarray(kld, dtype=np.float64), np.asarray(same, dtype=np.float64)
+    return dict(n_tokens=int(kld.size), kld_mean=float(kld.mean()), kld_stderr=standard_error(kld),
+                kld_median=float(np.median(kld)), kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()),
+                same_top_pct=100 * float(same.mean()), same_top_stderr_pct=100 * standard_error(same))
+
+
 class KLDivergence:
     """Compares a run with a saved base run (formulas in the module docstring): pass it as
     `perplexity(..., on_logprobs=kld)`, then `result()`."""
@@ -342,20 +358,15 @@ class KLDivergence:
         self.same: list[torch.Tensor] = []
 
     def __call__(self, logprobs: torch.Tensor, targets: list[int]) -> None:
-        base = torch.from_numpy(self.saved.read(logprobs.shape[0])).to(logprobs.device).float()
-        this = logprobs.to(torch.float16).float()  # rounded as the base was
-        self.kld.append((base.exp() * (base - this)).sum(-1).double().cpu())
-        self.same.append((base.argmax(-1) == this.argmax(-1)).cpu())
+        base = torch.from_numpy(self.saved.read(logprobs.shape[0])).to(logprobs.device)
+        kld, same = token_kld(base, logprobs.to(torch.float16))  # this run rounded as the base was
+        self.kld.append(kld)
+        self.same.append(same)
 
     def result(self) -> KLDResult:
         if self.saved.rows != self.saved.n_scored:
             self.saved._bad(f"compared {self.saved.rows} of its {self.saved.n_scored} rows")
-        kld = torch.cat(self.kld).numpy()
-        same = torch.cat(self.same).numpy().astype(np.float64)
         base = self.saved.nll
         base_nll, base_se = float(base.mean()), standard_error(base)
-        return KLDResult(n_tokens=int(kld.size), kld_mean=float(kld.mean()), kld_stderr=standard_error(kld),
-                         kld_median=float(np.median(kld)), kld_p99=float(np.percentile(kld, 99)),
-                         kld_max=float(kld.max()), same_top_pct=100 * float(same.mean()),
-                         same_top_stderr_pct=100 * standard_error(same), base_nll=base_nll,
+        return KLDResult(**kld_summary(torch.cat(self.kld).numpy(), torch.cat(self.same).numpy()), base_nll=base_nll,
                          base_ppl=math.exp(base_nll), base_ppl_stderr=math.exp(base_nll) * base_se)
