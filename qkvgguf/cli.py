@@ -13,10 +13,10 @@ import time
 
 from . import __version__
 from .errors import QkvggufError
+from .run_config import DEFAULT_CPU_CACHE
 from .units import format_bytes
 
 PROG = "qkvgguf"
-from .run_config import DEFAULT_CPU_CACHE
 
 
 def _log(msg: str) -> None:
@@ -61,15 +61,6 @@ def _run_config(args, **defaults):
 def _load(cfg):
     """(model, tokenizer, n_ctx) for a RunConfig, load messages on stderr."""
     return cfg.load(log=_log)
-
-
-def _plan_vram(args, gguf, cfg, device, n_ctx, path):
-    """RunConfig.plan_vram for parsed flags (kept for callers of the older name)."""
-    from .run_config import RunConfig
-
-    rc = RunConfig(type_k=args.cache_type_k, type_v=args.cache_type_v, vram=args.vram, n_batch=args.batch_size,
-                   verbose=args.verbose)
-    return rc.plan_vram(gguf, cfg, device, n_ctx, path, log=_log)
 
 
 def _memory_report(model) -> str | None:

@@ -153,9 +153,7 @@ class RunConfig:
         n_ctx = self.n_ctx if self.n_ctx is not None else min(DEFAULT_CTX, n_train)
         if n_ctx == 0:
             n_ctx = n_train
-        if n_ctx < 0:
-            raise QkvggufError(f"-c/--ctx-size must be positive, got {n_ctx}")
-        if n_ctx > n_train:
+        if n_ctx > n_train:  # (a negative -c is refused by validate(), which load() runs first)
             raise QkvggufError(f"{path}: -c {n_ctx} is larger than the model's context length {n_train}")
         return n_ctx
 

@@ -104,13 +104,11 @@ def test_bench(capsys):
 def test_vram_budget_too_small_fails_before_allocating(monkeypatch, smollm2_path):
     """The CUDA path of --vram, with torch.cuda's memory queries faked: a budget below the planner's
     minimum is a one-line error naming the file and the minimum, raised before any model exists."""
-    import argparse
-
     import torch
 
     from qkvgguf import GGUFFile
-    from qkvgguf.cli import _plan_vram
     from qkvgguf.config import ModelConfig
+    from qkvgguf.run_config import RunConfig
     from qkvgguf.runtime.planner import BudgetTooSmall, minimum_budget, specs_of
     from qkvgguf.units import format_bytes
 
@@ -124,14 +122,14 @@ def test_vram_budget_too_small_fails_before_allocating(monkeypatch, smollm2_path
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     gguf = GGUFFile(smollm2_path)
     cfg = ModelConfig.from_gguf(gguf)
-    args = argparse.Namespace(cache_type_k="q8_0", cache_type_v="q8_0", vram="600MiB", batch_size=512, verbose=False)
+    rc = RunConfig(type_k="q8_0", type_v="q8_0", vram="600MiB", n_batch=512)
     with pytest.raises(BudgetTooSmall) as e:
-        _plan_vram(args, gguf, cfg, "cuda", 8192, smollm2_path)
+        rc.plan_vram(gguf, cfg, "cuda", 8192, smollm2_path)
     low = minimum_budget(specs_of(gguf), cfg, 8192, "q8_0", "q8_0", 512)
     assert f"needs at least {format_bytes(low)}" in str(e.value) and smollm2_path in str(e.value)
     assert not fraction  # nothing capped, nothing allocated
-    args.vram = None  # default: free memory minus a margin; the allocator is capped to the budget
-    p = _plan_vram(args, gguf, cfg, "cuda", 8192, smollm2_path)
+    rc = RunConfig(type_k="q8_0", type_v="q8_0", vram=None, n_batch=512)  # default: free memory minus a margin;
+    p = rc.plan_vram(gguf, cfg, "cuda", 8192, smollm2_path)  # the allocator is capped to the budget
     assert p.all_resident and p.budget == 3 * 2**30 - 256 * 2**20
     assert fraction == [pytest.approx((p.budget - p.context_bytes) / (4 * 2**30))]
 
