@@ -47,13 +47,13 @@ from gguf import GGMLQuantizationType as T
 
 from qkvgguf.errors import QkvggufError
 
+from ..planner import DENSE_MIN_M, DENSE_TILE_BYTES
 from .dequant import LAYOUTS, check_weight, dequant
 from .launch import autotune_bench, fp32_precision, interpreting, next_pow2
 
 GEMV_MAX_M = 8
-# from DENSE_MIN_M rows of x on a GPU: dequantize w to fp16 tiles of at most DENSE_TILE_BYTES and
-# multiply with cuBLAS; the VRAM planner counts that scratch, so both live there
-from ..planner import DENSE_MIN_M, DENSE_TILE_BYTES  # noqa: E402
+# From DENSE_MIN_M rows of x on a GPU, w is dequantized to fp16 tiles of at most DENSE_TILE_BYTES and
+# multiplied with cuBLAS (dense_matmul); the VRAM planner counts that scratch, so both constants live there.
 
 
 # -- kernels -------------------------------------------------------------------------------------
