@@ -36,7 +36,7 @@ class Model:
     """A GGUF decoder ready to run: config, weights (on `device`), and the ops of one backend.
 
     backend: "auto" (Triton on a capable CUDA GPU, torch elsewhere), "triton" or "torch".
-    Activations are float32 on the CPU and float16 on CUDA with Triton.
+    Activations are float32 on the CPU and float16 on CUDA with Triton; the residual stream is float32 on both.
     """
 
     def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: str | torch.device = "cpu",
@@ -74,8 +74,10 @@ class Model:
         tokens = tokens.to(self.device)
         positions = cache.positions(T)  # on the cache's device; a device counter in graph mode
         cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2) float32
-        x = W.rows("token_embd.weight", tokens).to(self.dtype)  # (T, n_embd): the residual stream
-        h = ops.rms_norm(x, W.dense("blk.0.attn_norm.weight"), cfg.norm_eps)
+        # (T, n_embd): the residual stream, float32 on every backend (fp16 overflows on outlier
+        # channels); h, the normed input of each block's matmuls, is in the activation dtype
+        x = W.rows("token_embd.weight", tokens).float()
+        h = ops.rms_norm(x, W.dense("blk.0.attn_norm.weight"), cfg.norm_eps, out_dtype=self.dtype)
         for i in range(cfg.n_layer):
             W.begin_unit(i)  # a streamed layer's weights arrive (the next one's copy starts)
             # each residual add is fused into the norm that follows it: (norm(x + a), x + a)

@@ -20,9 +20,10 @@ def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tens
     return y
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalize over the last dim: x / sqrt(mean(x^2) + eps) * weight."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Normalize over the last dim: x / sqrt(mean(x^2) + eps) * weight (in out_dtype, default x's)."""
+    out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):

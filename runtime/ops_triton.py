@@ -33,12 +33,13 @@ def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tens
     return y
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return kernels.rms_norm(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return kernels.rms_norm(x, weight, eps, out_dtype=out_dtype)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """The residual add fused into the norm: one kernel reads x and residual, writes out and h."""
+    """The residual add fused into the norm: one kernel reads x and residual, writes out (x's dtype)
+    and h (the residual's dtype: float32, so the stream cannot overflow fp16)."""
     return kernels.rms_norm(x, weight, eps, residual=residual)
 
 
@@ -47,9 +48,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
-    """x (heads, T, d); the kernel needs a contiguous last dim (views from a (T, heads*d) matmul have it)."""
-    return kernels.rope(x, cos.to(x.dtype) if x.dtype != torch.float32 else cos,
-                        sin.to(x.dtype) if x.dtype != torch.float32 else sin, neox)
+    """x (heads, T, d); the kernel needs a contiguous last dim (views from a (T, heads*d) matmul have it).
+    cos/sin stay float32 (the kernel computes in float32), as on the torch path."""
+    return kernels.rope(x, cos, sin, neox)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int) -> torch.Tensor:

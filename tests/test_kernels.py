@@ -228,6 +228,24 @@ def test_rms_norm(dtype):
         rms_norm(x, w[:-1], 1e-5)
 
 
+def test_rms_norm_keeps_a_float32_residual_beyond_fp16():
+    """The model's residual stream is float32 on the GPU (GPU-REVIEW 8): fp16 block output + fp32
+    residual whose values pass fp16's 65504 -> h exact in float32, out (fp16) finite and right."""
+    g = torch.Generator().manual_seed(3)
+    D = 4099 if GPU else 97
+    a = torch.randn(3, D, generator=g).to(DEV, torch.float16)
+    r = (torch.randn(3, D, generator=g) * 10).to(DEV)
+    r[:, 5] = 9e4  # an outlier channel fp16 cannot hold
+    w = torch.rand(D, generator=g).to(DEV)
+    out, h = rms_norm(a, w, 1e-5, residual=r)
+    assert h.dtype == torch.float32 and out.dtype == torch.float16
+    torch.testing.assert_close(h, a.float() + r, rtol=0, atol=0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ops.rms_norm(a.float() + r, w, 1e-5), rtol=2e-3, atol=2e-3)
+    first = rms_norm(r, w, 1e-5, out_dtype=torch.float16)  # the first layer's norm of the fp32 stream
+    assert first.dtype == torch.float16 and torch.isfinite(first).all()
+
+
 @pytest.mark.parametrize("neox", [False, True], ids=["normal", "neox"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rope(neox, dtype):

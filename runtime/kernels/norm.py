@@ -4,7 +4,9 @@
     out = h / sqrt(mean(h^2) + eps) * weight
 
 over the last dim D of x (any leading shape, rows flattened). One program per row holds the whole
-row in registers (D <= 65536), computes in float32 and writes `out` in x's dtype, plus h when fused.
+row in registers (D <= 65536), computes in float32 and writes `out` in x's dtype (or out_dtype), plus
+h in the residual's dtype when fused: the model keeps its residual stream in float32 on the GPU too
+(fp16's 65504 is within reach of real models' outlier channels) while the matmul inputs are fp16.
 
 Memory traffic: unfused, read x + write out = 2 * rows * D * elt; fused, read x and residual, write
 h and out = 4 * rows * D * elt, where the separate add + norm would move 5 (add: 3, norm: 2).
@@ -45,11 +47,12 @@ def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """RMSNorm of x (..., D) by weight (D,) -> out (..., D) in x's dtype.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out_dtype: torch.dtype | None = None):
+    """RMSNorm of x (..., D) by weight (D,) -> out (..., D) in out_dtype (default: x's dtype).
 
     With residual (same shape as x): returns (out, h) where h = x + residual is the new residual
-    stream and out = rms_norm(h) * weight.
+    stream (in the residual's dtype) and out = rms_norm(h) * weight.
     """
     D = x.shape[-1]
     if x.dtype not in (torch.float16, torch.float32, torch.bfloat16):
@@ -61,9 +64,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if D > 65536:
         raise QkvggufError(f"rms_norm: rows of {D} elements exceed the one-row-per-program limit 65536")
     xr = _rows(x, D)
-    out = torch.empty_like(xr)
-    h = torch.empty_like(xr) if residual is not None else out
+    out = torch.empty_like(xr, dtype=out_dtype or x.dtype)
     rr = _rows(residual, D) if residual is not None else xr
+    h = torch.empty_like(rr) if residual is not None else out
     if xr.shape[0]:
         block = next_pow2(D)
         _rms_norm_kernel[(xr.shape[0],)](
