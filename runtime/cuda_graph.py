@@ -15,8 +15,14 @@ The host mirror `cache.pos` is advanced after each replay. Warm-up runs compile 
 kernel and settle the allocator before capture (a launch that compiles cannot be captured); they
 write the token's K/V at the current position, which the replay then overwrites.
 
-Requirements: a CUDA device, the Triton backend, all weights resident (paging issues copies the
-graph would freeze), cache types other than q4g. `graph_supported` says why not, in one line.
+Paged models (runtime/paging.py) are captured too: every streamed unit always lands in the same
+slot, so the graph holds the host-to-device copies, their side stream and the events that order
+them, and a replay streams the layers exactly as an eager step does, without the launches. When
+the embedding rows are gathered on the host (a host-side or streamed embedding), the static input
+is the token's embedding row, copied in before each replay, instead of the token id.
+
+Requirements: a CUDA device, the Triton backend, cache types other than q4g. `graph_supported`
+says why not, in one line.
 """
 
 from __future__ import annotations
@@ -37,8 +43,6 @@ def graph_supported(model: Model, cache: KVCache) -> Optional[str]:
         return "CUDA graphs need the triton backend"
     if "q4g" in (cache.type_k, cache.type_v):
         return "cache type q4g decides its groups on the host"
-    if getattr(model.weights, "streamed", None):
-        return "some weights are streamed from host memory"
     return None
 
 
@@ -51,25 +55,35 @@ class GraphDecoder:
             raise ValueError("the cache is full")
         self.model, self.cache = model, cache
         self.token = torch.zeros(1, dtype=torch.long, device=model.device)
+        # the static input: the token id, or its embedding row when the rows are gathered on the host
+        self.embeds = (torch.zeros(1, model.config.n_embd, device=model.device) if model.embeds_on_host else None)
+        streamer = model.weights.streamer
         cache.use_device_position()
         pos0 = cache.pos
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                model.forward(self.token, cache)
+                model.forward(self.token, cache, embeds=self.embeds)
                 cache.reset(pos0)
         torch.cuda.current_stream(model.device).wait_stream(side)
+        if streamer is not None:
+            streamer.begin_capture()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.forward(self.token, cache)
+            self.logits = model.forward(self.token, cache, embeds=self.embeds)
+            if streamer is not None:
+                streamer.join()  # the next step's first unit, still copying, joins the graph's end
         cache.pos = pos0  # capture ran the host code (pos += 1) but no kernel: pos_t still == pos0
 
     def step(self, token: int) -> torch.Tensor:
         """Run `token` at position cache.pos; return its logits (vocab,), valid until the next step."""
         if self.cache.pos >= self.cache.n_ctx:
             raise ValueError(f"the {self.cache.n_ctx}-token context is full")
-        self.token.fill_(token)
+        if self.embeds is not None:
+            self.embeds.copy_(self.model.embed(torch.tensor([token])))
+        else:
+            self.token.fill_(token)
         self.graph.replay()
         self.cache.pos += 1
         return self.logits

@@ -60,23 +60,34 @@ class Model:
     def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32") -> KVCache:
         return KVCache(self.config, n_ctx, type_k, type_v, device=self.device, backend=self.backend)
 
+    @property
+    def embeds_on_host(self) -> bool:
+        """True when the embedding rows are gathered on the host (a host-side or streamed embedding
+        on a GPU): a captured CUDA graph then takes the rows as its input, not the token ids."""
+        return self.device.type != "cpu" and self.weights.rows_device("token_embd.weight").type == "cpu"
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (T,) -> their embedding rows (T, n_embd) float32, on the device the rows live on."""
+        return self.weights.rows("token_embd.weight", tokens.to(self.weights.rows_device("token_embd.weight")))
+
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "last",
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Run tokens (T,) at positions [cache.pos, cache.pos + T); return logits.
 
         logits="last": (vocab,) for the last position; "all": (T, vocab); "none": nothing computed.
+        embeds: the tokens' rows from `embed` (T, n_embd), used instead of gathering them.
         """
         cfg, W, ops = self.config, self.weights, self.ops
-        T = tokens.shape[0]
+        T = tokens.shape[0] if embeds is None else embeds.shape[0]
         start = cache.pos
         if start + T > cache.n_ctx:
             raise ValueError(f"{T} tokens at position {start} overflow the {cache.n_ctx}-token context")
-        tokens = tokens.to(self.device)
         positions = cache.positions(T)  # on the cache's device; a device counter in graph mode
         cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2) float32
         # (T, n_embd): the residual stream, float32 on every backend (fp16 overflows on outlier
         # channels); h, the normed input of each block's matmuls, is in the activation dtype
-        x = W.rows("token_embd.weight", tokens).float()
+        x = (W.rows("token_embd.weight", tokens.to(self.device)) if embeds is None else embeds).to(self.device).float()
         h = ops.rms_norm(x, W.dense("blk.0.attn_norm.weight"), cfg.norm_eps, out_dtype=self.dtype)
         for i in range(cfg.n_layer):
             W.begin_unit(i)  # a streamed layer's weights arrive (the next one's copy starts)

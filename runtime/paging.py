@@ -8,11 +8,19 @@ k of the streamed order uses slot k % 2. Per forward pass:
     acquire(u)   wait (on the compute stream) for u's copy; its QTensors now view the slot
     prefetch(u') issue the copy of the next streamed unit on the side stream, after waiting for its
                  slot's previous user to be released, so it overlaps with u's compute
-    release(u)   record that u's slot is free once the compute issued so far completes
+    release(u)   u's slot may be refilled: the next copy into it is ordered after the compute
+                 issued up to that copy, which includes u's
 
 Nothing is allocated per token. On a CPU device the same bookkeeping runs with synchronous copies
 into CPU slots (the "simulated device" the tests compare against unpaged runs: any slot or offset
 mistake changes the logits).
+
+CUDA-graph capture (runtime/cuda_graph.py): each unit always uses the same slot, so a captured
+decode step replays the same copies into the same addresses. The side stream forks from the
+compute stream at each prefetch (`wait_stream`, which also orders the copy after the slot's
+previous user, released before that point), `begin_capture` forgets events recorded before the
+capture, and `join` makes the compute stream wait for the copy still in flight at the end of a
+step (the next step's first unit), so the graph has no unjoined work.
 """
 
 from __future__ import annotations
@@ -51,7 +59,6 @@ class Streamer:
         self.busy: list = [None, None]  # the unit acquired and not yet released, per slot
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready: dict[int, object] = {}
-        self.free: list = [None, None]
         self.bytes_copied = 0
 
     @property
@@ -64,9 +71,11 @@ class Streamer:
             return  # there already, or its slot is still in use (acquire copies it then)
         n = self.host[u].numel()
         if self.cuda:
+            # after everything issued on the compute stream so far, which includes the release of
+            # the slot's previous user (the free event) and, when capturing, forks the side stream
+            # from the capture
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                if self.free[s] is not None:
-                    self.stream.wait_event(self.free[s])
                 self.slots[s][:n].copy_(self.host[u], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
@@ -82,7 +91,7 @@ class Streamer:
         self.busy[s] = None if self.busy[s] == u else self.busy[s]
         self.prefetch(u)
         self.busy[s] = u
-        if self.cuda:
+        if self.cuda and self.ready.get(u) is not None:  # None: copied before a capture began
             torch.cuda.current_stream(self.device).wait_event(self.ready[u])
         slot = self.slots[self.slot_of[u]]
         for t, off in self.layout[u]:
@@ -93,10 +102,18 @@ class Streamer:
     def release(self, u: int) -> None:
         s = self.slot_of[u]
         self.busy[s] = None
+
+    def begin_capture(self) -> None:
+        """Before a CUDA-graph capture: let every copy finish and forget the events recorded so far
+        (a capture may not wait on work recorded outside it)."""
         if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            self.free[s] = ev
+            torch.cuda.synchronize(self.device)
+            self.ready = {u: None for u in self.ready}
+
+    def join(self) -> None:
+        """The compute stream waits for every copy issued so far (the end of a captured step)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
 PIN_METHOD = None  # how the last pinned_host_buffer was pinned (reported by the GPU suite)

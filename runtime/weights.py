@@ -167,6 +167,12 @@ class Weights:
         """The whole tensor as float32, through the cache."""
         return self.cache.get(self.tensors[name])
 
+    def rows_device(self, name: str) -> torch.device:
+        """Where `rows` gathers this tensor's rows: the host for a host-side or streamed tensor."""
+        if self.cache.peek(name) is not None:
+            return self.cache.peek(name).device
+        return self.host_raw.get(name, self.tensors[name].raw).device
+
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Selected rows as float32 (embedding lookup): dequantizes only those rows."""
         w = self.tensors[name]
