@@ -15,7 +15,8 @@ Two launch strategies, chosen by M in `qmatmul`:
   (`dequant.LAYOUTS`: a group is INNER consecutive quant bytes of a block) with 3-D tiles (rows,
   groups, inner bytes). Scales are loaded once per (row, block, group); each plane is multiplied
   by the matching activations and reduced on the CUDA cores, for every one of the M (<= 8) rows
-  of x, so the weight tile is read from memory once for all of them.
+  of x, so the weight tile is read from memory once for all of them. For M = 1 the products
+  accumulate in a tile-shaped register accumulator and are reduced once, after the K loop.
 - GEMM (prompt chunks): tutorial-03 tiling (BLOCK_M x BLOCK_N programs, grouped along M for L2
   reuse); each plane is dequantized as a K-major tile (GS, INNER, BLOCK_N), reshaped to
   (GS * INNER, BLOCK_N) and fed to `tl.dot` against the activations gathered in the same
@@ -74,17 +75,31 @@ def _gemv_kernel(
     ii = tl.arange(0, INNER)[None, None, :]  # (1, 1, INNER)
     rm = tl.arange(0, BLOCK_M)
     NG = NBLK * G  # groups per row
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, NG, GS):
-        grp = g0 + gs
-        kmask = grp < NG
-        for p in tl.static_range(PLANES):
-            w, e = dequant(w8_ptr, w16_ptr, row_off, grp // G, grp % G, ii, nmask & kmask, QTYPE, p, BS, TS)
-            for m in tl.static_range(BLOCK_M):
-                xmask = kmask & (tl.zeros_like(grp) + m < M)  # a tensor mask: M may be a constexpr 1
-                xv = tl.load(x_ptr + m * stride_xm + e, mask=xmask, other=0.0).to(tl.float32)
-                part = tl.sum(tl.sum(w * xv, axis=2), axis=1)  # (BLOCK_N,)
-                acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
+    if BLOCK_M == 1:
+        # one row of x (decode): products accumulate element-wise in the tile's own shape and are
+        # reduced once at the end, so the K loop has no cross-thread reduction (no shuffles, no
+        # barrier per step) and keeps its loads in flight
+        acc3 = tl.zeros((BLOCK_N, GS, INNER), dtype=tl.float32)
+        for g0 in range(0, NG, GS):
+            grp = g0 + gs
+            kmask = grp < NG
+            for p in tl.static_range(PLANES):
+                w, e = dequant(w8_ptr, w16_ptr, row_off, grp // G, grp % G, ii, nmask & kmask, QTYPE, p, BS, TS)
+                xv = tl.load(x_ptr + e, mask=kmask & (ii >= 0), other=0.0).to(tl.float32)
+                acc3 += w * xv
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]  # (1, BLOCK_N)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g0 in range(0, NG, GS):
+            grp = g0 + gs
+            kmask = grp < NG
+            for p in tl.static_range(PLANES):
+                w, e = dequant(w8_ptr, w16_ptr, row_off, grp // G, grp % G, ii, nmask & kmask, QTYPE, p, BS, TS)
+                for m in tl.static_range(BLOCK_M):
+                    xmask = kmask & (tl.zeros_like(grp) + m < M)  # a tensor mask: M may be a constexpr 1
+                    xv = tl.load(x_ptr + m * stride_xm + e, mask=xmask, other=0.0).to(tl.float32)
+                    part = tl.sum(tl.sum(w * xv, axis=2), axis=1)  # (BLOCK_N,)
+                    acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
     y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
