@@ -30,7 +30,8 @@ time still leaves what it measured) and DIR/<stage>.log; DIR/summary.md gathers 
     paging   the 8B and 7B models under `--vram 4GiB` (and 6 GiB) with a 4,096 context and a
              q4_0 KV cache: the planner's plan, peak reserved memory against the budget, decode
              tok/s against the plan's PCIe bound at the measured pinned bandwidth, and what the
-             same plan would give at PCIe 3.0 x8 / 4.0 x16 rates (4 GB laptop cards)
+             same plan would give at PCIe 3.0 x8 / 4.0 x16 rates (4 GB laptop cards); each budget
+             with the captured CUDA-graph step (default) and with `--no-cuda-graph`
 
 On the GPU machine (no network; torch, triton, transformers, pytest are there, `gguf` is not),
 carry the one missing wheel and a wheel of this package, made on a machine with pip access, in the
@@ -547,15 +548,15 @@ def stage_paging(st: Stage) -> None:
     h2d = (env.get("h2d_pinned_GBps") or 0) * 1e9
     models = _models(args)
     if args.dry_run:
-        runs = [(r, None) for r in models]
-    else:
+        runs = [(r, None, True) for r in models]
+    else:  # each budget with the captured CUDA-graph step (the default) and with ordinary launches
         budgets = ["4GiB"] if args.quick else ["4GiB", "6GiB"]
-        runs = [(r, b) for r in models if "smollm2" not in r for b in budgets]
+        runs = [(r, b, g) for r in models if "smollm2" not in r for b in budgets for g in (True, False)]
     st.data["h2d_pinned_GBps"] = h2d / 1e9
     st.md = [f"## Paging under a VRAM budget (-c 4096, K/V q4_0; pinned H2D {h2d / 1e9:.1f} GB/s)", "",
-             "| model | --vram | streamed layers | PCIe MiB/token | peak reserved GiB | cap GiB | prompt tok/s | decode tok/s | "
-             "predicted | achieved | at PCIe 4.0 x16 | at PCIe 3.0 x8 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for recipe, budget in runs:
+             "| model | --vram | graph | streamed layers | PCIe MiB/token | peak reserved GiB | cap GiB | prompt tok/s | decode tok/s | "
+             "predicted | achieved | at PCIe 4.0 x16 | at PCIe 3.0 x8 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for recipe, budget, graph in runs:
         left = _remaining(st, t0)
         if left < 10:
             st.row({"model": recipe, "vram": budget, "skipped": "stage time used up"})
@@ -564,8 +565,10 @@ def stage_paging(st: Stage) -> None:
                  ["-p", "512", "-n", "16" if args.quick else "32", "-c", "4096"]) + ["-ctk", "q4_0", "-ctv", "q4_0"]
         if budget:
             extra += ["--vram", budget]
+        if not graph:
+            extra += ["--no-cuda-graph"]
         r = cli_bench(st, models[recipe], extra, left)
-        r.update(model=recipe, vram=budget)
+        r.update(model=recipe, vram=budget, graph_asked=graph)
         plan = r.get("plan") or {}
         pcie = plan.get("pcie_bytes_per_token")
         if pcie and h2d:
@@ -575,11 +578,11 @@ def stage_paging(st: Stage) -> None:
         if plan:
             r["cap_bytes"] = plan["budget_bytes"] - plan["cuda_context_bytes"]
         if "error" in r:
-            st.md.append(f"| {recipe} | {budget} | error: {r['error'][:150]} ||||||||||")
+            st.md.append(f"| {recipe} | {budget} | {graph} | error: {r['error'][:150]} ||||||||||")
         else:
             at = r.get("at_rates") or {}
             st.md.append(
-                f"| {recipe} | {budget or 'none'} | {len(plan.get('streamed_layers', []))} | {_fmt((pcie or 0) / 2**20 or None, '.0f')} | "
+                f"| {recipe} | {budget or 'none'} | {r.get('cuda_graph')} | {len(plan.get('streamed_layers', []))} | {_fmt((pcie or 0) / 2**20 or None, '.0f')} | "
                 f"{_fmt((r.get('peak_reserved_bytes') or 0) / 2**30 or None, '.2f')} | {_fmt((r.get('cap_bytes') or 0) / 2**30 or None, '.2f')} | "
                 f"{_fmt(r.get('prompt_tokens_per_s'))} | {_fmt(r.get('decode_tokens_per_s'), '.2f')} | "
                 f"{_fmt(r.get('predicted_decode_tps'), '.2f')} | {_fmt(r.get('achieved_fraction'), '.0%')} | "

@@ -70,10 +70,14 @@ class GraphDecoder:
         if streamer is not None:
             streamer.begin_capture()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.forward(self.token, cache, embeds=self.embeds)
-            if streamer is not None:
-                streamer.join()  # the next step's first unit, still copying, joins the graph's end
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = model.forward(self.token, cache, embeds=self.embeds)
+                if streamer is not None:
+                    streamer.join()  # the next step's first unit, still copying, joins the graph's end
+        except RuntimeError:
+            cache.reset(pos0)  # the caller may go on decoding eagerly from where it was
+            raise
         cache.pos = pos0  # capture ran the host code (pos += 1) but no kernel: pos_t still == pos0
 
     def step(self, token: int) -> torch.Tensor:

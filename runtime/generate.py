@@ -6,6 +6,7 @@ re-runs only the new suffix of the conversation. `generate` yields token ids as 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -16,6 +17,8 @@ from qkvgguf.errors import QkvggufError
 
 from .cuda_graph import GraphDecoder, graph_supported
 from .model import Model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,13 @@ class Session:
     def decode(self, token: int) -> torch.Tensor:
         """Run one token after what the cache holds; return its logits (valid until the next call)."""
         if self._graph is None and self.cuda_graph and graph_supported(self.model, self.cache) is None:
-            self._graph = GraphDecoder(self.model, self.cache)
+            try:
+                self._graph = GraphDecoder(self.model, self.cache)
+            except RuntimeError as e:  # a capture the driver refused: decode eagerly, say so once
+                log.warning("CUDA graph capture failed (%s); decoding with ordinary launches", str(e).splitlines()[0])
+                self.cuda_graph = False
+                if self.model.weights.streamer is not None:
+                    self.model.weights.streamer.reset()  # host bookkeeping ran ahead of the copies
         if self._graph is not None:
             logits = self._graph.step(token)
         else:

@@ -103,6 +103,12 @@ class Streamer:
         s = self.slot_of[u]
         self.busy[s] = None
 
+    def reset(self) -> None:
+        """Forget what the slots hold (every unit is copied again on its next acquire)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.in_slot, self.busy, self.ready = [None, None], [None, None], {}
+
     def begin_capture(self) -> None:
         """Before a CUDA-graph capture: let every copy finish and forget the events recorded so far
         (a capture may not wait on work recorded outside it)."""

@@ -129,3 +129,39 @@ def test_paged_graph_decode_equals_paged_eager_on_gpu(tmp_path, tied):
     assert graph._graph is not None
     assert outs[0][0] == outs[1][0]
     torch.testing.assert_close(outs[1][1], outs[0][1], atol=2e-2, rtol=2e-2)
+
+
+def test_failed_graph_capture_falls_back_to_eager_decode(tmp_path, monkeypatch, caplog):
+    """A capture the driver refuses must not end the run: the session warns once, forgets what the
+    streamer's slots were thought to hold, and decodes eagerly with the same tokens."""
+    from qkvgguf.runtime import generate
+
+    gguf, p = _tiny_paged(tmp_path, "cpu")
+    model = Model(gguf, plan=p, backend="torch")
+    prompt = [5, 17, 42, 99, 3]
+
+    def greedy(session):
+        logits, out = session.feed(prompt), []
+        for _ in range(6):
+            out.append(int(logits.argmax()))
+            logits = session.decode(out[-1])
+            out.append(logits.clone())
+        return out
+
+    want = greedy(Session(model, 32, 8, "f16", "f16", cuda_graph=False))
+
+    def refuse(model, cache):
+        st = model.weights.streamer  # a capture that ran the host side but copied nothing:
+        st.in_slot = [st.order[0], st.order[1] if len(st.order) > 1 else None]
+        for slot in st.slots:
+            slot.zero_()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generate, "graph_supported", lambda m, c: None)
+    monkeypatch.setattr(generate, "GraphDecoder", refuse)
+    s = Session(model, 32, 8, "f16", "f16", cuda_graph=True)
+    with caplog.at_level("WARNING"):
+        got = greedy(s)
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(got, want))
+    assert s._graph is None and not s.cuda_graph
+    assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
