@@ -55,7 +55,7 @@ def smollm2_hf(tmp_path_factory, smollm2_path):
 
 @pytest.fixture(scope="session")
 def smollm2_q8_0(smollm2_hf, tmp_path_factory):
-    from qkvgguf.convert.convert import convert
+    from qkvgguf.convert import convert
 
     path = tmp_path_factory.mktemp("smollm2-q8_0-inspect") / "smollm2-q8_0.gguf"
     convert(smollm2_hf, path, "q8_0", vocab_pre="smollm")
