@@ -261,7 +261,7 @@ def cmd_inspect(args) -> int:
         raise QkvggufError(f"--blocks must be 0 or more, got {args.blocks}")
     plot_size = None
     if args.plot is not None:
-        from .inspect_plot import parse_plot_size
+        from .inspect.plot import parse_plot_size
 
         plot_size = parse_plot_size(args.plot_size)
     vram = parse_size(args.vram) if args.vram is not None else None
@@ -270,25 +270,25 @@ def cmd_inspect(args) -> int:
     summary = summarize(gguf, full_arrays=args.json and args.full)
     views = []  # text sections, in order
     if args.tensor is not None:
-        from .inspect_tensor import render_tensor, tensor_report
+        from .inspect.tensor import render_tensor, tensor_report
 
         summary["tensor"] = tensor_report(gguf, args.tensor, n_blocks=args.blocks, ref=args.ref)
         views.append(render_tensor(summary["tensor"]))
     if other is not None:
-        from .inspect_diff import diff, render_diff
+        from .inspect.diff import diff, render_diff
 
         summary["diff"] = diff(gguf, other)
         views.append(render_diff(summary["diff"]))
     if not views:
         views.append(render(summary, show_tensors=args.tensors, show_metadata=args.metadata))
     if vram is not None or args.ctx_size is not None or args.cache_type_k or args.cache_type_v:
-        from .inspect_memory import DEFAULT_CACHE_TYPE, estimate, render_memory
+        from .inspect.memory import DEFAULT_CACHE_TYPE, estimate, render_memory
 
         summary["memory"] = estimate(gguf, vram, args.ctx_size, args.cache_type_k or DEFAULT_CACHE_TYPE,
                                      args.cache_type_v or DEFAULT_CACHE_TYPE, args.batch_size)
         views.append(render_memory(summary["memory"]))
     if args.plot is not None:
-        from .inspect_plot import plot
+        from .inspect.plot import plot
 
         summary["plot"] = plot(summary, args.plot, plot_size)
         views.append(f"wrote {args.plot} ({summary['plot']['width']} x {summary['plot']['height']} px)")

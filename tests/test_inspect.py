@@ -24,7 +24,7 @@ from qkvgguf import quants
 from qkvgguf.cli import main
 from qkvgguf.gguf_file import GGUFFile
 from qkvgguf.inspect import summarize
-from qkvgguf.inspect_tensor import DECODERS, LAYOUTS, tensor_report
+from qkvgguf.inspect.tensor import DECODERS, LAYOUTS, tensor_report
 
 from cli_errors import one_line_error
 

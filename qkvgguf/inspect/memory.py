@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import ModelConfig
-from .errors import QkvggufError
-from .gguf_file import GGUFFile
-from .units import format_bytes
-
-from .runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes  # noqa: E402,F401 (re-exported)
+from ..config import ModelConfig
+from ..errors import QkvggufError
+from ..gguf_file import GGUFFile
+from ..runtime.planner import BudgetTooSmall, max_resident_ctx, minimum_budget, plan, specs_of
+from ..units import format_bytes
 
 DEFAULT_CACHE_TYPE = "f16"  # the default of kv_bytes_per_token and of llama.cpp's -ctk/-ctv
 DEFAULT_BATCH = 512  # as `run -b`
@@ -37,7 +36,7 @@ H2D_BYTES_PER_S = 25e9  # PCIe 4.0 x16, what a prediction without a measurement 
 def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, type_k: str = DEFAULT_CACHE_TYPE,
              type_v: str = DEFAULT_CACHE_TYPE, n_batch: int = DEFAULT_BATCH) -> dict:
     """The memory estimate as plain data; `vram` None gives the sizes without a verdict."""
-    from .runtime.kv_cache import kv_bits_per_value, kv_bytes_per_token, kv_layout_bytes
+    from ..runtime.kv_cache import kv_bits_per_value, kv_bytes_per_token, kv_layout_bytes
 
     cfg = ModelConfig.from_gguf(gguf)
     if n_ctx is None:
@@ -55,8 +54,6 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
             kv_bytes_per_token(cfg, t, t)
         except (KeyError, ValueError):
             raise QkvggufError(f"cache type '{t}' is not known to the KV accounting (runtime/kv_cache.py)") from None
-    from .runtime.planner import BudgetTooSmall, max_resident_ctx, minimum_budget, plan, specs_of
-
     fixed, per_token = kv_layout_bytes(cfg, n_ctx, type_k, type_v)
     specs = specs_of(gguf)
     full = plan(specs, cfg, None, n_ctx, type_k, type_v, n_batch)
