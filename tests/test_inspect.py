@@ -277,7 +277,7 @@ def test_ref_error_against_gguf_and_hf_folder(capsys, smollm2_path, smollm2_q8_0
 
 def test_vram_plan(capsys, smollm2_path):
     from qkvgguf.config import ModelConfig
-    from qkvgguf.runtime.kv_cache import kv_bytes_per_token
+    from qkvgguf.kv_types import kv_bytes_per_token
     from qkvgguf.runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes, minimum_budget, plan, specs_of
 
     g = GGUFFile(smollm2_path)
