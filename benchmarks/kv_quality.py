@@ -14,7 +14,7 @@ differ window by window (K/V perturbed by 1e-5 moved our 4-window q4_0 figure by
 "ours / llama.cpp" column therefore carries the standard error of the ratio from the per-window
 NLL differences; 16 windows at -c 512 and 2 at -c 2048 (8,176 and 4,094 scored tokens).
 
-Per row: bits per value with everything stored counted at that context (kv_cache.kv_bits_per_value:
+Per row: bits per value with everything stored counted at that context (kv_types.kv_bits_per_value:
 q4g's f16 sinks and newest group make it 6.06 bits at -c 512 and 4.89 at 2048; llama.cpp's types
 have no fixed rows), perplexity and its change over the same engine's f16 cache, and the KL
 divergence from that engine's f16-cache distributions over the full vocabulary (mean per scored
@@ -48,7 +48,7 @@ import texts  # noqa: E402
 from qkvgguf.default_model import default_model_path  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
 from qkvgguf.runtime import Model, perplexity  # noqa: E402
-from qkvgguf.runtime.kv_cache import kv_bits_per_value  # noqa: E402
+from qkvgguf.kv_types import kv_bits_per_value  # noqa: E402
 from qkvgguf.runtime.perplexity import kld_summary, token_kld  # noqa: E402
 from qkvgguf.tokenizer import Tokenizer  # noqa: E402
 

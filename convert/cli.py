@@ -75,7 +75,7 @@ def _setup_logging(verbose: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .convert import convert
+    from .pipeline import convert
 
     _setup_logging(args.verbose)
     bar = None

@@ -191,21 +191,6 @@ def collect_imatrix(gguf_path: str | os.PathLike, text: "str | list[int]", n_ctx
     return imatrix
 
 
-def calibrate_checkpoint(hf_dir: str | os.PathLike, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,
-                         dataset: str = "", progress: Optional[Callable[[int, int], None]] = None,
-                         vocab_pre: Optional[str] = None) -> Imatrix:
-    """Imatrix of a Hugging Face checkpoint: converted to a temporary f16 GGUF, calibrated, deleted."""
-    import tempfile
-
-    from .convert import convert
-
-    with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
-        src = os.path.join(tmp, "source-f16.gguf")
-        kw = {"vocab_pre": vocab_pre} if vocab_pre is not None else {}
-        convert(str(hf_dir), src, "f16", **kw)
-        return collect_imatrix(src, text, n_ctx, n_chunks, dataset=dataset, progress=progress)
-
-
 def default_calibration_text() -> tuple[str, str]:
     """(name, text) of the calibration text shipped with the package (see qkvgguf/data/README.md)."""
     import qkvgguf

@@ -183,52 +183,12 @@ def model_config(arch) -> "ModelConfig":  # noqa: F821
 
 def reserve_bytes(arch, target: Target) -> int:
     """VRAM a fit target must keep for everything but the weights: KV cache, activations, context."""
-    from qkvgguf.runtime.kv_cache import kv_cache_bytes
+    from qkvgguf.kv_types import kv_cache_bytes
     from qkvgguf.runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes
 
     cfg = model_config(arch)
     return (kv_cache_bytes(cfg, target.n_ctx, target.type_k, target.type_v)
             + activation_bytes(cfg, min(target.n_batch, target.n_ctx), 2) + CUDA_CONTEXT_BYTES)
-
-
-def get_imatrix(hf_dir, imatrix, calib: Optional[str], calib_chunks: int, stage, vocab_pre):
-    """An Imatrix: given, read from a file, or collected (and saved to the given path, if any)."""
-    import hashlib
-    import os
-    import tempfile
-
-    from qkvgguf.gguf_file import GGUFFile
-    from qkvgguf.tokenizer import Tokenizer
-
-    from .imatrix import Imatrix, ImatrixError, collect_imatrix, default_calibration_text
-
-    if isinstance(imatrix, Imatrix):
-        return imatrix
-    if imatrix is not None and os.path.exists(imatrix):
-        return Imatrix.load(imatrix)
-    if calib is not None:
-        if not os.path.isfile(calib):
-            raise ImatrixError(f"{calib}: no such calibration text file")
-        with open(calib, encoding="utf-8", errors="replace") as f:
-            name, text = os.path.basename(calib), f.read()
-    else:
-        name, text = default_calibration_text()
-    from .convert import convert
-
-    with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
-        src = os.path.join(tmp, "source-f16.gguf")
-        convert(hf_dir, src, "f16", vocab_pre=vocab_pre)
-        gguf_file = GGUFFile(src)
-        tok = Tokenizer.from_gguf(gguf_file)
-        ids = tok.encode(text, add_special=False)
-        progress = (lambda d, t: stage("calibrating", d, t)) if stage else None
-        result = collect_imatrix(src, ids, 512, calib_chunks, tok.bos_id if tok.add_bos else None,
-                                 dataset=f"{name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}",
-                                 progress=progress)
-        del gguf_file
-    if imatrix is not None:
-        result.save(imatrix)
-    return result
 
 
 def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):

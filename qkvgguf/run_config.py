@@ -72,7 +72,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """One-line errors for flags that cannot work, before any file is read."""
-        from .runtime.kv_cache import cache_type
+        from .kv_types import cache_type
 
         if self.threads is not None and self.threads < 1:
             raise QkvggufError(f"--threads must be at least 1, got {self.threads}")
@@ -161,7 +161,7 @@ class RunConfig:
         """The planner's plan for a CUDA device (None on the CPU); caps torch's allocator at the budget."""
         import torch
 
-        from .runtime.kv_cache import cache_type
+        from .kv_types import cache_type
         from .runtime.planner import plan, specs_of
 
         for t in (self.type_k, self.type_v):

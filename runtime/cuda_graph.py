@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from qkvgguf.kv_types import cache_type
+
 from .kv_cache import KVCache
 from .model import Model
 
@@ -41,8 +43,9 @@ def graph_supported(model: Model, cache: KVCache) -> Optional[str]:
         return "CUDA graphs need a CUDA device"
     if model.backend != "triton":
         return "CUDA graphs need the triton backend"
-    if "q4g" in (cache.type_k, cache.type_v):
-        return "cache type q4g decides its groups on the host"
+    for t in (cache.type_k, cache.type_v):
+        if not cache_type(t).device_position:
+            return f"cache type {t} decides its groups on the host"
     return None
 
 

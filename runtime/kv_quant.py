@@ -38,32 +38,26 @@ Its groups cost 4.5 bits per value like q4_0, but its f16 sinks and newest group
 So a query always sees the newest partial group (and the sinks) in float16 and every complete group
 quantized, whether its tokens came in one batch or one at a time.
 
-Memory, per layer and KV head (`KVType.layout`): bytes(n_ctx) = fixed + rate * n_ctx, exact at every
-n_ctx. For f32/f16/q8_0/q4_0 fixed = 0. For q4g fixed = the f16 sink and tail rows, (S + 64) * 2d,
-less the rate of the positions that live only there (the sinks and those past the last whole group:
-the rate is paid per complete group, so bytes step up every 64 positions). Hence "bits per value"
-(`KVType.bits_per_value`) is a function of n_ctx, counting scales, sinks and tail rows.
+The table of cache types and the byte accounting are qkvgguf/kv_types.py; `make_store` builds a
+store for a type from its record (`store`, `formats`, `dtype`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from qkvgguf.kv_types import GROUP, N_SINK, ROW_FORMATS, KVType
 from qkvgguf.quants.q4 import dequantize_q4_0, quantize_q4_0_torch, unpack_nibbles
 from qkvgguf.quants.q8 import dequantize_q8_0, quantize_q8_0_torch
 
-N_SINK = 4  # q4g: leading positions kept in f16
-GROUP = 64  # q4g: positions quantized together
-
-BlockCodec = tuple[int, int, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
-BLOCKS: dict[str, BlockCodec] = {  # elements, bytes per block, quantize (..., n) -> bytes, dequantize
-    "q8_0": (32, 2 + 32, quantize_q8_0_torch, dequantize_q8_0),
-    "q4_0": (32, 2 + 16, quantize_q4_0_torch, dequantize_q4_0),
+Codec = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+BLOCKS: dict[str, Codec] = {  # row format -> torch quantize (..., n) -> bytes, dequantize (rows, bytes)
+    "q8_0": (quantize_q8_0_torch, dequantize_q8_0),
+    "q4_0": (quantize_q4_0_torch, dequantize_q4_0),
 }
 
 
@@ -130,7 +124,8 @@ class BlockStore(Store):
     def __init__(self, shape, name, device):
         n_layer, n_kv, n_ctx, d = shape
         self.name, self.d = name, d
-        self.block, self.size, self.quantize, self.dequantize = BLOCKS[name]
+        self.block, self.size = ROW_FORMATS[name].block, ROW_FORMATS[name].block_bytes
+        self.quantize, self.dequantize = BLOCKS[name]
         super().__init__({"blocks": torch.zeros((n_layer, n_kv, n_ctx, d // self.block * self.size),
                                                 dtype=torch.uint8, device=device)})
         self.blocks = self.tensors["blocks"]
@@ -143,6 +138,8 @@ class BlockStore(Store):
         return dequantize_rows(raw, self.dequantize)
 
     def write_fused(self, layer, pos, x):
+        if not ROW_FORMATS[self.name].fused_write:
+            return super().write_fused(layer, pos, x)
         from .kernels.kv_write import kv_write
 
         kv_write(x, self.blocks[layer], pos, self.name)
@@ -314,66 +311,15 @@ def q8_0_round_trip(x: torch.Tensor) -> torch.Tensor:
     return dequantize_rows(quantize_q8_0_torch(x), dequantize_q8_0)
 
 
-# -- the table of cache types -----------------------------------------------------------------------
-def _all_rated(n_ctx: int) -> int:
-    return 0
-
-
-def q4g_unrated(n_ctx: int) -> int:
-    """Of n_ctx positions, how many q4g holds only in its f16 rows: the sinks and the positions past
-    the last whole group (the store has (n_ctx - S) // 64 groups)."""
-    return n_ctx - GROUP * max(0, (n_ctx - N_SINK) // GROUP)
-
-
-@dataclass(frozen=True)
-class KVType:
-    name: str
-    row_bytes: Callable[[int], int]  # bytes per position and KV head for head_dim d (the rate)
-    make: Callable[[tuple, str, torch.device], Store]  # (shape, "k" | "v", device) -> store
-    llama_maths: bool = False  # llama.cpp's quantized-cache maths: Hadamard rotation, q as q8_0 for K
-    head_dim_multiple: int = 1
-    help: str = ""
-    f16_rows: int = 0  # float16 rows allocated per layer and KV head whatever n_ctx (q4g: sinks + tail)
-    unrated: Callable[[int], int] = _all_rated  # positions of n_ctx held only in those rows (no rate paid)
-
-    def layout(self, n_ctx: int, d: int) -> tuple[int, int]:
-        """(fixed, rate) bytes per layer and KV head: a store of n_ctx positions allocates exactly
-        fixed + rate * n_ctx. fixed = the f16 rows less the rate of the positions only they hold, so it
-        depends on n_ctx (mod 64 for q4g); at n_ctx 0 it is the f16 rows alone, an upper bound."""
-        rate = self.row_bytes(d)
-        return self.f16_rows * 2 * d - rate * self.unrated(n_ctx), rate
-
-    def bits_per_value(self, n_ctx: int, d: int) -> float:
-        """Bits stored per cached value at n_ctx positions: every byte allocated (scales, f16 sinks and
-        tail rows) over the n_ctx * d values it holds; q4g's is above its rate's at short contexts."""
-        if n_ctx < 1:
-            raise ValueError(f"bits per value of a {self.name} cache needs n_ctx >= 1, got {n_ctx}")
-        fixed, rate = self.layout(n_ctx, d)
-        return (fixed + rate * n_ctx) * 8 / (n_ctx * d)
-
-    def store_bytes(self, n_layer: int, n_kv: int, n_ctx: int, d: int, kind: str = "k") -> int:
-        """Bytes a store of this type allocates, measured on the meta device (what `layout` must equal)."""
-        return self.make((n_layer, n_kv, n_ctx, d), kind, torch.device("meta")).n_bytes
-
-
-def _block_store(name):
-    return lambda shape, kind, device: BlockStore(shape, name, device)
-
-
-KV_TYPES: dict[str, KVType] = {
-    t.name: t for t in [
-        KVType("f32", lambda d: d * 4, lambda s, k, dev: DenseStore(s, torch.float32, dev),
-               help="float32"),
-        KVType("f16", lambda d: d * 2, lambda s, k, dev: DenseStore(s, torch.float16, dev),
-               help="float16"),
-        KVType("q8_0", lambda d: d // 32 * (2 + 32), _block_store("q8_0"), llama_maths=True,
-               head_dim_multiple=32, help="ggml Q8_0 blocks, 8.5 bits per value"),
-        KVType("q4_0", lambda d: d // 32 * (2 + 16), _block_store("q4_0"), llama_maths=True,
-               head_dim_multiple=32, help="ggml Q4_0 blocks, 4.5 bits per value"),
-        KVType("q4g", lambda d: d // 2 + 2 * 2 * d // GROUP, lambda s, k, dev: GroupStore(s, k, dev),
-               head_dim_multiple=32, f16_rows=N_SINK + GROUP, unrated=q4g_unrated,
-               help="groups of 64 positions at 4.5 bits per value (K per channel, V as q4_0) plus the "
-                    "first 4 positions and the newest partial group in f16: at head_dim 64, 6.06 bits "
-                    "per value at 512 positions, 4.89 at 2048, 4.60 at 8192"),
-    ]
+# -- a store for a cache type --------------------------------------------------------------------------
+STORES: dict[str, Callable[[KVType, tuple, str, torch.device], Store]] = {  # KVType.store -> constructor
+    "dense": lambda t, shape, kind, device: DenseStore(shape, getattr(torch, t.dtype), device),
+    "blocks": lambda t, shape, kind, device: BlockStore(shape, t.formats[kind == "v"], device),
+    "groups": lambda t, shape, kind, device: GroupStore(shape, kind, device),
 }
+
+
+def make_store(t: KVType, shape: tuple, kind: str, device: torch.device) -> Store:
+    """The K (kind "k") or V ("v") store of type t, shape (n_layer, n_kv, n_ctx, d)."""
+    return STORES[t.store](t, shape, kind, device)
+

@@ -58,7 +58,7 @@ class Model:
         self.inv_freq = ops.rope_inv_freq(self.config, freq_factors).to(self.device)
 
     def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32") -> KVCache:
-        return KVCache(self.config, n_ctx, type_k, type_v, device=self.device, backend=self.backend)
+        return KVCache(self.config, n_ctx, type_k, type_v, device=self.device, ops=self.ops)
 
     @property
     def embeds_on_host(self) -> bool:

@@ -65,10 +65,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int) -> torch.Tensor:
-    """Causal GQA attention. q (n_head, T, d) at positions [n_past, n_past+T); k, v (n_kv, n_past+T, d)."""
+# -- attention over the KV cache: runtime/kv_cache.py stores through these, Model's choice of module
+def kv_write(store, layer: int, pos, x: torch.Tensor) -> None:
+    """Store x (n_kv, T, d) at positions [pos, pos + T) of one layer of a cache store (kv_quant.Store);
+    pos may be a one-element device tensor (T = 1: a CUDA-graph step)."""
+    if isinstance(pos, torch.Tensor):
+        store.write_at(layer, pos, x)
+    else:
+        store.write(layer, pos, x)
+
+
+def kv_read(store, layer: int, end: int) -> torch.Tensor:
+    """Positions [0, end) of one layer as `attention` takes them: float32 (n_kv, end, d)."""
+    return store.read(layer, end)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past) -> torch.Tensor:
+    """Causal GQA attention. q (n_head, T, d) at positions [n_past, n_past+T); k, v (n_kv, >= n_past+T, d).
+
+    n_past may be a one-element device tensor (T = 1): the keys past it are masked."""
     T, S = q.shape[1], k.shape[1]
-    if T == 1:
+    q = q.to(k.dtype)  # the float32 rows of kv_read: the reference computes in float32
+    if T == 1 and not isinstance(n_past, torch.Tensor):
         mask = None
     else:
         # query t (absolute position n_past + t) sees keys 0 .. n_past + t

@@ -53,8 +53,27 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
     return kernels.rope(x, cos, sin, neox)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int) -> torch.Tensor:
-    """q (n_head, T, d) at [n_past, n_past+T) over the first n_past+T rows of k, v (n_kv, >= n_past+T, d)."""
+# -- attention over the KV cache (see runtime/ops.py) -----------------------------------------------
+def kv_write(store, layer: int, pos, x: torch.Tensor) -> None:
+    """Store x (n_kv, T, d) at [pos, pos + T): q8_0/q4_0 rows quantized and stored by one kernel."""
+    if isinstance(pos, torch.Tensor):
+        store.write_at(layer, pos, x, fused=True)
+    else:
+        store.write_fused(layer, pos, x)
+
+
+def kv_read(store, layer: int, end: int) -> kernels.KVOperand:
+    """One layer of a store as the flash kernels read it, in place (no float copy)."""
+    return store.operand(layer, end)
+
+
+def attention(q: torch.Tensor, k, v, n_past) -> torch.Tensor:
+    """q (n_head, T, d) at [n_past, n_past+T) over the first n_past+T positions of k, v: dense
+    (n_kv, >= n_past+T, d) tensors or `KVOperand`s (kv_read); n_past may be a device tensor (T = 1)."""
+    if isinstance(k, torch.Tensor):
+        if q.shape[1] == 1:
+            return kernels.flash_decode(q, k, v, n_past + 1)
+        return kernels.flash_prefill(q, k, v, n_past)
     if q.shape[1] == 1:
-        return kernels.flash_decode(q, k, v, n_past + 1)
-    return kernels.flash_prefill(q, k, v, n_past)
+        return kernels.attend_decode(q, k, v, n_past + 1)
+    return kernels.attend_prefill(q, k, v, n_past)

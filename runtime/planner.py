@@ -5,7 +5,7 @@ file reads, so every budget from "everything fits" to "too small" is unit-tested
 
 The budget pays for, in this order:
 
-    fixed       KV cache (runtime.kv_cache.kv_cache_bytes, exact: q4g's f16 sink and tail rows
+    fixed       KV cache (kv_types.kv_cache_bytes, exact: q4g's f16 sink and tail rows
                 included, not just n_ctx times a per-token rate), activations of one prompt batch
                 (`activation_bytes`), the CUDA context allowance, and the small tensors every
                 step needs (norms, biases: all tensors outside the streaming units)
@@ -35,6 +35,7 @@ from typing import Iterable, Optional
 
 from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
+from qkvgguf.kv_types import kv_cache_bytes, kv_max_ctx
 from qkvgguf.units import format_bytes
 
 ALIGN = 256  # tensors of a streamed unit sit at 256-byte aligned offsets of its slot
@@ -150,8 +151,6 @@ class Plan:
 
 
 def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes):
-    from .kv_cache import kv_cache_bytes
-
     tied = not any(t.name == "output.weight" for t in tensors)
     units: dict[int, int] = {}
     raw: dict[int, int] = {}
@@ -243,9 +242,8 @@ def max_resident_ctx(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: in
     """The longest context (<= limit) at which every weight is resident within budget; 0 if none.
 
     From n_batch tokens on, only the cache grows, so the cache's room is solved exactly by
-    kv_cache.kv_max_ctx (q4g's fixed f16 rows counted). Shorter contexts also shrink the prompt
+    kv_types.kv_max_ctx (q4g's fixed f16 rows counted). Shorter contexts also shrink the prompt
     batch, hence the activations: below n_batch the plan totals are bisected instead."""
-    from .kv_cache import kv_cache_bytes, kv_max_ctx
 
     tensors = list(tensors)
 

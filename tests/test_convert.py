@@ -758,7 +758,7 @@ def test_smollm2_type_plan_matches_llamacpp(smollm2_hf, smollm2_q8_0, tmp_path, 
     """llama.cpp's quantizer (re-quantizing our q8_0 file) picks the types our plan picks."""
     from qkvgguf.convert.arch import for_config
     from qkvgguf.convert.checkpoint import Checkpoint
-    from qkvgguf.convert.convert import plan
+    from qkvgguf.convert.stream import plan
 
     quantize_file(smollm2_q8_0, tmp_path / "ref.gguf", OUTTYPES[outtype].file_type, allow_requantize=True)
     ref = {n: t.type.name for n, t in GGUFFile(tmp_path / "ref.gguf").tensors.items()}

@@ -135,7 +135,7 @@ def test_calibrate_checkpoint_matches_transformers(tmp_path):
     import sentencepiece as spm
 
     import test_convert
-    from qkvgguf.convert.imatrix import calibrate_checkpoint
+    from qkvgguf.convert.pipeline import calibrate_checkpoint
 
     model = test_convert.hf_model("llama", seed=5)
     folder = tmp_path / "hf"

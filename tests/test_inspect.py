@@ -24,7 +24,7 @@ from qkvgguf import quants
 from qkvgguf.cli import main
 from qkvgguf.gguf_file import GGUFFile
 from qkvgguf.inspect import summarize
-from qkvgguf.inspect_tensor import DECODERS, LAYOUTS, tensor_report
+from qkvgguf.inspect.tensor import DECODERS, LAYOUTS, tensor_report
 
 from cli_errors import one_line_error
 
@@ -55,7 +55,7 @@ def smollm2_hf(tmp_path_factory, smollm2_path):
 
 @pytest.fixture(scope="session")
 def smollm2_q8_0(smollm2_hf, tmp_path_factory):
-    from qkvgguf.convert.convert import convert
+    from qkvgguf.convert import convert
 
     path = tmp_path_factory.mktemp("smollm2-q8_0-inspect") / "smollm2-q8_0.gguf"
     convert(smollm2_hf, path, "q8_0", vocab_pre="smollm")
@@ -277,7 +277,7 @@ def test_ref_error_against_gguf_and_hf_folder(capsys, smollm2_path, smollm2_q8_0
 
 def test_vram_plan(capsys, smollm2_path):
     from qkvgguf.config import ModelConfig
-    from qkvgguf.runtime.kv_cache import kv_bytes_per_token
+    from qkvgguf.kv_types import kv_bytes_per_token
     from qkvgguf.runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes, minimum_budget, plan, specs_of
 
     g = GGUFFile(smollm2_path)

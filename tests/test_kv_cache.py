@@ -23,11 +23,13 @@ from gguf import GGMLQuantizationType as T
 
 from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
+from qkvgguf.kv_types import (GROUP, KV_TYPES, N_SINK, bits_per_value, kv_bits_per_value, kv_bytes_per_token,
+                              kv_cache_bytes, kv_layout_bytes, kv_max_ctx)
 from qkvgguf.quants.q4 import quantize_q4_0_torch
 from qkvgguf.quants.q8 import quantize_q8_0_torch
-from qkvgguf.runtime.kv_cache import (CACHE_TYPES, KVCache, bits_per_value, kv_bits_per_value, kv_bytes_per_token,
-                                      kv_cache_bytes, kv_layout_bytes, kv_max_ctx)
-from qkvgguf.runtime.kv_quant import GROUP, KV_TYPES, N_SINK
+from qkvgguf.runtime.kv_cache import KVCache
+
+CACHE_TYPES = tuple(KV_TYPES)
 
 QUANT_TYPES = ["q8_0", "q4_0", "q4g"]
 

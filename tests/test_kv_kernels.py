@@ -17,6 +17,7 @@ import torch
 
 from qkvgguf.quants.q4 import quantize_q4_0_torch
 from qkvgguf.quants.q8 import quantize_q8_0_torch
+from qkvgguf.runtime import ops
 from qkvgguf.runtime.kv_cache import KVCache
 
 from test_kv_cache import BOUNDS_REAL, activations, config, relative_error, run
@@ -25,6 +26,7 @@ pytest.importorskip("triton")
 
 from qkvgguf.runtime.kernels.attention import KVOperand, attend_decode, attend_prefill  # noqa: E402
 from qkvgguf.runtime.kernels.kv_write import kv_write  # noqa: E402
+from qkvgguf.runtime import ops_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the same tests run on a GPU when there is one
 TOL = dict(atol=3e-5, rtol=3e-5) if DEV == "cpu" else dict(atol=3e-3, rtol=3e-3)  # TF32 dots on the GPU
@@ -65,8 +67,8 @@ def test_stored_attention_equals_reference(type_k, type_v, head_dim, n_head):
     """Prefill 37, then 33 (a q4g group completes at position 67, mid-batch), then 5 decode steps."""
     cfg = config(n_layer=2, n_head=n_head, n_head_kv=2, head_dim=head_dim)
     q, k, v = (t.to(DEV) for t in activations(cfg, 75, seed=head_dim))
-    ref = KVCache(cfg, 80, type_k, type_v, device=DEV, backend="torch")
-    tri = KVCache(cfg, 80, type_k, type_v, device=DEV, backend="triton")
+    ref = KVCache(cfg, 80, type_k, type_v, device=DEV, ops=ops)
+    tri = KVCache(cfg, 80, type_k, type_v, device=DEV, ops=ops_triton)
     s = 0
     for n in (37, 33, 1, 1, 1, 1, 1):
         a = ref.attend(1, q[:, s:s + n], k[:, s:s + n], v[:, s:s + n])
@@ -89,8 +91,6 @@ def test_decode_splits_and_device_length_over_blocks():
     cache.attend(0, q, k, v)
     K, V = cache.k_store.operand(0, 150), cache.v_store.operand(0, 150)
     keys, values = cache.k_store.read(0, 150), cache.v_store.read(0, 150)
-    from qkvgguf.runtime import ops
-
     qt = q[:, -1:].contiguous()
     want = ops.attention(qt, keys, values, 149)
     for n_valid, splits in ((150, 1), (150, 5), (torch.tensor([150], device=DEV), 8)):
@@ -115,7 +115,7 @@ def test_close_to_f32_on_smollm2_activations(smollm2_qkv, name):
     cfg, captured = smollm2_qkv
     q, k, v = (t[:, :200].to(DEV) for t in captured[3])
     ref = run(KVCache(cfg, 200, device=DEV), 3, q, k, v)
-    tri = run(KVCache(cfg, 200, name, name, device=DEV, backend="triton"), 3, q, k, v, 100)
+    tri = run(KVCache(cfg, 200, name, name, device=DEV, ops=ops_triton), 3, q, k, v, 100)
     torch_path = run(KVCache(cfg, 200, name, name, device=DEV), 3, q, k, v, 100)
     assert relative_error(tri, ref) <= BOUNDS_REAL[name]
     assert relative_error(tri, torch_path) < (1e-5 if DEV == "cpu" else 2e-3)

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 from qkvgguf import GGUFFile
 from qkvgguf.cli import main
 from qkvgguf.config import ModelConfig
-from qkvgguf.convert.convert import convert
+from qkvgguf.convert import convert
 from qkvgguf.convert.mixed import BudgetError, Option, Target, allocate, sensitivity
 
 import texts

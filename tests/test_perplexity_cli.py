@@ -98,7 +98,7 @@ def spy(monkeypatch):
 
 
 def _kv_bytes(path, n_ctx, tk, tv):
-    from qkvgguf.runtime.kv_cache import kv_cache_bytes
+    from qkvgguf.kv_types import kv_cache_bytes
 
     from qkvgguf import GGUFFile, ModelConfig
 

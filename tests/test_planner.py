@@ -13,7 +13,8 @@
 import pytest
 
 from qkvgguf.config import ModelConfig
-from qkvgguf.runtime.kv_cache import KVCache, kv_bytes_per_token, kv_cache_bytes
+from qkvgguf.kv_types import kv_bytes_per_token, kv_cache_bytes
+from qkvgguf.runtime.kv_cache import KVCache
 from qkvgguf.runtime.planner import (CUDA_CONTEXT_BYTES, OUTPUT_UNIT, BudgetTooSmall, TensorSpec,
                                      activation_bytes, full_residency_bytes, max_resident_ctx, minimum_budget,
                                      plan, specs_of)

@@ -184,6 +184,33 @@ def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
+def quantize_scales6(v: np.ndarray, sw: np.ndarray):
+    """Q4_K/Q5_K sub-block scales (or mins) v (n, 8) >= 0 with weights sw (n, 8) -> (f16 (n, 1), uint8 (n, 8)).
+
+    v ~ d * L, L in 0..63: 9 candidates d = max / (63 + 0.1 k), k = -4..4, keep the least
+    sum sw (v - d L)^2, then refit d = sum sw v L / sum sw L^2 (ggml's make_qp_quants, without its
+    per-level refinement).
+    """
+    v = np.maximum(v, 0).astype(np.float32)
+    mx = v.max(axis=1, keepdims=True)  # (n, 1)
+    k = np.arange(-4, 5, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx > 1e-15, (63 + 0.1 * k)[None, :] / mx, 0)  # (n, K)
+        L = np.minimum(np.rint(iscale[:, :, None] * v[:, None, :]), 63)  # (n, K, 8)
+        scale = np.where(iscale > 0, 1 / iscale, 0)
+    err = (sw[:, None, :] * (v[:, None, :] - scale[:, :, None] * L) ** 2).sum(-1)
+    best = err.argmin(axis=1)
+    L = L[np.arange(len(v)), best]  # (n, 8)
+    num, den = (sw * v * L).sum(1, keepdims=True), (sw * L * L).sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(den > 0, num / den, 0).astype(np.float32)
+    d16 = d.astype(np.float16)
+    df = d16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = np.where(df > 0, np.clip(np.rint(v / df), 0, 63), 0)
+    return d16, L.astype(np.uint8)
+
+
 def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int, w: Optional[np.ndarray] = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shared head of Q4_K / Q5_K: float32 (n, 256) -> (d|dmin|scales bytes (n, 16), q (n, 8, 32))."""
@@ -196,8 +223,6 @@ def _quantize_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int, w: Opti
         q, scales, mins = make_qkx2_quants(x, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     if w is not None:
-        from .weighted import quantize_scales6
-
         sw = w.sum(axis=0).reshape(n, 8)
         d16, ls = quantize_scales6(scales, sw)
         dmin16, lm = quantize_scales6(mins, sw)

@@ -105,7 +105,8 @@ def _specs(all_configs: bool, arch: int):
     yield (swiglu._swiglu_kernel, {"gate_ptr": "*fp16", "up_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"},
            {"BLOCK": 1024}, 4, 1, "swiglu")
     kvw = importlib.import_module(__package__ + ".kv_write")
-    for fmt, code in (("q8_0", 1), ("q4_0", 2)):
+    for fmt in kvw.BLOCK_BYTES:
+        code = att.FORMATS[fmt]
         yield (kvw._kv_write_kernel,
                {"x_ptr": "*fp16", "out_ptr": "*u8", "pos_ptr": "*i64", "pos": "i32", **{s: "i32" for s in (
                    "stride_xh", "stride_xt", "stride_oh", "stride_os")}},

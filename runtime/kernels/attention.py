@@ -8,7 +8,7 @@ Shapes follow `runtime.ops.attention`; K and V are `KVOperand`s, one layer of a 
     out[h, t] = softmax_j(q[h, t] . k[h // G, j] / sqrt(d), j <= n_past + t) @ v[h // G]
     with G = n_head / n_kv query heads per KV head (GQA).
 
-Formats (`FMT`; the bytes are those of runtime/kv_quant.py, per KV head and position):
+Row formats (`FMT`: the codes of qkvgguf/kv_types.py `ROW_FORMATS`; bytes per KV head and position):
 
     DENSE  rows of d float16/float32                      x = row[c]
     Q8_0   d/32 blocks of 34 bytes: f16 scale, 32 int8     x = d * q
@@ -56,13 +56,14 @@ import triton
 import triton.language as tl
 
 from qkvgguf.errors import QkvggufError
+from qkvgguf.kv_types import ROW_FORMATS
 
 from .launch import fp32_precision, next_pow2
 
 LOG2E = 1.4426950408889634
 
-DENSE, Q8_0, Q4_0, Q4G_K = 0, 1, 2, 3
-FORMATS = {"dense": DENSE, "q8_0": Q8_0, "q4_0": Q4_0, "q4g_k": Q4G_K}
+FORMATS = {name: f.code for name, f in ROW_FORMATS.items()}  # row format -> FMT
+DENSE, Q8_0, Q4_0, Q4G_K = (tl.constexpr(FORMATS[n]) for n in ("dense", "q8_0", "q4_0", "q4g_k"))
 GROUP_POSITIONS = 64  # q4g: positions per group of per-channel scales
 
 
@@ -76,20 +77,20 @@ def _load_rows(b, b16, bs, rows, rd, mask, stride_bs, FMT: tl.constexpr, HEAD_DI
     bytes per row."""
     r = rows[:, None] * stride_bs
     c = rd[None, :]
-    if FMT == 0:
+    if FMT == DENSE:
         x = tl.load(b + r + c, mask=mask, other=0.0).to(tl.float32)
-    elif FMT == 1:  # q8_0
+    elif FMT == Q8_0:
         blk = r + (c // 32) * 34
         d = tl.load(b16 + blk // 2, mask=mask, other=0.0).to(tl.float32)
         q = tl.load(b + blk + 2 + c % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
         x = d * q.to(tl.float32)
-    elif FMT == 2:  # q4_0
+    elif FMT == Q4_0:
         blk = r + (c // 32) * 18
         d = tl.load(b16 + blk // 2, mask=mask, other=0.0).to(tl.float32)
         byte = tl.load(b + blk + 2 + c % 16, mask=mask, other=0).to(tl.int32)
         q = tl.where(c % 32 < 16, byte & 15, byte >> 4)
         x = d * (q.to(tl.float32) - 8.0)
-    else:  # q4g keys: per channel over groups of 64 positions
+    else:  # Q4G_K, q4g keys: per channel over groups of 64 positions
         byte = tl.load(b + r + c % (HEAD_DIM // 2), mask=mask, other=0).to(tl.int32)
         q = tl.where(c < HEAD_DIM // 2, byte & 15, byte >> 4)
         g = (rows // 64)[:, None] * (2 * HEAD_DIM)
@@ -310,8 +311,9 @@ def _check(q: torch.Tensor, K: KVOperand, V: KVOperand, what: str) -> tuple[int,
                 raise QkvggufError(f"{what}: {name} must be float16 or float32, got {op.b.dtype}")
             if op.b.stride(2) != 1:
                 raise QkvggufError(f"{what}: {name} needs a contiguous last dim")
-        elif op.fmt in ("q8_0", "q4_0") and d % 32:
-            raise QkvggufError(f"{what}: {name} in {op.fmt} needs head_dim a multiple of 32, got {d}")
+        elif d % ROW_FORMATS[op.fmt].block:
+            raise QkvggufError(f"{what}: {name} in {op.fmt} needs head_dim a multiple of "
+                               f"{ROW_FORMATS[op.fmt].block}, got {d}")
     if d > 256:
         raise QkvggufError(f"{what}: head_dim {d} > 256 is not supported")
     return n_head, T, d, K.n_kv

@@ -21,10 +21,13 @@ import triton
 import triton.language as tl
 
 from qkvgguf.errors import QkvggufError
+from qkvgguf.kv_types import ROW_FORMATS
 
 from .launch import next_pow2
 
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+# the row formats this kernel writes (qkvgguf/kv_types.py: `fused_write`) and their FMT codes
+BLOCK_BYTES = {name: f.block_bytes for name, f in ROW_FORMATS.items() if f.fused_write}
+Q8_0, Q4_0 = tl.constexpr(ROW_FORMATS["q8_0"].code), tl.constexpr(ROW_FORMATS["q4_0"].code)
 
 
 @triton.jit
@@ -65,7 +68,7 @@ def _kv_write_kernel(
     rj = tl.arange(0, 16)[None, :]
     lo = tl.load(src + rj, mask=bmask, other=0.0).to(tl.float32)  # elements 0..15 of each block
     hi = tl.load(src + 16 + rj, mask=bmask, other=0.0).to(tl.float32)  # elements 16..31
-    if FMT == 1:  # q8_0
+    if FMT == Q8_0:
         amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
         d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))  # IEEE: '/' may be approximate on a GPU
         inv = _inverse(d)
@@ -75,7 +78,7 @@ def _kv_write_kernel(
         _store_f16(blk, d[:, None], bmask)
         tl.store(blk + 2 + rj, qlo, mask=bmask)
         tl.store(blk + 18 + rj, qhi, mask=bmask)
-    else:  # q4_0
+    else:  # Q4_0
         alo, ahi = tl.abs(lo), tl.abs(hi)
         amax = tl.maximum(tl.max(alo, axis=1), tl.max(ahi, axis=1))[:, None]
         first = tl.minimum(tl.min(tl.where(alo == amax, rj, 32), axis=1),
@@ -110,5 +113,5 @@ def kv_write(x: torch.Tensor, blocks: torch.Tensor, pos: int | torch.Tensor, fmt
     _kv_write_kernel[(n_kv, T)](
         x, blocks, pos if from_ptr else blocks, 0 if from_ptr else pos,
         x.stride(0), x.stride(1), blocks.stride(0), blocks.stride(1),
-        NB=nb, BLOCK_B=next_pow2(nb), FMT=1 if fmt == "q8_0" else 2, POS_FROM_PTR=from_ptr, num_warps=1,
+        NB=nb, BLOCK_B=next_pow2(nb), FMT=ROW_FORMATS[fmt].code, POS_FROM_PTR=from_ptr, num_warps=1,
     )

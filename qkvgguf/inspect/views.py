@@ -12,8 +12,8 @@
     total: ...
 
 `--tensors` adds the full tensor table, `--metadata` every metadata key. The views that read data
-or other files live beside this module: inspect_tensor.py (`--tensor`, `--ref`), inspect_memory.py
-(`--vram`), inspect_diff.py (`--diff`), inspect_plot.py (`--plot`).
+or other files live beside this module: tensor.py (`--tensor`, `--ref`), memory.py (`--vram`),
+diff.py (`--diff`), plot.py (`--plot`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 from gguf import LlamaFileType
 
-from .gguf_file import GGUFFile
-from .units import format_bytes
+from ..gguf_file import GGUFFile
+from ..units import format_bytes
 
 ARRAY_PREVIEW = 8  # items of a long metadata array shown in the text view and in --json without --full
 

@@ -1,15 +1,13 @@
-"""Hugging Face folder -> GGUF file, streaming one tensor at a time.
+"""One pass over a checkpoint: plan every tensor's type, then stream them into a GGUF file.
 
-    convert(hf_dir, out_path, outtype)   # outtype: see writer.OUTTYPES (f16, q8_0, q4_k_m, ...)
+    planned = plan(ckpt, arch, outtype)      # names, shapes, types, bytes: from the headers alone
+    write(output, ckpt, arch, vocab, outtype, planned, imatrix=None, extra_metadata=None)
 
-Order of work, so that a bad input fails before anything is written and peak memory is one tensor:
-1. check the outtype and the output path (exists without force: error);
-2. read config.json and the weights' headers (Checkpoint), pick the architecture, read the vocab;
-3. plan every tensor: GGUF name, shape, ggml type (writer.tensor_type) and byte size, from the
-   headers alone;
-4. write header, metadata and tensor infos to a temporary file beside the target;
-5. for each tensor: load, float32, transform (llama's Q/K permutation), encode, write, drop;
-6. rename the temporary file onto the target (any error or Ctrl-C removes it instead).
+`write` puts header, metadata and tensor infos into the AtomicOutput's temporary file, then for each
+tensor: load, float32, transform (llama's Q/K permutation), encode (importance-weighted when an
+imatrix is given), write, drop; so peak memory is one tensor. convert/pipeline.py decides the
+order of the passes (a temporary f16 file for calibration, the allocation of `auto`) and calls
+this for each file it writes.
 
 Metadata: what llama.cpp's converter writes for these families (see arch/base.py, vocab.py) plus
 general.name, general.file_type (uint32), general.quantization_version (uint32, 2), and our
@@ -19,8 +17,6 @@ general.name, general.file_type (uint32), general.quantization_version (uint32, 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,12 +27,12 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf import __version__
-from qkvgguf.errors import QkvggufError
 
-from .arch import Arch, for_config
+from .arch import Arch
 from .checkpoint import Checkpoint, CheckpointError
-from .vocab import Vocab, load_vocab
-from .writer import AtomicOutput, ModelFacts, OutType, encode, get_outtype, n_bytes, tensor_type
+from .mixed import quantize
+from .vocab import Vocab
+from .writer import AtomicOutput, ModelFacts, OutType, encode, n_bytes, tensor_type
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +49,6 @@ class PlannedTensor:
     n_bytes: int
     reason: Optional[str]  # why the row length forced a fallback type, if it did (a warning)
     rule: Optional[str] = None  # the recipe rule that chose this type, if not the outtype's (-v log)
-
-
-@dataclass(frozen=True)
-class Converted:
-    path: Path
-    outtype: str
-    tensors: list[PlannedTensor]
-    n_bytes: int  # tensor data
-    seconds: float
 
 
 def _order(arch: Arch, name: str) -> tuple[int, int, int]:
@@ -129,8 +116,6 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, vocab: Voca
 
 def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[PlannedTensor],
             progress: Optional[Progress], verbose: bool, imatrix=None) -> None:
-    from .mixed import quantize
-
     total = sum(p.n_bytes for p in planned)
     level = logging.INFO if verbose else logging.DEBUG
     width = max(len(p.name) for p in planned)
@@ -153,71 +138,33 @@ def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[Plan
             progress(p.n_bytes, total)
 
 
-def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16", force: bool = False,
-            vocab_pre: Optional[str] = None, verbose: bool = False,
-            progress: Optional[Progress] = None, target=None, imatrix=None, calib: Optional[str] = None,
-            calib_chunks: int = 24, stage: Optional[Callable[[str, int, int], None]] = None) -> Converted:
-    """Convert a Hugging Face checkpoint folder to a GGUF file at `out_path`.
-
-    outtype "auto" needs `target` (a mixed.Target: bits per weight, or a VRAM size to fit with its
-    context and cache types) and uses an importance matrix: `imatrix` (an Imatrix, or the path of an
-    imatrix GGUF to reuse, or to write if it does not exist yet), else one collected on `calib`
-    (a text file; default: the packaged text) over `calib_chunks` chunks of 512 tokens. Any outtype
-    accepts `imatrix` for importance-weighted rounding. `stage(name, done, total)` reports the
-    calibration and sensitivity passes.
-
-    Raises QkvggufError subclasses for bad input (one line, naming the file or tensor); on any
-    error or interrupt no file is left at `out_path` (nor a temporary one).
-    """
-    from .mixed import auto_plan, get_imatrix
-
-    start = time.perf_counter()
-    otype = get_outtype(outtype)
-    if (otype.name == "auto") != (target is not None):
-        raise QkvggufError("--outtype auto needs a target (--target-bpw or --fit), and a target needs --outtype auto")
-    output = AtomicOutput(out_path, force)
-    ckpt = Checkpoint(hf_dir)
-    auto_meta = None
-    try:
-        arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
-        vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
-        planned = plan(ckpt, arch, otype)
-        for p in planned:
-            if p.reason and otype.name != "auto":
-                log.warning("%s: %s, using %s", p.name, p.reason, p.type.name)
-        if imatrix is not None or otype.name == "auto":
-            imatrix = get_imatrix(hf_dir, imatrix, calib, calib_chunks, stage, vocab_pre)
-        if otype.name == "auto":
-            planned, auto_meta = auto_plan(ckpt, arch, planned, imatrix, target, stage)
-        with output as tmp:
-            w = gguf.GGUFWriter(tmp, arch.GGUF_ARCH)
-            try:
-                write_metadata(w, ckpt, arch, vocab, otype, planned)
-                if auto_meta is not None:
-                    for key, value in auto_meta.items():
-                        if isinstance(value, str):
-                            w.add_string(key, value)
-                        elif isinstance(value, float):
-                            w.add_float32(key, value)
-                        elif isinstance(value, int):
-                            w.add_uint64(key, value)
-                        else:
-                            w.add_array(key, value)
-                for p in planned:
-                    # shape in PyTorch order; non-uint8 dtype so the writer takes it as elements
-                    w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.n_bytes, raw_dtype=p.type)
-                w.write_header_to_file()
-                w.write_kv_data_to_file()
-                w.write_ti_data_to_file()
-                _stream(w, ckpt, arch, planned, progress, verbose, imatrix)
-            finally:
-                w.close()
-    finally:
-        ckpt.close()
-    total = sum(p.n_bytes for p in planned)
-    seconds = time.perf_counter() - start
-    log.info("wrote %s: %d tensors, %.1f MiB, %s, %.1f s", out_path, len(planned), total / 2**20, otype.name, seconds)
-    return Converted(Path(out_path), otype.name, planned, total, seconds)
+def write(output: AtomicOutput, ckpt: Checkpoint, arch: Arch, vocab: Vocab, outtype: OutType,
+          planned: list[PlannedTensor], imatrix=None, extra_metadata: Optional[dict] = None,
+          progress: Optional[Progress] = None, verbose: bool = False) -> None:
+    """Write the GGUF file: metadata (plus `extra_metadata`, e.g. `auto`'s allocation), tensor infos,
+    then every planned tensor in order; `imatrix` (an Imatrix) weights the rounding."""
+    with output as tmp:
+        w = gguf.GGUFWriter(tmp, arch.GGUF_ARCH)
+        try:
+            write_metadata(w, ckpt, arch, vocab, outtype, planned)
+            for key, value in (extra_metadata or {}).items():
+                if isinstance(value, str):
+                    w.add_string(key, value)
+                elif isinstance(value, float):
+                    w.add_float32(key, value)
+                elif isinstance(value, int):
+                    w.add_uint64(key, value)
+                else:
+                    w.add_array(key, value)
+            for p in planned:
+                # shape in PyTorch order; non-uint8 dtype so the writer takes it as elements
+                w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.n_bytes, raw_dtype=p.type)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            _stream(w, ckpt, arch, planned, progress, verbose, imatrix)
+        finally:
+            w.close()
 
 
-__all__ = ["convert", "Converted", "PlannedTensor", "plan", "QkvggufError"]
+__all__ = ["PlannedTensor", "plan", "write", "write_metadata"]

@@ -36,8 +36,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .errors import QkvggufError, UnsupportedError
-from .gguf_file import GGUFFile, TensorInfo
+from ..errors import QkvggufError, UnsupportedError
+from ..gguf_file import GGUFFile, TensorInfo
 
 OUTLIER_STD = 6.0  # a value is an outlier when |x - mean| > OUTLIER_STD * std
 CHUNK_ELEMENTS = 1 << 22  # rows are processed about 4M values (16 MB of float32) at a time
@@ -256,7 +256,7 @@ def find_tensor(gguf: GGUFFile, name: str) -> TensorInfo:
 
 def dequantizer(qtype: T) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(raw rows uint8 -> float32 rows, which implementation). Ours where we have one."""
-    from . import quants
+    from .. import quants
 
     try:
         quants.get_format(qtype)
@@ -331,8 +331,8 @@ def hf_tensor_name(arch, gguf_name: str) -> Optional[str]:
 def load_reference(ref: str, info: TensorInfo) -> tuple[Callable[[slice], np.ndarray], dict]:
     """(rows -> float32 values of the reference tensor, a description) for a GGUF file or HF folder."""
     if os.path.isdir(ref):
-        from .convert.arch import for_config
-        from .convert.checkpoint import Checkpoint
+        from ..convert.arch import for_config
+        from ..convert.checkpoint import Checkpoint
 
         ckpt = Checkpoint(ref)
         try:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
-from .errors import QkvggufError
-from .units import format_bytes
+from ..errors import QkvggufError
+from ..units import format_bytes
 
 DPI = 100
 DEFAULT_SIZE = (1200, 800)  # pixels

@@ -5,7 +5,7 @@
 - weights: tensor bytes as stored (the kernels read quantized weights in place); when the whole
   model does not fit, the planner streams layers from host memory through two device slots of the
   largest streamed layer and says how many bytes cross PCIe per decode token;
-- KV cache: `runtime.kv_cache.kv_cache_bytes(cfg, n_ctx, type_k, type_v)`, exact: a fixed part
+- KV cache: `kv_types.kv_cache_bytes(cfg, n_ctx, type_k, type_v)`, exact: a fixed part
   (q4g's f16 sinks and newest group) plus a rate per token (`kv_layout_bytes`), and the bits per
   value that makes at this context (q4g's is above 4.5 at short contexts: 6.06 at 512 for SmolLM2);
 - activations: `planner.activation_bytes` for a batch of `n_batch` prompt tokens (float16
@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import ModelConfig
-from .errors import QkvggufError
-from .gguf_file import GGUFFile
-from .units import format_bytes
-
-from .runtime.planner import CUDA_CONTEXT_BYTES, activation_bytes  # noqa: E402,F401 (re-exported)
+from ..config import ModelConfig
+from ..errors import QkvggufError
+from ..gguf_file import GGUFFile
+from ..kv_types import kv_bits_per_value, kv_bytes_per_token, kv_layout_bytes
+from ..runtime.planner import BudgetTooSmall, max_resident_ctx, minimum_budget, plan, specs_of
+from ..units import format_bytes
 
 DEFAULT_CACHE_TYPE = "f16"  # the default of kv_bytes_per_token and of llama.cpp's -ctk/-ctv
 DEFAULT_BATCH = 512  # as `run -b`
@@ -37,8 +37,6 @@ H2D_BYTES_PER_S = 25e9  # PCIe 4.0 x16, what a prediction without a measurement 
 def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, type_k: str = DEFAULT_CACHE_TYPE,
              type_v: str = DEFAULT_CACHE_TYPE, n_batch: int = DEFAULT_BATCH) -> dict:
     """The memory estimate as plain data; `vram` None gives the sizes without a verdict."""
-    from .runtime.kv_cache import kv_bits_per_value, kv_bytes_per_token, kv_layout_bytes
-
     cfg = ModelConfig.from_gguf(gguf)
     if n_ctx is None:
         n_ctx = min(4096, cfg.n_ctx_train)
@@ -54,9 +52,7 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
         try:
             kv_bytes_per_token(cfg, t, t)
         except (KeyError, ValueError):
-            raise QkvggufError(f"cache type '{t}' is not known to the KV accounting (runtime/kv_cache.py)") from None
-    from .runtime.planner import BudgetTooSmall, max_resident_ctx, minimum_budget, plan, specs_of
-
+            raise QkvggufError(f"cache type '{t}' is not known to the KV accounting (qkvgguf/kv_types.py)") from None
     fixed, per_token = kv_layout_bytes(cfg, n_ctx, type_k, type_v)
     specs = specs_of(gguf)
     full = plan(specs, cfg, None, n_ctx, type_k, type_v, n_batch)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .gguf_file import GGUFFile
-from .inspect import fmt_value, metadata_preview
-from .units import format_bytes
+from ..gguf_file import GGUFFile
+from ..units import format_bytes
+from .views import fmt_value, metadata_preview
 
 
 def _first_difference(a: list, b: list) -> int:

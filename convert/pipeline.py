@@ -1,0 +1,149 @@
+"""Hugging Face folder -> GGUF file: the order of the passes.
+
+    convert(hf_dir, out_path, outtype)   # outtype: see writer.OUTTYPES (f16, q8_0, q4_k_m, ..., auto)
+
+1. check the outtype and the output path (exists without force: error), so that a bad input fails
+   before any work;
+2. read config.json and the weights' headers (checkpoint.py), pick the architecture (arch/), read
+   the vocab (vocab.py);
+3. plan every tensor: GGUF name, shape, ggml type and byte size, from the headers alone (stream.plan);
+4. with an importance matrix wanted and none given: write the weights as a temporary f16 GGUF
+   (stream.write), run the runtime over calibration text on it (imatrix.collect_imatrix), delete it;
+5. `--outtype auto`: measure each tensor's sensitivity and allocate types to the budget
+   (mixed.auto_plan);
+6. write the file (stream.write): a temporary file beside the target, renamed onto it at the end
+   (any error or Ctrl-C removes it instead).
+
+Each pass lives in its own module and knows nothing of the others; only this one knows their
+order, so nothing calls `convert()` again (the f16 file of step 4 is a plain `stream.write`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from qkvgguf.errors import QkvggufError
+
+from .arch import Arch, for_config
+from .checkpoint import Checkpoint
+from .imatrix import Imatrix, ImatrixError, collect_imatrix, default_calibration_text
+from .mixed import Target, auto_plan
+from .stream import PlannedTensor, Progress, plan, write
+from .vocab import Vocab, load_vocab
+from .writer import AtomicOutput, get_outtype
+
+log = logging.getLogger(__name__)
+
+Stage = Callable[[str, int, int], None]  # stage(name, done, total): calibration and sensitivity passes
+
+
+@dataclass(frozen=True)
+class Converted:
+    path: Path
+    outtype: str
+    tensors: list[PlannedTensor]
+    n_bytes: int  # tensor data
+    seconds: float
+
+
+def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16", force: bool = False,
+            vocab_pre: Optional[str] = None, verbose: bool = False,
+            progress: Optional[Progress] = None, target: Optional[Target] = None, imatrix=None,
+            calib: Optional[str] = None, calib_chunks: int = 24, stage: Optional[Stage] = None) -> Converted:
+    """Convert a Hugging Face checkpoint folder to a GGUF file at `out_path`.
+
+    outtype "auto" needs `target` (a mixed.Target: bits per weight, or a VRAM size to fit with its
+    context and cache types) and uses an importance matrix: `imatrix` (an Imatrix, or the path of an
+    imatrix GGUF to reuse, or to write if it does not exist yet), else one collected on `calib`
+    (a text file; default: the packaged text) over `calib_chunks` chunks of 512 tokens. Any outtype
+    accepts `imatrix` for importance-weighted rounding. `stage(name, done, total)` reports the
+    calibration and sensitivity passes.
+
+    Raises QkvggufError subclasses for bad input (one line, naming the file or tensor); on any
+    error or interrupt no file is left at `out_path` (nor a temporary one).
+    """
+    start = time.perf_counter()
+    otype = get_outtype(outtype)
+    if (otype.name == "auto") != (target is not None):
+        raise QkvggufError("--outtype auto needs a target (--target-bpw or --fit), and a target needs --outtype auto")
+    output = AtomicOutput(out_path, force)
+    ckpt = Checkpoint(hf_dir)
+    try:
+        arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
+        vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
+        planned = plan(ckpt, arch, otype)
+        for p in planned:
+            if p.reason and otype.name != "auto":
+                log.warning("%s: %s, using %s", p.name, p.reason, p.type.name)
+        if imatrix is not None or otype.name == "auto":
+            imatrix = get_imatrix(ckpt, arch, vocab, imatrix, calib, calib_chunks, stage)
+        auto_meta = None
+        if otype.name == "auto":
+            planned, auto_meta = auto_plan(ckpt, arch, planned, imatrix, target, stage)
+        write(output, ckpt, arch, vocab, otype, planned, imatrix, auto_meta, progress, verbose)
+    finally:
+        ckpt.close()
+    total = sum(p.n_bytes for p in planned)
+    seconds = time.perf_counter() - start
+    log.info("wrote %s: %d tensors, %.1f MiB, %s, %.1f s", out_path, len(planned), total / 2**20, otype.name, seconds)
+    return Converted(Path(out_path), otype.name, planned, total, seconds)
+
+
+def f16_copy(ckpt: Checkpoint, arch: Arch, vocab: Vocab, folder: str) -> str:
+    """The checkpoint as an f16 GGUF in `folder` (the runtime's input for calibration); its path."""
+    f16 = get_outtype("f16")
+    path = os.path.join(folder, "source-f16.gguf")
+    write(AtomicOutput(path, False), ckpt, arch, vocab, f16, plan(ckpt, arch, f16))
+    return path
+
+
+def get_imatrix(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Optional[str], calib_chunks: int,
+                stage: Optional[Stage]) -> Imatrix:
+    """An Imatrix: given, read from a file, or collected (and saved to the given path, if any)."""
+    from qkvgguf.gguf_file import GGUFFile
+    from qkvgguf.tokenizer import Tokenizer
+
+    if isinstance(imatrix, Imatrix):
+        return imatrix
+    if imatrix is not None and os.path.exists(imatrix):
+        return Imatrix.load(imatrix)
+    if calib is not None:
+        if not os.path.isfile(calib):
+            raise ImatrixError(f"{calib}: no such calibration text file")
+        with open(calib, encoding="utf-8", errors="replace") as f:
+            name, text = os.path.basename(calib), f.read()
+    else:
+        name, text = default_calibration_text()
+    with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
+        src = f16_copy(ckpt, arch, vocab, tmp)
+        tok = Tokenizer.from_gguf(GGUFFile(src))
+        ids = tok.encode(text, add_special=False)
+        progress = (lambda d, t: stage("calibrating", d, t)) if stage else None
+        result = collect_imatrix(src, ids, 512, calib_chunks, tok.bos_id if tok.add_bos else None,
+                                 dataset=f"{name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}",
+                                 progress=progress)
+    if imatrix is not None:
+        result.save(imatrix)
+    return result
+
+
+def calibrate_checkpoint(hf_dir: str | os.PathLike, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,
+                         dataset: str = "", progress: Optional[Callable[[int, int], None]] = None,
+                         vocab_pre: Optional[str] = None) -> Imatrix:
+    """Imatrix of a Hugging Face checkpoint: converted to a temporary f16 GGUF, calibrated, deleted."""
+    ckpt = Checkpoint(hf_dir)
+    try:
+        arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
+        vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
+        with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
+            src = f16_copy(ckpt, arch, vocab, tmp)
+            return collect_imatrix(src, text, n_ctx, n_chunks, dataset=dataset, progress=progress)
+    finally:
+        ckpt.close()

@@ -1,0 +1,151 @@
+"""The import graph, read from the source (no module is imported): no cycles between modules, and
+imports only run down the layers:
+
+    3  qkvgguf.cli, qkvgguf.run_config, qkvgguf.inspect   (views and the command line)
+    2  qkvgguf.convert                                    (Hugging Face -> GGUF; its imatrix runs the model)
+    1  qkvgguf.runtime                                    (GGUF -> tokens)
+    0  the core: gguf_file, quants, tokenizer, config, errors, units, default_model
+
+Folders map to their installed names (pyproject.toml's package-dir): qkvgguf/ -> qkvgguf,
+convert/ -> qkvgguf.convert, runtime/ -> qkvgguf.runtime. Every import counts, module-level or
+inside a function: a lazy import hides a cycle from the interpreter, not from the reader.
+
+One kind of edge is left out: a module importing its own package (`from . import register` in
+qkvgguf/quants/q4.py), since a package's __init__ that imports its submodules to register them is
+the registry pattern, not a loop of knowledge. The package's edges to its submodules are kept.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"qkvgguf": "qkvgguf", "convert": "qkvgguf.convert", "runtime": "qkvgguf.runtime"}
+LAYERS = {"qkvgguf.runtime": 1, "qkvgguf.convert": 2, "qkvgguf.cli": 3, "qkvgguf.__main__": 3,
+          "qkvgguf.run_config": 3, "qkvgguf.inspect": 3}  # anything else under qkvgguf: 0, the core
+
+
+def modules() -> dict[str, Path]:
+    """installed module name -> source file."""
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            name = ".".join([package, *parts])
+            out[name] = path
+    return out
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules that `path` (module `name`) imports, anywhere in its body."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+
+    def add(target: str):
+        # the longest known prefix: `qkvgguf.quants.dequantize` names the module qkvgguf.quants
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            found.add(target)
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                stem = ".".join(base + ([node.module] if node.module else []))
+            else:
+                stem = node.module or ""
+            for alias in node.names:  # `from . import kquants` imports a module, `from .x import f` a name
+                add(f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in known else stem)
+    # a module importing one of its own parent packages: the registry pattern (see the docstring)
+    return {t for t in found if not name.startswith(t + ".")}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(name, path, known) for name, path in known.items()}
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(g.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_walk_sees_the_project():
+    g = graph()
+    assert {"qkvgguf.gguf_file", "qkvgguf.convert.mixed", "qkvgguf.runtime.model"} <= set(g)
+    assert "qkvgguf.config" in g["qkvgguf.runtime.model"]  # absolute import
+    assert "qkvgguf.convert.checkpoint" in g["qkvgguf.convert.stream"]  # relative `from .checkpoint import`
+    assert "qkvgguf.quants.kquants" in g["qkvgguf.quants"]  # `from . import kquants` names a module
+
+
+def test_the_checks_can_fail():
+    """The cycle finder and the layering rule on a made-up graph."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    assert upward({"qkvgguf.config": {"qkvgguf.runtime.model"}, "qkvgguf.runtime.model": {"qkvgguf.config"},
+                   "qkvgguf.quants": {"qkvgguf.inspect.tensor"}, "qkvgguf.inspect.memory": {"qkvgguf.runtime.planner"},
+                   "qkvgguf.runtime.planner": {"qkvgguf.convert.mixed"}}) \
+        == ["qkvgguf.config -> qkvgguf.runtime.model", "qkvgguf.quants -> qkvgguf.inspect.tensor",
+            "qkvgguf.runtime.planner -> qkvgguf.convert.mixed"]
+
+
+def test_lazy_imports_count(tmp_path):
+    """A function-level import is an edge like any other (this is what hid the converter's loop)."""
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from qkvgguf.runtime import model\n    from .errors import QkvggufError\n")
+    known = {"qkvgguf.m": src, "qkvgguf.runtime.model": src, "qkvgguf.errors": src, "qkvgguf.runtime": src}
+    assert imported("qkvgguf.m", src, known) == {"qkvgguf.runtime.model", "qkvgguf.errors"}
+
+
+def test_no_import_cycles():
+    found = cycles(graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def layer(name: str) -> int:
+    for prefix, n in LAYERS.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return n
+    return 0
+
+
+def upward(g: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, targets in g.items() for b in targets if layer(b) > layer(a))
+
+
+def test_imports_run_down_the_layers():
+    found = upward(graph())
+    assert not found, "imports from a lower layer to a higher one (see the docstring): " + ", ".join(found)
