@@ -58,8 +58,9 @@ def _rmse(raw: np.ndarray, qtype: T, x: np.ndarray) -> float:
 # -- llama.cpp's quantizer ---------------------------------------------------------------------------
 
 
-def tiny_llama_gguf(path, data: np.ndarray) -> None:
-    """A loadable one-layer llama (n_embd 256) whose token embedding is `data` (rows of 256)."""
+def tiny_llama_gguf(path, data: np.ndarray, layers: dict[str, np.ndarray] | None = None) -> None:
+    """A loadable one-layer llama (n_embd 256) whose token embedding is `data` (rows of 256);
+    `layers`: the 256 x 256 matrices of layer 0 by short name (attn_q, ...), zeros otherwise."""
     w = gguf.GGUFWriter(path, "llama")
     w.add_vocab_size(len(data))
     w.add_context_length(64)
@@ -75,7 +76,7 @@ def tiny_llama_gguf(path, data: np.ndarray) -> None:
     w.add_tensor("token_embd.weight", np.ascontiguousarray(data, dtype=np.float32))
     zeros, ones = np.zeros((N_EMBD, N_EMBD), np.float32), np.ones(N_EMBD, np.float32)
     for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-        w.add_tensor(f"blk.0.{name}.weight", zeros)
+        w.add_tensor(f"blk.0.{name}.weight", (layers or {}).get(name, zeros))
     for name in ("blk.0.attn_norm", "blk.0.ffn_norm", "output_norm"):
         w.add_tensor(f"{name}.weight", ones)
     w.write_header_to_file()

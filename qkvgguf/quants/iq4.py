@@ -50,6 +50,7 @@ from .q4 import unpack_nibbles
 F32 = np.float32
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 KV = np.array(KVALUES, dtype=F32)
+MIDPOINTS = (KV[:-1] + KV[1:]) / F32(2)  # exact: half-integers
 IQ4_NL_SIZE = 2 + 16
 IQ4_XS_SIZE = 2 + 2 + 4 + 128
 
@@ -97,11 +98,25 @@ def dequantize_iq4_xs(raw: torch.Tensor) -> torch.Tensor:
 
 # -- quantizers -----------------------------------------------------------------------------------
 def best_index(v: np.ndarray) -> np.ndarray:
-    """ggml's best_index_int8 over KVALUES: the nearest level's index (the upper one on a tie), int32."""
+    """ggml's best_index_int8 over KVALUES: the nearest level's index (the upper one on a tie), int8.
+
+    ggml compares x - lo < hi - x between the two levels around x; near a midpoint both differences
+    are exact in float32 (|x| >= 4.5 there, the half gaps <= 12 < 2 |x|), so that is x < (lo + hi) / 2
+    exactly, and the index is the number of midpoints <= x (checked against ggml's search, ulp by ulp
+    around every midpoint, in tests/test_lowbit_quantize.py).
+    """
+    idx = np.zeros(v.shape, dtype=np.int8)
+    for m in MIDPOINTS:
+        idx += v >= m
+    return idx
+
+
+def best_index_ggml(v: np.ndarray) -> np.ndarray:
+    """ggml's binary search itself, for the test of `best_index`."""
     mu = np.clip(np.searchsorted(KV, v, side="right"), 1, 15)  # first level above v
     lo, hi = KV[mu - 1], KV[mu]
     idx = np.where(v - lo < hi - v, mu - 1, mu)
-    return np.where(v <= KV[0], 0, np.where(v >= KV[15], 15, idx)).astype(np.int32)
+    return np.where(v <= KV[0], 0, np.where(v >= KV[15], 15, idx)).astype(np.int8)
 
 
 def _search(x: np.ndarray, w: np.ndarray, ntry: int = 7) -> np.ndarray:
