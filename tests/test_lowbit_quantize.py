@@ -114,10 +114,13 @@ def test_weighted_bytes_equal_llama_quantize_imatrix(qtype, tmp_path):
     from qkvgguf.convert.imatrix import Imatrix
 
     rng = np.random.default_rng(5)
-    data = {n: (rng.standard_t(4, (N_EMBD, N_EMBD)) * 0.05).astype(np.float32) for n in MATRICES}
-    imat = {n: (rng.gamma(0.5, 1.0, N_EMBD) * 10 ** rng.uniform(-3, 1)).astype(np.float32) for n in MATRICES}
+    n_ff = 768  # ffn_down rows of three super-blocks
+    shapes = {"ffn_gate": (n_ff, N_EMBD), "ffn_up": (n_ff, N_EMBD), "ffn_down": (N_EMBD, n_ff)}
+    data = {n: (rng.standard_t(4, shapes.get(n, (N_EMBD, N_EMBD))) * 0.05).astype(np.float32) for n in MATRICES}
+    imat = {n: (rng.gamma(0.5, 1.0, data[n].shape[1]) * 10 ** rng.uniform(-3, 1)).astype(np.float32)
+            for n in MATRICES}
     src = tmp_path / "in.gguf"
-    tiny_llama_gguf(src, np.zeros((N_EMBD, N_EMBD), np.float32), layers=data)
+    tiny_llama_gguf(src, np.zeros((N_EMBD, N_EMBD), np.float32), layers=data, n_ff=n_ff)
     names = [f"blk.0.{n}.weight" for n in MATRICES]
     Imatrix(sums={k: imat[n].astype(np.float64) for k, n in zip(names, MATRICES)}, counts=dict.fromkeys(names, 1),
             datasets=["random"], n_chunks=1, chunk_size=1).save(tmp_path / "imatrix.gguf")
@@ -127,7 +130,7 @@ def test_weighted_bytes_equal_llama_quantize_imatrix(qtype, tmp_path):
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     for name, n in zip(names, MATRICES):
         assert tensors[name].tensor_type == qtype
-        ref = np.array(tensors[name].data).reshape(N_EMBD, -1)
+        ref = np.array(tensors[name].data).reshape(len(data[n]), -1)
         same = _same_blocks(quantize(data[n], qtype, imat[n]), ref, qtype)
         assert same == 1.0, f"{name}: only {same:.2%} of the blocks equal llama.cpp's"
 

@@ -42,9 +42,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from . import QuantFormat, register
-from .floats import as_blocks, f16_at, np_quantize_rows, shifts
+from .floats import as_blocks, f16_at, np_quantize_rows, np_quantize_rows_weighted, shifts
 from .kquants import GROUP_MAX_EPS, QK_K, _sum
-from .q2k_q3k import weighted_rows
 from .q4 import unpack_nibbles
 
 F32 = np.float32
@@ -207,6 +206,6 @@ def quantize_iq4_xs(values: np.ndarray) -> np.ndarray:
 
 
 register(QuantFormat(T.IQ4_NL, 32, 2 + 16, dequantize_iq4_nl, quantize_iq4_nl,
-                     weighted_rows(T.IQ4_NL, 32, IQ4_NL_SIZE, quantize_blocks_iq4_nl)))
+                     np_quantize_rows_weighted(T.IQ4_NL, 32, IQ4_NL_SIZE, quantize_blocks_iq4_nl)))
 register(QuantFormat(T.IQ4_XS, QK_K, 2 + 2 + 4 + 128, dequantize_iq4_xs, quantize_iq4_xs,
-                     weighted_rows(T.IQ4_XS, QK_K, IQ4_XS_SIZE, quantize_blocks_iq4_xs)))
+                     np_quantize_rows_weighted(T.IQ4_XS, QK_K, IQ4_XS_SIZE, quantize_blocks_iq4_xs)))

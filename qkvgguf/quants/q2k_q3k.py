@@ -49,7 +49,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from . import QuantFormat, register
-from .floats import as_blocks, f16_at, np_blocks, np_quantize_rows, shifts
+from .floats import as_blocks, f16_at, np_quantize_rows, np_quantize_rows_weighted, shifts
 from .kquants import GROUP_MAX_EPS, QK_K, _sum, make_qkx2_quants, make_qx_quants
 
 F32 = np.float32
@@ -205,7 +205,7 @@ def _row_weights(blocks: np.ndarray, qw: np.ndarray, sigma_scale: float) -> np.n
 
     blocks, qw float32 (nsb, 256); the sum of squares runs element after element as in C."""
     sumx2 = np.add.reduce(np.ascontiguousarray((blocks * blocks).T), axis=0)  # (nsb,)
-    sigma2 = (F32(sigma_scale) * sumx2 / F32(QK_K)) if sigma_scale != 1 else sumx2 / F32(QK_K)
+    sigma2 = F32(sigma_scale) * sumx2 / F32(QK_K)  # scaling by powers of two: exact in any order
     return qw * np.sqrt(sigma2[:, None] + blocks * blocks)
 
 
@@ -302,26 +302,7 @@ def quantize_q3_k(values: np.ndarray) -> np.ndarray:
     return np_quantize_rows(values, T.Q3_K, QK_K, Q3_K_SIZE, quantize_blocks_q3_k, chunk_blocks=1024)
 
 
-def weighted_rows(qtype: T, block_size: int, type_size: int, quantize_blocks):
-    """(values (rows, n), imatrix (n,)) -> bytes: the blocks quantizer with ggml's quant_weights = imatrix."""
-    def quantize(values: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
-        blocks = np_blocks(values, qtype, block_size)  # checks the shape
-        rows, nb, _ = blocks.shape
-        imatrix = np.asarray(imatrix, dtype=F32)
-        if imatrix.shape != (nb * block_size,):
-            raise ValueError(f"{qtype.name}: importance matrix has {imatrix.shape} entries, the rows have "
-                             f"{nb * block_size}")
-        qw = np.broadcast_to(imatrix.reshape(1, nb, block_size), blocks.shape).reshape(-1, block_size)
-        flat = blocks.reshape(-1, block_size)
-        out = np.empty((len(flat), type_size), dtype=np.uint8)
-        step = 1024 if block_size == QK_K else 8192
-        for s in range(0, len(flat), step):
-            out[s:s + step] = quantize_blocks(flat[s:s + step], np.ascontiguousarray(qw[s:s + step]))
-        return out.reshape(rows, nb * type_size)
-    return quantize
-
-
 register(QuantFormat(T.Q2_K, QK_K, 16 + 64 + 2 + 2, dequantize_q2_k, quantize_q2_k,
-                     weighted_rows(T.Q2_K, QK_K, Q2_K_SIZE, quantize_blocks_q2_k)))
+                     np_quantize_rows_weighted(T.Q2_K, QK_K, Q2_K_SIZE, quantize_blocks_q2_k)))
 register(QuantFormat(T.Q3_K, QK_K, 32 + 64 + 12 + 2, dequantize_q3_k, quantize_q3_k,
-                     weighted_rows(T.Q3_K, QK_K, Q3_K_SIZE, quantize_blocks_q3_k)))
+                     np_quantize_rows_weighted(T.Q3_K, QK_K, Q3_K_SIZE, quantize_blocks_q3_k)))
