@@ -23,7 +23,8 @@ Files, each made in its own subprocess (wall time, and peak RSS as the child's r
 
 Then, for every file, llama.cpp's perplexity (llama-cpp-python, all logits) on War and Peace:
 `--windows` windows of 512 tokens (llama.cpp's tokenizer, no BOS), every token but the first of
-each window scored, the same token ids for every file. Tensor bytes are compared pairwise.
+each window scored, the same token ids for every file; a file whose tensors (names, types, shapes,
+bytes) equal an already measured file's takes that perplexity ("ppl_of" in the JSON). Tensor bytes are compared pairwise.
 Prints a table, writes benchmarks/convert_vs_llamacpp.json and (with --results) replaces or appends
 the section "Converter vs llama.cpp's toolchain" in benchmarks/RESULTS.md.
 
@@ -249,6 +250,23 @@ def compare_bytes(a: str, b: str) -> dict:
             "same_bytes": same_bytes}
 
 
+def tensors_digest(path: str) -> str:
+    """A digest of every tensor's name, type, shape and bytes: two files with the same digest give
+    llama.cpp the same weights, hence the same logits (its kernels are deterministic)."""
+    import hashlib
+
+    import numpy as np
+
+    from qkvgguf import GGUFFile
+
+    g, h = GGUFFile(path), hashlib.sha256()
+    for name in sorted(g.tensors):
+        t = g.tensors[name]
+        h.update(f"{name} {t.type.name} {tuple(t.shape)}".encode())
+        h.update(np.ascontiguousarray(np.asarray(g.raw(name))).tobytes())
+    return h.hexdigest()
+
+
 def perplexity(path: str, windows: list[list[int]], threads: int) -> float:
     import numpy as np
     import torch
@@ -375,11 +393,18 @@ def main() -> None:
     pairs = [(o, f"llama.cpp-{o}", "") if o in DIRECT else (o, f"llama.cpp-{o}-via-{via}", f" (via {via})")
              for o in outtypes for via in (("",) if o in DIRECT else ("f16", "f32"))]
     windows = token_windows(files["ours-f16"]["path"], args.windows)
+    measured: dict[str, str] = {}  # tensor digest -> the label whose perplexity was measured
     for label, f in files.items():
         if label == "llama.cpp-f32":
             continue
         t0 = time.perf_counter()
+        f["digest"] = tensors_digest(f["path"])
+        if f["digest"] in measured:  # same weights as a file already measured: same logits
+            f["ppl"], f["ppl_of"] = files[measured[f["digest"]]]["ppl"], measured[f["digest"]]
+            print(f"  perplexity {label}: {f['ppl']:.4f} (tensors identical to {f['ppl_of']}'s)", flush=True)
+            continue
         f["ppl"] = perplexity(f["path"], windows, args.threads)
+        measured[f["digest"]] = label
         print(f"  perplexity {label}: {f['ppl']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     res = {
         "date": datetime.date.today().isoformat(), "machine": machine(), "windows": args.windows,
