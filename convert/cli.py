@@ -25,9 +25,10 @@ LOGGER = "qkvgguf.convert"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="HF_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("-o", "--outfile", required=True, help="GGUF file to write")
-    p.add_argument("--outtype", default="f16", choices=list(OUTTYPES),
-                   help="type of 2-D weights (q4_k_m, q5_k_m: llama.cpp's mixtures); norms and 1-D "
-                        "tensors stay f32 (default f16)")
+    p.add_argument("--outtype", default="f16", choices=list(OUTTYPES), type=str.lower, metavar="TYPE",
+                   help=f"type of 2-D weights, as llama-quantize names them, in any case: {', '.join(OUTTYPES)} "
+                        "(q2_k, q3_k_s/m/l, q4_k_m, q5_k_m, iq4_nl, iq4_xs: llama.cpp's per-tensor recipes); "
+                        "norms and 1-D tensors stay f32 (default f16)")
     p.add_argument("--force", action="store_true", help="overwrite OUTFILE if it exists")
     p.add_argument("--vocab-pre", metavar="NAME", default=None,
                    help="tokenizer.ggml.pre for a BPE tokenizer whose pre-tokenizer is not recognized "

@@ -65,7 +65,7 @@ def model_facts(arch: Arch, names: set[str]) -> ModelFacts:
     its quantizer consults: llama with 80 layers and grouped-query attention, qwen2 with 80 layers."""
     h = arch.hparams
     is_70b = h.n_layer == 80 and (arch.GGUF_ARCH == "qwen2" or (arch.GGUF_ARCH == "llama" and h.n_head_kv != h.n_head))
-    return ModelFacts(n_layer=h.n_layer, has_output="output.weight" in names, is_70b=is_70b)
+    return ModelFacts(n_layer=h.n_layer, has_output="output.weight" in names, is_70b=is_70b, n_gqa=h.n_head // h.n_head_kv)
 
 
 def plan(ckpt: Checkpoint, arch: Arch, outtype: OutType) -> list[PlannedTensor]:

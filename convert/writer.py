@@ -16,7 +16,14 @@ Output types (`--outtype`) and what they mean, as in llama.cpp:
     q6_k    MOSTLY_Q6_K         Q6_K                          (256, 128 + 64 + 16 + 2)
     q4_k_m  MOSTLY_Q4_K_M       Q4_K, some Q6_K (recipe below)
     q5_k_m  MOSTLY_Q5_K_M       Q5_K, some Q6_K
+    q2_k    MOSTLY_Q2_K         Q2_K, some Q3_K / Q4_K        (256, 16 + 64 + 2 + 2)        2.625 bits
+    q3_k_s  MOSTLY_Q3_K_S       Q3_K                          (256, 32 + 64 + 12 + 2)       3.4375 bits
+    q3_k_m  MOSTLY_Q3_K_M       Q3_K, some Q4_K / Q5_K
+    q3_k_l  MOSTLY_Q3_K_L       Q3_K, some Q5_K
+    iq4_nl  MOSTLY_IQ4_NL       IQ4_NL, some Q5_K             (32, 2 + 16)                  4.5 bits
+    iq4_xs  MOSTLY_IQ4_XS       IQ4_XS, some Q5_K             (256, 2 + 2 + 4 + 128)        4.25 bits
   * llama.cpp has no file type for all-Q4_K (all-Q5_K) weights; the _S label is the nearest.
+Names are llama-quantize's, in any case (`Q3_K_M` = `q3_k_m`).
 Q5_0 and Q5_1 (outtypes, and the fallback of Q4_K / Q5_K) are encoded by `gguf.quants` (our
 registry has only their dequantizers); tests find its bytes equal to llama.cpp's quantizer's.
 
@@ -29,12 +36,19 @@ llama.cpp's quantizer (`llama_tensor_get_type` in src/llama-quant.cpp, without a
      a multiple of the outtype's block (Q8_0);
    - q4_k_m and q5_k_m: `attn_v` and `ffn_down` are Q6_K in the layers where llama.cpp's
      `use_more_bits(i, n)` holds (the first and last eighth of the layers and every third layer
-     between); on a "70B" model (llama.cpp's LLM_TYPE_70B) a Q4_K `attn_v` becomes Q5_K;
+     between);
+   - q2_k: `attn_v` Q3_K (Q4_K where n_head / n_head_kv >= 4), `ffn_down` and `attn_output` Q3_K;
+   - q3_k_m: `attn_v` Q5_K in layers 0 and 1, else Q4_K; `ffn_down` Q5_K in the first sixteenth of
+     the layers, else Q4_K; `attn_output` Q4_K;   q3_k_l: `attn_v`, `ffn_down`, `attn_output` Q5_K;
+   - iq4_nl, iq4_xs: `attn_v` Q5_K where n_head / n_head_kv >= 4; `ffn_down` Q5_K in the first
+     eighth of the layers (llama.cpp: only without an importance matrix; `ModelFacts.has_imatrix`);
+   - a fused `attn_qkv`: q3_k_m, q3_k_l Q4_K, q4_k_m Q5_K, q5_k_m Q6_K;
+   - on a "70B" model (llama.cpp's LLM_TYPE_70B) a Q3_K or Q4_K `attn_v` becomes Q5_K;
    - everything else (token_embd with an output tensor, attn_q/k/output, ffn_gate/up, ...) gets
      the outtype's type.
 3. A row length that is not a multiple of the chosen type's block falls back as llama.cpp does
-   (`FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; a 32-block type, or a fallback that still
-   does not fit, -> F16), with a warning.
+   (`FALLBACK`: Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL;
+   a 32-block type, or a fallback that still does not fit, -> F16), with a warning.
 
 `AtomicOutput` writes to a temporary file beside the target and renames it over the target only
 when the file is complete; an error or Ctrl-C removes the temporary file.
@@ -68,7 +82,7 @@ class OutType:
     name: str
     file_type: FT  # general.file_type
     weight_type: T  # the type of 2-D weights (the base type of a mixture)
-    mixture: bool = False  # q4_k_m / q5_k_m: llama.cpp's attn_v / ffn_down recipe
+    mixture: bool = False  # llama.cpp's per-tensor recipe for this file type (q4_k_m, q3_k_m, ...)
 
 
 OUTTYPES = {o.name: o for o in [
@@ -85,6 +99,12 @@ OUTTYPES = {o.name: o for o in [
     OutType("q6_k", FT.MOSTLY_Q6_K, T.Q6_K),
     OutType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K, mixture=True),
     OutType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K, mixture=True),
+    OutType("q2_k", FT.MOSTLY_Q2_K, T.Q2_K, mixture=True),
+    OutType("q3_k_s", FT.MOSTLY_Q3_K_S, T.Q3_K, mixture=True),
+    OutType("q3_k_m", FT.MOSTLY_Q3_K_M, T.Q3_K, mixture=True),
+    OutType("q3_k_l", FT.MOSTLY_Q3_K_L, T.Q3_K, mixture=True),
+    OutType("iq4_nl", FT.MOSTLY_IQ4_NL, T.IQ4_NL, mixture=True),
+    OutType("iq4_xs", FT.MOSTLY_IQ4_XS, T.IQ4_XS, mixture=True),
     # auto: types chosen per tensor by measured sensitivity (convert/mixed.py); llama.cpp has no file
     # type for a free mixture, GUESSED ("not specified") is its label for that
     OutType("auto", FT.GUESSED, T.Q8_0),
@@ -94,7 +114,7 @@ FLOATS = (T.F32, T.F16, T.BF16)
 
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp): a 256-block type whose block does not fit
 # the row tries a 32-block type; whatever still does not fit becomes F16.
-FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0}
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.IQ4_XS: T.IQ4_NL}
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,8 @@ class ModelFacts:
     n_layer: int = 1
     has_output: bool = True  # an output.weight is written; if not, token_embd is the output (tied)
     is_70b: bool = False  # llama.cpp's LLM_TYPE_70B: llama with 80 layers and GQA, qwen2 with 80 layers
+    n_gqa: int = 1  # n_head // n_head_kv (llama.cpp's n_gqa(): q2_k, iq4_nl, iq4_xs give attn_v more bits from 4)
+    has_imatrix: bool = False  # llama.cpp's iq4_nl / iq4_xs recipe gives the first ffn_down layers Q5_K only without one
 
 
 @dataclass(frozen=True)
@@ -113,9 +135,10 @@ class TypeChoice:
 
 
 def get_outtype(name: str) -> OutType:
-    if name not in OUTTYPES:
+    """The outtype called `name`, in any case (llama-quantize writes Q4_K_M)."""
+    if name.lower() not in OUTTYPES:
         raise UnsupportedError(f"outtype '{name}' is not supported (supported: {', '.join(OUTTYPES)})")
-    return OUTTYPES[name]
+    return OUTTYPES[name.lower()]
 
 
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
@@ -139,14 +162,41 @@ def _recipe(name: str, row: int, outtype: OutType, model: ModelFacts) -> tuple[T
     m = _LAYER.match(name)
     if m is None:
         return base, None
-    layer = int(m[1])
-    if name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(layer, model.n_layer):
-        return T.Q6_K, f"{outtype.name}: {name.split('.')[2]} in layer {layer} (use_more_bits)"
-    if name.endswith("attn_v.weight") and model.is_70b and base == T.Q4_K:
-        return T.Q5_K, f"{outtype.name}: attn_v of a 70B model"
-    if name.endswith("attn_qkv.weight"):
-        return (T.Q5_K if base == T.Q4_K else T.Q6_K), f"{outtype.name}: fused attn_qkv"
-    return base, None
+    layer, kind, n = int(m[1]), name.split(".")[2], model.n_layer
+    ft, why = outtype.file_type, f"{outtype.name}: {name.split('.')[2]}"
+    new, rule = base, None
+    if kind == "attn_v":
+        gqa = model.n_gqa >= 4
+        new, rule = {
+            FT.MOSTLY_Q2_K: (T.Q4_K, f"{why}, n_gqa >= 4") if gqa else (T.Q3_K, why),
+            FT.MOSTLY_Q3_K_M: (T.Q5_K if layer < 2 else T.Q4_K, f"{why} in layer {layer}"),
+            FT.MOSTLY_Q3_K_L: (T.Q5_K, why),
+            FT.MOSTLY_IQ4_NL: (T.Q5_K, f"{why}, n_gqa >= 4") if gqa else (base, None),
+            FT.MOSTLY_IQ4_XS: (T.Q5_K, f"{why}, n_gqa >= 4") if gqa else (base, None),
+        }.get(ft, (base, None))
+        if ft in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M) and use_more_bits(layer, n):
+            new, rule = T.Q6_K, f"{why} in layer {layer} (use_more_bits)"
+        if model.is_70b and new in (T.Q3_K, T.Q4_K):
+            new, rule = T.Q5_K, f"{outtype.name}: attn_v of a 70B model"
+    elif kind == "ffn_down":
+        if ft == FT.MOSTLY_Q2_K:
+            new, rule = T.Q3_K, why
+        elif ft == FT.MOSTLY_Q3_K_M:
+            new, rule = (T.Q5_K, f"{why} in layer {layer} (first sixteenth)") if layer < n // 16 else (T.Q4_K, why)
+        elif ft == FT.MOSTLY_Q3_K_L:
+            new, rule = T.Q5_K, why
+        elif ft in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M) and use_more_bits(layer, n):
+            new, rule = T.Q6_K, f"{why} in layer {layer} (use_more_bits)"
+        elif ft in (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS) and layer < n // 8 and not model.has_imatrix:
+            new, rule = T.Q5_K, f"{why} in layer {layer} (first eighth)"
+    elif kind == "attn_output":
+        new = {FT.MOSTLY_Q2_K: T.Q3_K, FT.MOSTLY_Q3_K_M: T.Q4_K, FT.MOSTLY_Q3_K_L: T.Q5_K}.get(ft, base)
+    elif kind == "attn_qkv":
+        new = {FT.MOSTLY_Q3_K_M: T.Q4_K, FT.MOSTLY_Q3_K_L: T.Q4_K, FT.MOSTLY_Q4_K_M: T.Q5_K,
+               FT.MOSTLY_Q5_K_M: T.Q6_K}.get(ft, base)
+    if new != base and rule is None:
+        rule = why
+    return new, rule
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: OutType,

@@ -62,15 +62,15 @@ def smollm2_q8_0(smollm2_hf, tmp_path_factory):
     return path
 
 
-# a file with one tensor of every type we have a layout for (plus Q2_K, which only gguf.quants decodes)
+# a file with one tensor of every type we have a layout for (plus TQ2_0, which only gguf.quants decodes)
 ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def _random_blocks(qtype: T, n: int, rng) -> np.ndarray:
     """Random block bytes whose f16 scales are finite (random bytes elsewhere)."""
     size = GGML_QUANT_SIZES[qtype][1]
-    if qtype == T.Q2_K:  # scales 16, qs 64, then f16 d, f16 dmin (ggml-common.h)
-        f16_at = [80, 82]
+    if qtype == T.TQ2_0:  # qs 64, then f16 d (ggml-common.h)
+        f16_at = [64]
     else:
         f16_at = [f.start for f in LAYOUTS[qtype].fields if f.name in ("d", "m", "dmin")]
     b = rng.integers(0, 256, (n, size), dtype=np.uint8)
@@ -90,7 +90,7 @@ def all_types_file(tmp_path_factory):
         fmt = quants.get_format(qtype)
         data = fmt.quantize(x) if fmt.quantize else gguf.quants.quantize(x, qtype)  # Q5_0/Q5_1: gguf's
         w.add_tensor(f"t.{qtype.name.lower()}", data, raw_dtype=qtype)  # uint8 (rows, row bytes)
-    w.add_tensor("t.q2_k", _random_blocks(T.Q2_K, 8, rng).reshape(4, -1), raw_dtype=T.Q2_K)
+    w.add_tensor("t.tq2_0", _random_blocks(T.TQ2_0, 8, rng).reshape(4, -1), raw_dtype=T.TQ2_0)
     w.add_tensor("nan", np.full(8, np.nan, dtype=np.float32))
     w.add_tensor("odd", np.arange(5, dtype=np.float32))  # 20 bytes: 12 bytes of padding follow
     w.write_header_to_file()
@@ -236,7 +236,7 @@ def test_decoders_rebuild_gguf_quants_on_random_bytes(qtype):
 
 def test_every_type_reports(capsys, all_types_file):
     g = GGUFFile(all_types_file)
-    for qtype in ALL_TYPES + [T.Q2_K]:
+    for qtype in ALL_TYPES + [T.TQ2_0]:
         name = f"t.{qtype.name.lower()}"
         r = tensor_report(g, name, n_blocks=2)
         x = _dequant_gguf_quants(g, name)
@@ -244,8 +244,8 @@ def test_every_type_reports(capsys, all_types_file):
         if qtype in DECODERS:
             _check_blocks(r, x)
             assert sum(r["histogram"]["counts"]) == 4 * 512
-        if qtype == T.Q2_K:
-            assert "gguf.quants" in r["dequantizer"] and "no block layout" in r["note"]
+        if qtype == T.TQ2_0:
+            assert r["dequantizer"].startswith("gguf.quants") and "no block layout" in r["note"]
         else:
             assert r["stats"]["outliers"] >= 1 and r["dequantizer"] == "qkvgguf.quants", name
         text = _run(capsys, all_types_file, "--tensor", name)

@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import quants as gq  # noqa: E402
 
+from qkvgguf import quants  # noqa: E402
 from qkvgguf.errors import QkvggufError  # noqa: E402
 from qkvgguf.runtime import ops  # noqa: E402
 from qkvgguf.runtime.backend import select_backend  # noqa: E402
@@ -34,10 +35,12 @@ DEV = "cuda" if GPU else "cpu"
 if not GPU and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (set it before triton is imported)", allow_module_level=True)
 
-FORMATS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+FORMATS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
 QUANTIZABLE = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}  # gguf.quants.quantize has these
+OURS_QUANTIZE = {T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS}  # ours (bytes equal llama.cpp's, test_lowbit_quantize.py)
 F16_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2],
-              T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}  # byte offsets of f16 fields in a block
+              T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.Q2_K: [80, 82], T.Q3_K: [108],
+              T.IQ4_NL: [0], T.IQ4_XS: [0]}  # byte offsets of f16 fields in a block
 
 # weight shape: odd N, odd blocks per row (so the last K step of every pinned config is partial)
 N_ROWS = 257 if GPU else 33
@@ -84,9 +87,12 @@ def weight(qtype: T, sane_only: bool = False) -> tuple[torch.Tensor, torch.Tenso
     bs, ts = GGML_QUANT_SIZES[qtype]
     nblk = N_BLOCKS[bs]
     half = N_ROWS // 2
-    if qtype in QUANTIZABLE:
+    if qtype in QUANTIZABLE | OURS_QUANTIZE:
         values = (rng.standard_normal((half, nblk * bs)) * 0.05).astype(np.float32)
-        first = np.asarray(gq.quantize(values, qtype)).view(np.uint8).reshape(half, -1)
+        if qtype in OURS_QUANTIZE:
+            first = quants.quantize(values, qtype)
+        else:
+            first = np.asarray(gq.quantize(values, qtype)).view(np.uint8).reshape(half, -1)
     else:
         first = random_blocks(qtype, half, nblk, rng, scale=1e-3)
     rest = random_blocks(qtype, N_ROWS - half, nblk, rng, scale=1e-3 if sane_only else None)
@@ -198,7 +204,7 @@ def test_qmatmul_rejects_bad_input():
     with pytest.raises(QkvggufError, match="whole blocks of 18 bytes"):
         qmatmul(x, raw[:, :-1].contiguous(), T.Q4_0)
     with pytest.raises(QkvggufError, match="no Triton kernel"):
-        qmatmul(x, raw, T.Q2_K)
+        qmatmul(x, raw, T.TQ2_0)
     with pytest.raises(QkvggufError, match="float16/float32"):
         qmatmul(x.double(), raw, T.Q4_0)
     with pytest.raises(QkvggufError, match="contiguous"):

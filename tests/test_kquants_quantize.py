@@ -58,14 +58,16 @@ def _rmse(raw: np.ndarray, qtype: T, x: np.ndarray) -> float:
 # -- llama.cpp's quantizer ---------------------------------------------------------------------------
 
 
-def tiny_llama_gguf(path, data: np.ndarray) -> None:
-    """A loadable one-layer llama (n_embd 256) whose token embedding is `data` (rows of 256)."""
+def tiny_llama_gguf(path, data: np.ndarray, layers: dict[str, np.ndarray] | None = None, n_ff: int = N_EMBD) -> None:
+    """A loadable one-layer llama (n_embd 256) whose token embedding is `data` (rows of 256);
+    `layers`: the matrices of layer 0 by short name (attn_q, ...; ffn_gate/up n_ff x 256, ffn_down
+    256 x n_ff), zeros otherwise."""
     w = gguf.GGUFWriter(path, "llama")
     w.add_vocab_size(len(data))
     w.add_context_length(64)
     w.add_embedding_length(N_EMBD)
     w.add_block_count(1)
-    w.add_feed_forward_length(N_EMBD)
+    w.add_feed_forward_length(n_ff)
     w.add_head_count(1)
     w.add_head_count_kv(1)
     w.add_rope_dimension_count(N_EMBD)
@@ -73,9 +75,11 @@ def tiny_llama_gguf(path, data: np.ndarray) -> None:
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("none")
     w.add_tensor("token_embd.weight", np.ascontiguousarray(data, dtype=np.float32))
-    zeros, ones = np.zeros((N_EMBD, N_EMBD), np.float32), np.ones(N_EMBD, np.float32)
+    ones = np.ones(N_EMBD, np.float32)
+    shapes = {"ffn_gate": (n_ff, N_EMBD), "ffn_up": (n_ff, N_EMBD), "ffn_down": (N_EMBD, n_ff)}
     for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-        w.add_tensor(f"blk.0.{name}.weight", zeros)
+        zeros = np.zeros(shapes.get(name, (N_EMBD, N_EMBD)), np.float32)
+        w.add_tensor(f"blk.0.{name}.weight", (layers or {}).get(name, zeros))
     for name in ("blk.0.attn_norm", "blk.0.ffn_norm", "output_norm"):
         w.add_tensor(f"{name}.weight", ones)
     w.write_header_to_file()

@@ -18,12 +18,15 @@ from gguf import quants as gq
 import qkvgguf.quants as Q
 from qkvgguf.errors import UnsupportedError
 
-ALL = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+ALL = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
+       T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0]  # gguf.quants has a reference quantizer
-KQUANTIZABLE = [T.Q4_K, T.Q5_K, T.Q6_K]  # ours only; tests/test_kquants_quantize.py checks them vs llama.cpp
+KQUANTIZABLE = [T.Q4_K, T.Q5_K, T.Q6_K,  # ours only; tests/test_kquants_quantize.py checks them vs llama.cpp
+                T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]  # and tests/test_lowbit_quantize.py these
 # byte offsets of the f16 scales inside one block
 F16_FIELDS = {T.F16: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-              T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+              T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.Q2_K: [80, 82], T.Q3_K: [108],
+              T.IQ4_NL: [0], T.IQ4_XS: [0]}
 # f16 bit patterns: +inf, -inf, quiet NaN, signalling NaN, smallest/largest subnormal, -0, max, min normal
 F16_SPECIALS = [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x0001, 0x03FF, 0x8000, 0x7BFF, 0x0400]
 
@@ -115,6 +118,8 @@ def realistic_bytes(qtype: T, rows: int, row_len: int, seed: int) -> np.ndarray:
     """Bytes as a real model has them: gguf's own quantizer where it has one, else plausible scales."""
     rng = np.random.default_rng(seed)
     values = (rng.standard_normal((rows, row_len)) * 0.05).astype(np.float32)
+    if qtype in (T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS):
+        return Q.quantize(values, qtype)  # ours: bytes equal llama.cpp's (test_lowbit_quantize.py)
     if qtype not in (T.Q4_K, T.Q5_K, T.Q6_K):
         return ref_quantize(values, qtype)
     raw = random_blocks(qtype, rows, row_len // 256, seed).reshape(rows, row_len // 256, -1)

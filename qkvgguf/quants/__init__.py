@@ -71,6 +71,7 @@ def quantize(values: np.ndarray, qtype: T, imatrix: Optional[np.ndarray] = None)
 
 # The format modules register themselves on import (they need `register` defined above).
 from . import floats, kquants, q4, q5, q8  # noqa: E402,F401
+from . import iq4, q2k_q3k  # noqa: E402,F401  (Q2_K, Q3_K, IQ4_NL, IQ4_XS)
 from . import weighted  # noqa: E402
 
 for _t in weighted.TYPES:

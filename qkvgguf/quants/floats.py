@@ -18,7 +18,8 @@ rest round to nearest even on the upper 16 bits.
 Block helpers (used by q4, q5, q8, kquants): `as_blocks` turns raw bytes (rows, row_bytes) into a
 (rows, n_blocks, type_size) view without copying, `f16_at` reads an f16 field of every block as
 float32, `shifts` makes the small shift vectors for bit unpacking (on the device, no host copy), and `np_blocks`/`np_f16_bytes`
-do the same jobs for the numpy quantizers.
+do the same jobs for the numpy quantizers; `np_quantize_rows(_weighted)` feed a block quantizer a chunk of blocks at a
+time (with the matching importance-matrix columns).
 
 Subsets of rows: every dequantizer reads only the rows it is given, so callers slice first
 (`raw[a:b]`, `raw[::2]`, `raw[ids]`); strided row views are read in place, without a copy. Inputs
@@ -94,6 +95,29 @@ def np_quantize_rows(values: np.ndarray, qtype: T, block_size: int, type_size: i
     for start in range(0, len(blocks), chunk_blocks):
         out[start:start + chunk_blocks] = quantize_blocks(blocks[start:start + chunk_blocks])
     return out.reshape(len(values), values.shape[1] // block_size * type_size)
+
+
+def np_quantize_rows_weighted(qtype: T, block_size: int, type_size: int,
+                              quantize_blocks: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    """A registry `quantize_weighted` (values (rows, n), imatrix (n,)) -> bytes from a blocks quantizer
+    (float32 (b, block_size), importance (b, block_size)) -> uint8 (b, type_size): ggml's
+    `quant_weights` are the imatrix columns of each block, as llama.cpp's quantizer passes them."""
+    def quantize(values: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
+        blocks = np_blocks(values, qtype, block_size)  # checks the shape
+        rows, nb, _ = blocks.shape
+        imatrix = np.asarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (nb * block_size,):
+            raise ValueError(f"{qtype.name}: importance matrix has {imatrix.shape} entries, the rows have "
+                             f"{nb * block_size}")
+        per_block = imatrix.reshape(nb, block_size)  # block j of the flattened rows has columns j % nb
+        flat = blocks.reshape(-1, block_size)
+        out = np.empty((len(flat), type_size), dtype=np.uint8)
+        step = 1024 if block_size == 256 else 8192
+        for s in range(0, len(flat), step):
+            j = np.arange(s, min(s + step, len(flat)))
+            out[s:s + step] = quantize_blocks(flat[s:s + step], per_block[j % nb])
+        return out.reshape(rows, nb * type_size)
+    return quantize
 
 
 def np_f16_bytes(x: np.ndarray) -> np.ndarray:

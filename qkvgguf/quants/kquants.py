@@ -127,12 +127,13 @@ def _sum(a: np.ndarray) -> np.ndarray:
 
 
 def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
-                     w: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     w: Optional[np.ndarray] = None, use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x float32 (n, m): m sub-blocks of n -> (q uint8 (n, m) in 0..nmax, scale (m,), -min (m,) >= 0).
 
     x ~ scale * q + min with min <= 0, minimizing the weighted squared error (weights rms + |x|).
     As in ggml, a better candidate's min replaces the min the next candidates are measured from
-    (both in (x - min) and in the range max - min). `w` (n, m) replaces the weights (weighted.py).
+    (both in (x - min) and in the range max - min). `w` (n, m) replaces the weights (weighted.py);
+    use_mad measures the weighted absolute error instead of the squared one (Q2_K, q2k_q3k.py).
     """
     n = x.shape[0]
     if w is None:
@@ -151,7 +152,7 @@ def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
         scale = F32(1) / iscale
         q = levels(iscale, lo)
         diff = scale * q + lo - x
-        best = _sum(w * (diff * diff))
+        best = _sum(w * (np.abs(diff) if use_mad else diff * diff))
         for i in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(i) + nmax_f) / (hi - lo)
             qa = levels(iscale, lo)
@@ -164,7 +165,7 @@ def make_qkx2_quants(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
             this_min = np.where(pos, F32(0), this_min)
             diff = this_scale * qa + this_min - x
-            err = _sum(w * (diff * diff))
+            err = _sum(w * (np.abs(diff) if use_mad else diff * diff))
             better = (det > 0) & (err < best) & ~flat
             q = np.where(better, qa, q)
             best = np.where(better, err, best)

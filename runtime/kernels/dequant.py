@@ -14,6 +14,10 @@ Layouts (elements, bytes per block), the facts of `gguf.quants` / llama.cpp's gg
     Q4_K: (256, 2 + 2 + 12 + 128)        # d, dmin, 8 x 6-bit (scale, min), nibbles
     Q5_K: (256, 2 + 2 + 12 + 32 + 128)   # as Q4_K plus 32 bytes of fifth bits
     Q6_K: (256, 128 + 64 + 16 + 2)       # ql nibbles, qh 2-bit pairs, 16 int8 scales, f16 d
+    Q2_K: (256, 16 + 64 + 2 + 2)         # 16 x (4-bit scale, 4-bit min), 2-bit qs, d, dmin
+    Q3_K: (256, 32 + 64 + 12 + 2)        # hmask (third bits), 2-bit qs, 16 x 6-bit scales, d
+    IQ4_NL: (32, 2 + 16)                 # f16 d, nibbles indexing KVALUES      x = d * KVALUES[q]
+    IQ4_XS: (256, 2 + 2 + 4 + 128)       # d, scales_h, scales_l, nibbles; 8 x 6-bit scales
 
 How a tile is addressed. Every block is cut into G groups of INNER consecutive quant bytes; each
 byte holds PLANES values (the two nibbles of a 4-bit format, one int8 for Q8_0). A tile is indexed
@@ -25,6 +29,12 @@ with their element index inside the row, so the caller loads the matching activa
     Q4_0..Q5_1    1  16    2       32b + 16p + i                   byte i: low nibble, then high
     Q4_K, Q5_K    4  32    2       256b + 64g + 32p + i            sub-block 2g + p
     Q6_K          8  16    2       256b + 128(g//4) + 64p + 16(g%4) + i
+    Q2_K, Q3_K    4  16    4       256b + 128(g//2) + 32p + 16(g%2) + i      sub-block 8(g//2) + 2p + g%2
+    IQ4_NL        1  16    2       32b + 16p + i                   as Q4_0
+    IQ4_XS        8  16    2       256b + 32g + 16p + i            sub-block g
+
+IQ4_NL / IQ4_XS levels come from the 16-entry table KVALUES without a memory load: two int64
+constants hold its bytes (qkvgguf/quants/iq4.py's KVALUES_WORDS), a level is a shift and a mask.
 
 Every quant byte is loaded once per plane (L1 serves the second plane). Callers pass 3-D index
 tensors, (rows, groups, inner) for the GEMV and (groups, inner, rows) for the GEMM, so scales and
@@ -53,6 +63,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf.errors import QkvggufError
+from qkvgguf.quants.iq4 import KVALUES_WORDS
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,10 @@ LAYOUTS: dict[T, BlockLayout] = {
     T.Q4_K: BlockLayout(256, 2 + 2 + 12 + 128, 4, 32, 2),
     T.Q5_K: BlockLayout(256, 2 + 2 + 12 + 32 + 128, 4, 32, 2),
     T.Q6_K: BlockLayout(256, 128 + 64 + 16 + 2, 8, 16, 2),
+    T.Q2_K: BlockLayout(256, 16 + 64 + 2 + 2, 4, 16, 4),
+    T.Q3_K: BlockLayout(256, 32 + 64 + 12 + 2, 4, 16, 4),
+    T.IQ4_NL: BlockLayout(32, 2 + 16, 1, 16, 2),
+    T.IQ4_XS: BlockLayout(256, 2 + 2 + 4 + 128, 8, 16, 2),
 }
 for _t, _l in LAYOUTS.items():  # the table's arithmetic: every quant byte of a block is covered
     assert _l.groups * _l.inner * _l.planes == _l.block_size, _t
@@ -81,6 +96,8 @@ for _t, _l in LAYOUTS.items():  # the table's arithmetic: every quant byte of a 
 # ggml type ids as constexprs: the kernels branch on them at compile time
 Q4_0, Q4_1, Q5_0, Q5_1 = tl.constexpr(int(T.Q4_0)), tl.constexpr(int(T.Q4_1)), tl.constexpr(int(T.Q5_0)), tl.constexpr(int(T.Q5_1))
 Q8_0, Q4_K, Q5_K, Q6_K = tl.constexpr(int(T.Q8_0)), tl.constexpr(int(T.Q4_K)), tl.constexpr(int(T.Q5_K)), tl.constexpr(int(T.Q6_K))
+Q2_K, Q3_K, IQ4_NL, IQ4_XS = tl.constexpr(int(T.Q2_K)), tl.constexpr(int(T.Q3_K)), tl.constexpr(int(T.IQ4_NL)), tl.constexpr(int(T.IQ4_XS))
+KVALUES_LO, KVALUES_HI = tl.constexpr(KVALUES_WORDS[0]), tl.constexpr(KVALUES_WORDS[1])  # IQ4_NL's table
 
 
 def check_weight(w_raw: torch.Tensor, qtype, what: str) -> tuple[T, BlockLayout, int]:
@@ -114,9 +131,20 @@ def _u8(w8_ptr, byte_off, mask):
 
 
 @triton.jit
+def _iq4_level(q):
+    """KVALUES[q] for int32 q in 0..15, as float32: byte q % 8 of the table's word q // 8, minus the bias."""
+    word = tl.where(q < 8, KVALUES_LO, KVALUES_HI)
+    return (((word >> (8 * (q & 7)).to(tl.int64)) & 255) - 127).to(tl.float32)
+
+
+@triton.jit
 def _legacy(w8_ptr, w16_ptr, base, i, mask, QTYPE: tl.constexpr, PLANE: tl.constexpr):
-    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: blocks of 32 with f16 d (and f16 m)."""
-    if QTYPE == Q8_0:  # d, 32 x int8
+    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL: blocks of 32 with f16 d (and f16 m)."""
+    if QTYPE == IQ4_NL:  # d, nibbles indexing KVALUES
+        d = _f16(w16_ptr, base, mask)
+        q = (_u8(w8_ptr, base + 2 + i, mask) >> (4 * PLANE)) & 15
+        vals = d * _iq4_level(q)
+    elif QTYPE == Q8_0:  # d, 32 x int8
         d = _f16(w16_ptr, base, mask)
         q = tl.load(w8_ptr + base + 2 + i, mask=mask, other=0).to(tl.int8, bitcast=True)
         vals = d * q.to(tl.float32)
@@ -160,8 +188,30 @@ def _scale_min_k4(w8_ptr, sbase, s, mask):
 
 @triton.jit
 def _kquant(w8_ptr, w16_ptr, base, g, i, mask, QTYPE: tl.constexpr, PLANE: tl.constexpr):
-    """Q4_K, Q5_K, Q6_K: super-blocks of 256."""
-    if QTYPE == Q6_K:  # ql[128], qh[64], int8 scales[16], f16 d at 208
+    """Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS: super-blocks of 256."""
+    if QTYPE == Q2_K or QTYPE == Q3_K:  # 2-bit qs shared; sub-block s of 16
+        s = 8 * (g // 2) + 2 * PLANE + g % 2
+        if QTYPE == Q2_K:  # scales[16] (scale | min << 4), qs[64], d at 80, dmin at 82
+            q = (_u8(w8_ptr, base + 16 + 16 * g + i, mask) >> (2 * PLANE)) & 3
+            sc = _u8(w8_ptr, base + s, mask)
+            d = _f16(w16_ptr, base + 80, mask) * (sc & 15).to(tl.float32)
+            m = _f16(w16_ptr, base + 82, mask) * (sc >> 4).to(tl.float32)
+            vals = d * q.to(tl.float32) - m
+        else:  # hmask[32], qs[64], scales[12], d at 108
+            ql = (_u8(w8_ptr, base + 32 + 16 * g + i, mask) >> (2 * PLANE)) & 3
+            hb = (_u8(w8_ptr, base + 16 * (g % 2) + i, mask) >> (4 * (g // 2) + PLANE)) & 1
+            lo = (_u8(w8_ptr, base + 96 + s % 8, mask) >> (4 * (s // 8))) & 15
+            hi = (_u8(w8_ptr, base + 104 + s % 4, mask) >> (2 * (s // 4))) & 3
+            d = _f16(w16_ptr, base + 108, mask) * ((lo | (hi << 4)) - 32).to(tl.float32)
+            vals = d * (ql - 4 * (1 - hb)).to(tl.float32)
+    elif QTYPE == IQ4_XS:  # d, scales_h (u16), scales_l[4], qs[128]; sub-block g of 32
+        sh = tl.load(w16_ptr + ((base + 2) >> 1), mask=mask, other=0).to(tl.int32) & 0xFFFF
+        lo = (_u8(w8_ptr, base + 4 + g // 2, mask) >> (4 * (g % 2))) & 15
+        ls = lo | (((sh >> (2 * g)) & 3) << 4)
+        d = _f16(w16_ptr, base, mask) * (ls - 32).to(tl.float32)
+        q = (_u8(w8_ptr, base + 8 + 16 * g + i, mask) >> (4 * PLANE)) & 15
+        vals = d * _iq4_level(q)
+    elif QTYPE == Q6_K:  # ql[128], qh[64], int8 scales[16], f16 d at 208
         half = g // 4
         quarter = g % 4
         ql = (_u8(w8_ptr, base + 16 * g + i, mask) >> (4 * PLANE)) & 15
@@ -206,6 +256,10 @@ def dequant(w8_ptr, w16_ptr, row_off, blk, g, i, mask,
         vals = _kquant(w8_ptr, w16_ptr, base, g, i, mask, QTYPE, PLANE)
         if QTYPE == Q6_K:
             elem = blk * 256 + 128 * (g // 4) + 64 * PLANE + 16 * (g % 4) + i
+        elif QTYPE == Q2_K or QTYPE == Q3_K:
+            elem = blk * 256 + 128 * (g // 2) + 32 * PLANE + 16 * (g % 2) + i
+        elif QTYPE == IQ4_XS:
+            elem = blk * 256 + 32 * g + 16 * PLANE + i
         else:
             elem = blk * 256 + 64 * g + 32 * PLANE + i
     return vals, elem

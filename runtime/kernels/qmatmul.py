@@ -169,6 +169,8 @@ def gemv_configs(qtype: T) -> list[triton.Config]:
                 per_thread = block_n * k_bytes // (32 * warps)
                 if lay.groups == 4 and (block_n, k_bytes, warps) == (16, 128, 4):
                     continue  # Q4_K/Q5_K: ptxas spills 200-400 bytes (sm80, sm90)
+                if T(qtype) == T.Q2_K and (block_n, k_bytes, warps) == (16, 256, 4):
+                    continue  # ptxas spills (sm80)
                 if k_bytes >= inner and 8 <= per_thread <= 32:
                     out.append(triton.Config({"BLOCK_N": block_n, "GS": k_bytes // inner}, num_warps=warps, num_stages=2))
     return out
@@ -182,9 +184,16 @@ def gemm_configs(qtype: T) -> list[triton.Config]:
     tiles = [(64, 64, 8), (128, 64, 8), (32, 64, 4), (16, 64, 4)]
     if lay.block_size == 32:
         tiles.append((64, 128, 8))
+    tiles = [t for t in tiles if t[:2] not in GEMM_SPILLS.get(T(qtype), ())]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GS": max(1, 32 // lay.inner), "GROUP_M": 8},
                           num_warps=warps, num_stages=2)
             for bm, bn, warps in tiles]
+
+
+# (BLOCK_M, BLOCK_N) tiles that spill for the newer formats (aot.py --all-configs, sm80, fp16): four
+# planes of 2-bit values (Q2_K, Q3_K) or a table decode (IQ4_*) hold more registers per tile
+GEMM_SPILLS = {T.Q2_K: {(64, 64), (128, 64)}, T.Q3_K: {(64, 64), (128, 64)}, T.IQ4_NL: {(128, 64)},
+               T.IQ4_XS: {(64, 64), (128, 64)}}
 
 
 @functools.cache
