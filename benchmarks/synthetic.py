@@ -9,9 +9,12 @@ inf/NaN); norms are 1 + 0.1 N(0, 1). The vocabulary is a minimal SentencePiece-s
 tokens plus filler pieces): enough for `qkvgguf bench` (random token ids) and `inspect`.
 
 Recipes (`RECIPES`): a shape (layers, n_embd, n_ff, heads, KV heads, vocab, rope base) and a type
-per tensor kind. The Q4_K_M recipe follows llama-quantize's choice for that file type: Q6_K for
-the output matrix and for attn_v / ffn_down in the first and last eighth of the layers and every
-third layer between, Q4_K elsewhere (token_embd included).
+per tensor: the converter's own per-tensor policy for that outtype (`convert.writer.tensor_type`,
+llama-quantize's choice, which tests/test_convert.py checks type for type against llama.cpp), e.g.
+for q4_k_m Q6_K for the output matrix and for attn_v / ffn_down in the first and last eighth of the
+layers and every third layer between, Q4_K elsewhere; for q2_k Q2_K with Q3_K/Q4_K attn_v,
+ffn_down and attn_output and a Q6_K output. The `q4_1` rule is the demo file as shipped (Q8_0
+embedding), not a converter recipe.
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ SHAPES = {
     "tiny": Shape(2, 256, 512, 4, 2, 512),
 }
 
-# recipe -> (shape, file type name, rule: kind, layer, n_layer -> ggml type name; tied embedding)
+# recipe -> (shape, file type name, rule (an outtype of the converter, or q4_1), tied embedding)
 RECIPES = {
     "7b-q4_0": ("llama2-7b", "MOSTLY_Q4_0", "q4_0", False),
     "8b-q4_k_m": ("llama3-8b", "MOSTLY_Q4_K_M", "q4_k_m", False),
+    "8b-q3_k_m": ("llama3-8b", "MOSTLY_Q3_K_M", "q3_k_m", False),
+    "8b-q2_k": ("llama3-8b", "MOSTLY_Q2_K", "q2_k", False),  # the size that fits a 4 GiB card whole
     "7b-q4_k_m": ("llama2-7b", "MOSTLY_Q4_K_M", "q4_k_m", False),
     "smollm2-q4_1": ("smollm2-135m", "MOSTLY_Q4_1", "q4_1", True),  # the demo model's shapes and types
     "tiny-q4_k_m": ("tiny", "MOSTLY_Q4_K_M", "q4_k_m", False),
@@ -55,25 +60,19 @@ RECIPES = {
 }
 
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-              "Q5_K": [0, 2], "Q6_K": [208]}  # byte offsets of the f16 fields in a block
+              "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0],
+              "IQ4_XS": [0]}  # byte offsets of the f16 fields in a block
 
 
-def _more_bits(i: int, n: int) -> bool:
-    """llama-quantize's use_more_bits: the first and last eighth of the layers, every third between."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def tensor_type(rule: str, kind: str, layer: int, n_layer: int) -> str:
-    """The ggml type name of a tensor kind ('token_embd', 'output', 'attn_q', ...) under a rule."""
-    if rule == "q4_0":
-        return {"output": "Q6_K"}.get(kind, "Q4_0")
+def tensor_type(rule: str, name: str, shape: tuple[int, int], s: Shape, tied: bool) -> str:
+    """The ggml type name of tensor `name` (rows, cols) under a rule."""
     if rule == "q4_1":  # SmolLM2-135M-Instruct Q4_1 as shipped: Q8_0 tied embedding
-        return "Q8_0" if kind == "token_embd" else "Q4_1"
-    if rule == "q4_k_m":
-        if kind == "output" or (kind in ("attn_v", "ffn_down") and _more_bits(layer, n_layer)):
-            return "Q6_K"
-        return "Q4_K"
-    raise ValueError(rule)
+        return "Q8_0" if name == "token_embd.weight" else "Q4_1"
+    from qkvgguf.convert.writer import ModelFacts, get_outtype
+    from qkvgguf.convert.writer import tensor_type as policy
+
+    facts = ModelFacts(n_layer=s.n_layer, has_output=not tied, n_gqa=s.n_head // s.n_head_kv)
+    return policy(name, shape, get_outtype(rule), facts).type.name
 
 
 def random_blocks(rng: np.random.Generator, type_name: str, rows: int, cols: int) -> np.ndarray:
@@ -122,28 +121,28 @@ def write(recipe: str, path: str, seed: int = 0) -> str:
     w.add_unk_token_id(0)
     head_dim = s.n_embd // s.n_head
 
-    def quant(name, kind, layer, rows, cols):
-        t = tensor_type(rule, kind, layer, s.n_layer)
+    def quant(name, rows, cols):
+        t = tensor_type(rule, name, (rows, cols), s, tied)
         w.add_tensor(name, random_blocks(rng, t, rows, cols), raw_dtype=T[t])
 
     def norm(name):
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(s.n_embd)).astype(np.float32))
 
-    quant("token_embd.weight", "token_embd", -1, s.vocab, s.n_embd)
+    quant("token_embd.weight", s.vocab, s.n_embd)
     for i in range(s.n_layer):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight")
-        quant(p + "attn_q.weight", "attn_q", i, s.n_embd, s.n_embd)
-        quant(p + "attn_k.weight", "attn_k", i, s.n_head_kv * head_dim, s.n_embd)
-        quant(p + "attn_v.weight", "attn_v", i, s.n_head_kv * head_dim, s.n_embd)
-        quant(p + "attn_output.weight", "attn_output", i, s.n_embd, s.n_embd)
+        quant(p + "attn_q.weight", s.n_embd, s.n_embd)
+        quant(p + "attn_k.weight", s.n_head_kv * head_dim, s.n_embd)
+        quant(p + "attn_v.weight", s.n_head_kv * head_dim, s.n_embd)
+        quant(p + "attn_output.weight", s.n_embd, s.n_embd)
         norm(p + "ffn_norm.weight")
-        quant(p + "ffn_gate.weight", "ffn_gate", i, s.n_ff, s.n_embd)
-        quant(p + "ffn_up.weight", "ffn_up", i, s.n_ff, s.n_embd)
-        quant(p + "ffn_down.weight", "ffn_down", i, s.n_embd, s.n_ff)
+        quant(p + "ffn_gate.weight", s.n_ff, s.n_embd)
+        quant(p + "ffn_up.weight", s.n_ff, s.n_embd)
+        quant(p + "ffn_down.weight", s.n_embd, s.n_ff)
     norm("output_norm.weight")
     if not tied:
-        quant("output.weight", "output", -1, s.vocab, s.n_embd)
+        quant("output.weight", s.vocab, s.n_embd)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
