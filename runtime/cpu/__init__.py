@@ -6,23 +6,34 @@
 
 Two paths, chosen by T (the rows of x):
 
-    T <= GEMV_ROWS   (decode)  qmatmul.cpp's qk_matmul: per output row, dequantize 1,024 values at a
-                     time into an L1 buffer and dot them with every x row. Reads the weight's bytes
-                     once: 96 MB per SmolLM2 token instead of 540 MB of float32.
+    T <= GEMV_ROWS   (decode)  qmatmul.cpp's qk_matmul: each weight row's blocks dequantized in
+                     registers and dotted with each x row (formats without a fused dot: 1,024 values
+                     at a time into an L1 buffer). Reads the weight's bytes once: 96 MB per SmolLM2
+                     token instead of 540 MB of float32.
     T >  GEMV_ROWS   (prompt)  dequantize a tile of rows (at most TILE_BYTES of float32, a workspace
-                     reused across calls) with qk_dequant_rows and multiply with torch's GEMM. For a
-                     512-token prompt the dequantization is ~1% of the GEMM's time, so no float32
-                     copy of the model is kept for speed.
+                     reused across calls) with qk_dequant_rows and multiply with torch's GEMM. A
+                     512-token SmolLM2 prompt ran as fast this way as from a float32 copy of every
+                     weight (cached copy / tiles time 0.98, median of 4, same process), so no float32
+                     copy of the model is kept (--cpu-cache defaults to none).
 
-Why this design (measured on the 2-core Xeon (AVX-512, F16C) this was written on; same-process ratios):
-  - torch 2.13's CPU weight-only int4/int8 kernels ran 2-8x slower than a float32 matmul; a
-    torch.compile'd Q4 unpack reached 0.08 GB/s. A plain C++ loop per format, vectorized by the
-    compiler (-O3 -march=native), is short, covers every block format with one function each, and
-    builds in under a second without torch headers (torch.utils.cpp_extension needs ~40 s to compile
-    against <torch/extension.h>), so a first run or a CI job pays almost nothing.
-  - Activations stay float32 (no Q8 activation quantization): the dequantize-into-L1-and-FMA loop
-    already beats llama.cpp's decode on the demo model (benchmarks/RESULTS.md), and float32 keeps the
-    outputs within rounding of the dequantize-then-matmul reference.
+Why this design (measured on the 2-core AVX-512 Xeon this was written on, loaded by other jobs, so
+same-process A/B ratios):
+  - torch 2.13's CPU weight-only int4/int8 kernels ran 2-8x slower than a float32 matmul and a
+    torch.compile'd Q4 unpack reached 0.08 GB/s (issue 15). A plain C++ loop per format is short,
+    covers every block format with one function each, and builds without torch headers in 1.3 s
+    (0.5 s of CPU) with g++ 12, so a first run or a CI job pays almost nothing.
+  - The fused dots dequantize in registers and FMA in float32 (AVX-512, or AVX2 + FMA): 11.8 G
+    weights/s on a hot Q4_1 576x1536 GEMV (5.4x the dequantize-into-a-buffer loop, 1.7x torch's
+    float32 GEMV on the same, already dequantized weights). A whole SmolLM2 token's matmuls took
+    12.6 ms on 1 thread while llama.cpp's whole decode step took 19.5 ms in the same minutes.
+  - Prefetching the row 4 rows ahead (the hardware prefetchers stop at 4 KiB pages): 17.0 -> 12.6 ms
+    per token's matmuls.
+  - int8 activations with VNNI dot products, as llama.cpp does (tried for Q4_0/Q4_1/Q8_0): only ~10%
+    faster per token here (the per-block scale work dominates), for outputs rounded away from the
+    float32 reference; not kept. Activations stay float32, so outputs are within float32 rounding
+    of dequantize-then-matmul.
+  - Where a decode step's time goes besides the matmuls (runtime/ops.py attention on an f16 cache,
+    norms, rope): benchmarks/RESULTS.md.
 
 Adding a block format: one dequant_<type> function and one row of FORMATS in qmatmul.cpp. A type the
 library lacks falls back to the torch path for that tensor (logged once per type).
