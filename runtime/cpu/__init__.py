@@ -55,7 +55,7 @@ GEMV_ROWS = 8  # x rows up to which the fused dequant-dot kernel runs; above, de
 TILE_BYTES = 32 << 20  # float32 workspace of the prompt path (largest tile of dequantized rows)
 
 _workspace: dict[str, torch.Tensor] = {}
-_missing_types: set = set()
+_by_type: dict = {}  # ggml type -> (the library, or None when it lacks the type,)
 
 
 def available() -> bool:
@@ -69,14 +69,16 @@ def supports(qtype) -> bool:
 
 
 def _lib_for(qtype):
+    """The library when it has a function for qtype, else None (memoized: this runs once per matmul)."""
+    hit = _by_type.get(qtype)
+    if hit is not None:
+        return hit[0]
     lib = build.load()
-    if lib is None:
-        return None
-    if lib.qk_block_elems(int(qtype)) == 0:
-        if qtype not in _missing_types:
-            _missing_types.add(qtype)
-            log.warning("the CPU kernels have no function for %s: those tensors use the torch path", qtype.name)
-        return None
+    if lib is not None and lib.qk_block_elems(int(qtype)) == 0:
+        log.warning("the CPU kernels have no function for %s: those tensors use the torch path", qtype.name)
+        lib = None
+    if build.load() is not None:  # only a built library's answer is final (tests switch the build off and on)
+        _by_type[qtype] = (lib,)
     return lib
 
 
@@ -109,13 +111,13 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor | None:
     if lib is None or w.raw.device.type != "cpu" or len(w.shape) != 2:
         return None
     N, K = w.shape
-    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
     T = x.shape[0]
     y = torch.empty(T, N, dtype=torch.float32)
-    threads = torch.get_num_threads()
     if T <= GEMV_ROWS:
-        rc = lib.qk_matmul(int(w.type), w.raw.data_ptr(), w.raw.stride(0), N, K, x.data_ptr(), T, y.data_ptr(),
-                           threads)
+        rc = lib.qk_matmul(w.type.value, w.raw.data_ptr(), w.raw.stride(0), N, K, x.data_ptr(), T, y.data_ptr(),
+                           torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"tensor '{w.name}': {w.type.name} row of {K} values is not a whole number of blocks")
         return y
