@@ -44,6 +44,7 @@ SHAPES = {
     "llama2-7b": Shape(32, 4096, 11008, 32, 32, 32000),
     "llama3-8b": Shape(32, 4096, 14336, 32, 8, 128256, 500000.0, 8192),
     "smollm2-135m": Shape(30, 576, 1536, 9, 3, 49152, 100000.0, 8192),
+    "tinyllama-1.1b": Shape(22, 2048, 5632, 32, 4, 32000, 10000.0, 2048),
     "tiny": Shape(2, 256, 512, 4, 2, 512),
 }
 
@@ -54,6 +55,8 @@ RECIPES = {
     "8b-q3_k_m": ("llama3-8b", "MOSTLY_Q3_K_M", "q3_k_m", False),
     "8b-q2_k": ("llama3-8b", "MOSTLY_Q2_K", "q2_k", False),  # the size that fits a 4 GiB card whole
     "7b-q4_k_m": ("llama2-7b", "MOSTLY_Q4_K_M", "q4_k_m", False),
+    "1b-q4_0": ("tinyllama-1.1b", "MOSTLY_Q4_0", "q4_0", False),
+    "1b-q4_k_m": ("tinyllama-1.1b", "MOSTLY_Q4_K_M", "q4_k_m", False),
     "smollm2-q4_1": ("smollm2-135m", "MOSTLY_Q4_1", "q4_1", True),  # the demo model's shapes and types
     "tiny-q4_k_m": ("tiny", "MOSTLY_Q4_K_M", "q4_k_m", False),
     "tiny-q4_0": ("tiny", "MOSTLY_Q4_0", "q4_0", False),

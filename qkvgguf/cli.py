@@ -33,13 +33,14 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help=f"context length in tokens (default: {ctx_default}; 0 = the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default on the CPU: physical cores less those the load average says are busy)")
     p.add_argument("-ctk", "--cache-type-k", default="f16",
                    help=f"KV cache type for K: {cache_types_help()} (default f16, as llama.cpp; see qkvgguf/kv_types.py)")
     p.add_argument("-ctv", "--cache-type-v", default="f16",
                    help=f"KV cache type for V: {cache_types_help()} (default f16, as llama.cpp)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
-                   help=f"RAM for dequantized weights kept between tokens (default {DEFAULT_CPU_CACHE}; 0 = none)")
+                   help=f"RAM for float32 copies of weights kept between tokens (default {DEFAULT_CPU_CACHE}: none where "
+                        "the compiled CPU kernels read the quantized blocks, else 1GiB; 0 = none)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="kernels: triton on CUDA GPUs (compute capability 7.5+), torch elsewhere (default auto)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")

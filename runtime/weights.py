@@ -4,9 +4,12 @@
 nothing is read from disk until a kernel touches it. `Weights` maps GGUF names
 (`blk.{i}.attn_q.weight`) to QTensors and owns the one `DequantCache`.
 
-The torch backend multiplies by dequantized float32 weights. Dequantizing on every call is slow for
+On the CPU the torch backend multiplies with the compiled kernels of runtime/cpu, which read the
+QTensor's bytes in place; no float32 copy is needed, and by default (`cache_bytes=None`) none is
+kept. Without those kernels (no compiler, QKVGGUF_CPU_KERNELS=0) or on a GPU without Triton, the
+torch backend multiplies by dequantized float32 weights. Dequantizing on every call is slow for
 decode (one token re-reads the whole model), so a `DequantCache` keeps dequantized copies up to a
-byte budget. It admits tensors first-come and never evicts: the forward pass visits layers in a
+byte budget (default there: FALLBACK_CACHE_BYTES). It admits tensors first-come and never evicts: the forward pass visits layers in a
 fixed cycle, for which LRU would evict every entry just before its next use, while a static set
 keeps a stable fraction of the model hot. A budget of 0 disables it; the runtime then holds at most
 one dequantized weight at a time.
@@ -24,6 +27,18 @@ from gguf import GGMLQuantizationType as T
 from qkvgguf.errors import UnsupportedError
 from qkvgguf.gguf_file import GGUFFile
 from qkvgguf.quants import dequantize, get_format
+
+
+FALLBACK_CACHE_BYTES = 1 << 30  # the float32 cache's default budget where no CPU kernels multiply
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """The DequantCache budget when none is given: 0 on a CPU with the compiled kernels (they read the
+    blocks; the cache would only add RSS: a 512-token prompt ran no faster with it, benchmarks/RESULTS.md),
+    else FALLBACK_CACHE_BYTES."""
+    from . import cpu
+
+    return 0 if device.type == "cpu" and cpu.available() else FALLBACK_CACHE_BYTES
 
 
 _FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
@@ -107,11 +122,12 @@ class DequantCache:
 class Weights:
     """GGUF tensors by name, each a lazily dequantized QTensor."""
 
-    def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: torch.device | str = "cpu", plan=None):
+    def __init__(self, gguf: GGUFFile, cache_bytes: int | None = 0, device: torch.device | str = "cpu", plan=None):
         """Tensors stay memory-mapped on the CPU; on another device their raw bytes are copied there
         once at load, except what a `planner.Plan` streams (through `paging.Streamer`'s two slots)
         or keeps on the host (the untied embedding when anything streams). With a plan, streaming
-        runs on a CPU device too (synchronous copies: the tests' simulated device)."""
+        runs on a CPU device too (synchronous copies: the tests' simulated device).
+        cache_bytes: the float32 DequantCache budget; None: default_cache_bytes(device)."""
         from .paging import Streamer, streamed_order
         from .planner import unit_of
 
@@ -142,7 +158,7 @@ class Weights:
         if device.type != "cpu":
             self.arena = _load_arena(resident, device)
         self.streamer = Streamer(units, streamed_order(plan), device) if streamed else None
-        self.cache = DequantCache(cache_bytes)
+        self.cache = DequantCache(default_cache_bytes(device) if cache_bytes is None else cache_bytes)
 
     @property
     def streamed(self) -> bool:

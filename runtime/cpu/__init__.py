@@ -1,0 +1,129 @@
+"""CPU matmuls that read GGUF blocks where they lie: the torch backend's `linear` on the CPU.
+
+    y = matmul(x, w)     x (T, K) float32, w a weights.QTensor (N, K) of any type the library has
+                         -> y (T, N) float32; None when the compiled library is unavailable or lacks
+                         w's type (the caller then takes the torch path)
+
+Two paths, chosen by T (the rows of x):
+
+    T <= GEMV_ROWS   (decode)  qmatmul.cpp's qk_matmul: each weight row's blocks dequantized in
+                     registers and dotted with each x row (formats without a fused dot: 1,024 values
+                     at a time into an L1 buffer). Reads the weight's bytes once: 96 MB per SmolLM2
+                     token instead of 540 MB of float32.
+    T >  GEMV_ROWS   (prompt)  dequantize a tile of rows (at most TILE_BYTES of float32, a workspace
+                     reused across calls) with qk_dequant_rows and multiply with torch's GEMM. A
+                     512-token SmolLM2 prompt ran as fast this way as from a float32 copy of every
+                     weight (cached copy / tiles time 0.98, median of 4, same process), so no float32
+                     copy of the model is kept (--cpu-cache defaults to none).
+
+Why this design (measured on the 2-core AVX-512 Xeon this was written on, loaded by other jobs, so
+same-process A/B ratios):
+  - torch 2.13's CPU weight-only int4/int8 kernels ran 2-8x slower than a float32 matmul and a
+    torch.compile'd Q4 unpack reached 0.08 GB/s (issue 15). A plain C++ loop per format is short,
+    covers every block format with one function each, and builds without torch headers in 1.3 s
+    (0.5 s of CPU) with g++ 12, so a first run or a CI job pays almost nothing.
+  - The fused dots dequantize in registers and FMA in float32 (AVX-512, or AVX2 + FMA): 11.8 G
+    weights/s on a hot Q4_1 576x1536 GEMV (5.4x the dequantize-into-a-buffer loop, 1.7x torch's
+    float32 GEMV on the same, already dequantized weights). A whole SmolLM2 token's matmuls took
+    12.6 ms on 1 thread while llama.cpp's whole decode step took 19.5 ms in the same minutes.
+  - Prefetching the row 4 rows ahead (the hardware prefetchers stop at 4 KiB pages): 17.0 -> 12.6 ms
+    per token's matmuls.
+  - int8 activations with VNNI dot products, as llama.cpp does (tried for Q4_0/Q4_1/Q8_0): only ~10%
+    faster per token here (the per-block scale work dominates), for outputs rounded away from the
+    float32 reference; not kept. Activations stay float32, so outputs are within float32 rounding
+    of dequantize-then-matmul.
+  - Where a decode step's time goes besides the matmuls (runtime/ops.py attention on an f16 cache,
+    norms, rope): benchmarks/RESULTS.md.
+
+Adding a block format: one dequant_<type> function and one row of FORMATS in qmatmul.cpp. A type the
+library lacks falls back to the torch path for that tensor (logged once per type).
+
+Threads: torch's thread count (set by -t), one OpenMP pool shared with torch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import build
+
+log = logging.getLogger(__name__)
+
+GEMV_ROWS = 8  # x rows up to which the fused dequant-dot kernel runs; above, dequantized tiles + torch GEMM
+TILE_BYTES = 32 << 20  # float32 workspace of the prompt path (largest tile of dequantized rows)
+
+_workspace: dict[str, torch.Tensor] = {}
+_by_type: dict = {}  # ggml type -> (the library, or None when it lacks the type,)
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use (builds them on first call)."""
+    return build.load() is not None
+
+
+def supports(qtype) -> bool:
+    lib = build.load()
+    return lib is not None and lib.qk_block_elems(int(qtype)) > 0
+
+
+def _lib_for(qtype):
+    """The library when it has a function for qtype, else None (memoized: this runs once per matmul)."""
+    hit = _by_type.get(qtype)
+    if hit is not None:
+        return hit[0]
+    lib = build.load()
+    if lib is not None and lib.qk_block_elems(int(qtype)) == 0:
+        log.warning("the CPU kernels have no function for %s: those tensors use the torch path", qtype.name)
+        lib = None
+    if build.load() is not None:  # only a built library's answer is final (tests switch the build off and on)
+        _by_type[qtype] = (lib,)
+    return lib
+
+
+def _tile(n_floats: int) -> torch.Tensor:
+    ws = _workspace.get("tile")
+    if ws is None or ws.numel() < n_floats:
+        ws = torch.empty(n_floats, dtype=torch.float32)
+        _workspace["tile"] = ws
+    return ws[:n_floats]
+
+
+def dequantize_rows(w, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Rows [r0, r1) of QTensor w as float32 (r1 - r0, K); None when the library cannot."""
+    lib = _lib_for(w.type)
+    if lib is None:
+        return None
+    K = w.shape[-1]
+    if out is None:
+        out = torch.empty(r1 - r0, K, dtype=torch.float32)
+    rc = lib.qk_dequant_rows(int(w.type), w.raw.data_ptr(), w.raw.stride(0), r0, r1, K, out.data_ptr(),
+                             torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"tensor '{w.name}': {w.type.name} row of {K} values is not a whole number of blocks")
+    return out
+
+
+def matmul(x: torch.Tensor, w) -> torch.Tensor | None:
+    """x (T, K) float32 @ w.T for QTensor w (N, K) -> (T, N) float32; None when the library cannot."""
+    lib = _lib_for(w.type)
+    if lib is None or w.raw.device.type != "cpu" or len(w.shape) != 2:
+        return None
+    N, K = w.shape
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    T = x.shape[0]
+    y = torch.empty(T, N, dtype=torch.float32)
+    if T <= GEMV_ROWS:
+        rc = lib.qk_matmul(w.type.value, w.raw.data_ptr(), w.raw.stride(0), N, K, x.data_ptr(), T, y.data_ptr(),
+                           torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"tensor '{w.name}': {w.type.name} row of {K} values is not a whole number of blocks")
+        return y
+    rows = max(1, min(N, TILE_BYTES // (4 * K)))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        tile = dequantize_rows(w, r0, r1, _tile((r1 - r0) * K).view(r1 - r0, K))
+        torch.mm(x, tile.T, out=y[:, r0:r1]) if r1 - r0 == N else y[:, r0:r1].copy_(x @ tile.T)
+    return y

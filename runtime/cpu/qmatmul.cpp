@@ -1,0 +1,462 @@
+// CPU matmul against GGUF block-quantized weights, reading the blocks as stored (no float32 copy).
+//
+//   y (T, N) = x (T, K) @ W (N, K)^T      x, y float32 row-major; W: N rows of K/QK blocks
+//
+// Each format is one function, dequant_<type>(src, dst, nblocks): `nblocks` consecutive blocks ->
+// nblocks * QK floats, plus one row in FORMATS below. Everything else is format-independent:
+//
+//   qk_matmul        decode and short batches (T <= a few rows): each thread takes a range of
+//                    output rows; a row is dequantized CHUNK elements at a time into a buffer on
+//                    the thread's stack (L1-resident) and dotted with every x row right away, so
+//                    the weight bytes are read once per call and nothing larger than CHUNK floats
+//                    is ever written. Traffic: the weight's bytes + T*K + T*N floats.
+//   qk_dequant_rows  rows [r0, r1) to float32 (the prompt path dequantizes a bounded tile of rows
+//                    and hands it to torch's GEMM; also the tests' reference hook).
+//
+// Arithmetic: values as in ggml's dequantize_row_* (f16 scales to float32, one multiply per value,
+// K-quants' products d*sc and dmin*m first), sums in float32 in SIMD lanes (order differs from a
+// BLAS matmul by rounding only).
+//
+// Built by runtime/cpu/build.py: g++ -O3 -march=native -fopenmp -shared; loaded with ctypes.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float f16(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+#else
+static inline float f16(const uint8_t* p) {  // IEEE half -> float, subnormals and inf/nan included
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  // subnormal: normalize
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+#endif
+
+static inline float bf16(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+typedef void (*dequant_fn)(const uint8_t* __restrict src, float* __restrict dst, int64_t nblocks);
+
+// -- one function per format ----------------------------------------------------------------------
+
+// Q4_0 (32, 2 + 16): f16 d, 16 bytes of nibbles; x[j] = (lo(q[j]) - 8) d, x[j + 16] = (hi(q[j]) - 8) d
+static void dequant_q4_0(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 18, y += 32) {
+        const float d = f16(b);
+        const uint8_t* q = b + 2;
+        for (int j = 0; j < 16; j++) {
+            y[j] = (float)((q[j] & 0xf) - 8) * d;
+            y[j + 16] = (float)((q[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+// Q4_1 (32, 2 + 2 + 16): f16 d, f16 m, nibbles; x = q d + m
+static void dequant_q4_1(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 20, y += 32) {
+        const float d = f16(b), m = f16(b + 2);
+        const uint8_t* q = b + 4;
+        for (int j = 0; j < 16; j++) {
+            y[j] = (float)(q[j] & 0xf) * d + m;
+            y[j + 16] = (float)(q[j] >> 4) * d + m;
+        }
+    }
+}
+
+// Q5_0 (32, 2 + 4 + 16): f16 d, 32 fifth bits (qh, little-endian u32), nibbles; x = (q - 16) d
+static void dequant_q5_0(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 22, y += 32) {
+        const float d = f16(b);
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        const uint8_t* q = b + 6;
+        for (int j = 0; j < 16; j++) {
+            const int h0 = ((qh >> j) << 4) & 0x10, h1 = (qh >> (j + 12)) & 0x10;
+            y[j] = (float)(((q[j] & 0xf) | h0) - 16) * d;
+            y[j + 16] = (float)(((q[j] >> 4) | h1) - 16) * d;
+        }
+    }
+}
+
+// Q5_1 (32, 2 + 2 + 4 + 16): f16 d, f16 m, qh, nibbles; x = q d + m
+static void dequant_q5_1(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 24, y += 32) {
+        const float d = f16(b), m = f16(b + 2);
+        uint32_t qh;
+        std::memcpy(&qh, b + 4, 4);
+        const uint8_t* q = b + 8;
+        for (int j = 0; j < 16; j++) {
+            const int h0 = ((qh >> j) << 4) & 0x10, h1 = (qh >> (j + 12)) & 0x10;
+            y[j] = (float)((q[j] & 0xf) | h0) * d + m;
+            y[j + 16] = (float)((q[j] >> 4) | h1) * d + m;
+        }
+    }
+}
+
+// Q8_0 (32, 2 + 32): f16 d, 32 int8; x = q d
+static void dequant_q8_0(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 34, y += 32) {
+        const float d = f16(b);
+        const int8_t* q = (const int8_t*)(b + 2);
+        for (int j = 0; j < 32; j++) y[j] = (float)q[j] * d;
+    }
+}
+
+// K-quants' 6-bit scale and min of sub-block j from the 12 scale bytes
+static inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Q4_K (256, 2 + 2 + 12 + 128): 8 sub-blocks of 32, x = (d sc) q - (dmin m)
+static void dequant_q4_k(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 144) {
+        const float d = f16(b), dmin = f16(b + 2);
+        const uint8_t* s = b + 4;
+        const uint8_t* q = b + 16;
+        for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
+            int sc, m;
+            scale_min_k4(j, s, &sc, &m);
+            const float d1 = d * sc, m1 = dmin * m;
+            scale_min_k4(j + 1, s, &sc, &m);
+            const float d2 = d * sc, m2 = dmin * m;
+            for (int l = 0; l < 32; l++) y[l] = d1 * (float)(q[l] & 0xf) - m1;
+            for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)(q[l] >> 4) - m2;
+        }
+    }
+}
+
+// Q5_K (256, 2 + 2 + 12 + 32 + 128): as Q4_K with a fifth bit per weight in qh
+static void dequant_q5_k(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 176) {
+        const float d = f16(b), dmin = f16(b + 2);
+        const uint8_t* s = b + 4;
+        const uint8_t* qh = b + 16;
+        const uint8_t* q = b + 48;
+        for (int j = 0; j < 8; j += 2, q += 32, y += 64) {
+            int sc, m;
+            scale_min_k4(j, s, &sc, &m);
+            const float d1 = d * sc, m1 = dmin * m;
+            scale_min_k4(j + 1, s, &sc, &m);
+            const float d2 = d * sc, m2 = dmin * m;
+            for (int l = 0; l < 32; l++) y[l] = d1 * (float)((q[l] & 0xf) | (((qh[l] >> j) & 1) << 4)) - m1;
+            for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)((q[l] >> 4) | (((qh[l] >> (j + 1)) & 1) << 4)) - m2;
+        }
+    }
+}
+
+// Q6_K (256, 128 + 64 + 16 + 2): ql low nibbles, qh 2 high bits, 16 int8 scales, f16 d; x = (d sc) (q - 32)
+static void dequant_q6_k(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 210) {
+        const float d = f16(b + 208);
+        const uint8_t* ql = b;
+        const uint8_t* qh = b + 128;
+        const int8_t* sc = (const int8_t*)(b + 192);
+        for (int n = 0; n < 2; n++, y += 128, ql += 64, qh += 32, sc += 8) {
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                y[l] = d * sc[is] * (float)(((ql[l] & 0xf) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                y[l + 32] = d * sc[is + 2] * (float)(((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                y[l + 64] = d * sc[is + 4] * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                y[l + 96] = d * sc[is + 6] * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+    }
+}
+
+// Float weights, "blocks" of one value
+static void dequant_f32(const uint8_t* __restrict b, float* __restrict y, int64_t n) { std::memcpy(y, b, 4 * n); }
+static void dequant_f16(const uint8_t* __restrict b, float* __restrict y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = f16(b + 2 * i);
+}
+static void dequant_bf16(const uint8_t* __restrict b, float* __restrict y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = bf16(b + 2 * i);
+}
+
+// -- fused dot products: one weight row against one x row, dequantizing in registers ------------------
+//
+// dot_<type>(row, x, xsum, nblocks): sum_k W[k] x[k] over `nblocks` blocks, where xsum holds the sums
+// of x over each run of 32 values (for the formats with a min: sum (q d + m) x = d sum q x + m sum x).
+// Written once over a vector of W float lanes: AVX-512 (W = 16) or AVX2 + FMA (W = 8). A format
+// without one uses its dequant function into an L1 buffer and a plain dot (qk_matmul below).
+
+typedef float (*dot_fn)(const uint8_t* __restrict w, const float* __restrict x, const float* __restrict xsum,
+                        int64_t nb);
+
+#if defined(__AVX512F__)
+#define QK_SIMD 16
+typedef __m512 vf;
+typedef __m512i vi;
+static inline vi ld_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline vi ld_i8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline vi vand(vi a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
+static inline vi vsrl(vi a, int s) { return _mm512_srli_epi32(a, s); }
+static inline vi vsll(vi a, int s) { return _mm512_slli_epi32(a, s); }
+static inline vi vor(vi a, vi b) { return _mm512_or_si512(a, b); }
+static inline vi vsubi(vi a, int s) { return _mm512_sub_epi32(a, _mm512_set1_epi32(s)); }
+static inline vf cvt(vi a) { return _mm512_cvtepi32_ps(a); }
+static inline vf ldf(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf set1(float v) { return _mm512_set1_ps(v); }
+static inline vf zero() { return _mm512_setzero_ps(); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QK_SIMD 8
+typedef __m256 vf;
+typedef __m256i vi;
+static inline vi ld_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline vi ld_i8(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline vi vand(vi a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
+static inline vi vsrl(vi a, int s) { return _mm256_srli_epi32(a, s); }
+static inline vi vsll(vi a, int s) { return _mm256_slli_epi32(a, s); }
+static inline vi vor(vi a, vi b) { return _mm256_or_si256(a, b); }
+static inline vi vsubi(vi a, int s) { return _mm256_sub_epi32(a, _mm256_set1_epi32(s)); }
+static inline vf cvt(vi a) { return _mm256_cvtepi32_ps(a); }
+static inline vf ldf(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf set1(float v) { return _mm256_set1_ps(v); }
+static inline vf zero() { return _mm256_setzero_ps(); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float hsum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+#ifdef QK_SIMD
+static const int VW = QK_SIMD;
+
+// sum q x over a 32-block of nibbles (q: 16 bytes; low nibbles are values 0..15, high 16..31), q - bias
+static inline vf nibbles_dot(const uint8_t* q, const float* x, int bias) {
+    vf p = zero();
+    for (int g = 0; g < 16; g += VW) {
+        const vi v = ld_u8(q + g);
+        p = vfma(cvt(vsubi(vand(v, 0xf), bias)), ldf(x + g), p);
+        p = vfma(cvt(vsubi(vsrl(v, 4), bias)), ldf(x + 16 + g), p);
+    }
+    return p;
+}
+
+static float dot_q4_0(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 18, x += 32) acc = vfma(set1(f16(b)), nibbles_dot(b + 2, x, 8), acc);
+    return hsum(acc);
+}
+
+static float dot_q4_1(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
+    vf acc = zero();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < nb; i++, b += 20, x += 32) {
+        acc = vfma(set1(f16(b)), nibbles_dot(b + 4, x, 0), acc);
+        mins += f16(b + 2) * xs[i];
+    }
+    return hsum(acc) + mins;
+}
+
+static float dot_q8_0(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 34, x += 32) {
+        vf p = zero();
+        for (int g = 0; g < 32; g += VW) p = vfma(cvt(ld_i8(b + 2 + g)), ldf(x + g), p);
+        acc = vfma(set1(f16(b)), p, acc);
+    }
+    return hsum(acc);
+}
+
+static float dot_q4_k(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
+    vf acc = zero();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < nb; i++, b += 144) {
+        const float d = f16(b), dmin = f16(b + 2);
+        const uint8_t* s = b + 4;
+        const uint8_t* q = b + 16;
+        for (int j = 0; j < 8; j += 2, q += 32, x += 64, xs += 2) {
+            int sc1, m1, sc2, m2;
+            scale_min_k4(j, s, &sc1, &m1);
+            scale_min_k4(j + 1, s, &sc2, &m2);
+            vf lo = zero(), hi = zero();
+            for (int g = 0; g < 32; g += VW) {
+                const vi v = ld_u8(q + g);
+                lo = vfma(cvt(vand(v, 0xf)), ldf(x + g), lo);
+                hi = vfma(cvt(vsrl(v, 4)), ldf(x + 32 + g), hi);
+            }
+            acc = vfma(set1(d * sc1), lo, acc);
+            acc = vfma(set1(d * sc2), hi, acc);
+            mins += dmin * m1 * xs[0] + dmin * m2 * xs[1];
+        }
+    }
+    return hsum(acc) - mins;
+}
+
+static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 210) {
+        const float d = f16(b + 208);
+        const uint8_t* ql = b;
+        const uint8_t* qh = b + 128;
+        const int8_t* sc = (const int8_t*)(b + 192);
+        for (int n = 0; n < 2; n++, x += 128, ql += 64, qh += 32, sc += 8) {
+            for (int l = 0; l < 32; l += VW) {
+                const int is = l / 16;
+                const vi a = ld_u8(ql + l), c = ld_u8(ql + 32 + l), h = ld_u8(qh + l);
+                const vi q1 = vsubi(vor(vand(a, 0xf), vsll(vand(h, 3), 4)), 32);
+                const vi q2 = vsubi(vor(vand(c, 0xf), vsll(vand(vsrl(h, 2), 3), 4)), 32);
+                const vi q3 = vsubi(vor(vsrl(a, 4), vsll(vand(vsrl(h, 4), 3), 4)), 32);
+                const vi q4 = vsubi(vor(vsrl(c, 4), vsll(vsrl(h, 6), 4)), 32);
+                acc = vfma(set1(d * sc[is]), vmul(cvt(q1), ldf(x + l)), acc);
+                acc = vfma(set1(d * sc[is + 2]), vmul(cvt(q2), ldf(x + 32 + l)), acc);
+                acc = vfma(set1(d * sc[is + 4]), vmul(cvt(q3), ldf(x + 64 + l)), acc);
+                acc = vfma(set1(d * sc[is + 6]), vmul(cvt(q4), ldf(x + 96 + l)), acc);
+            }
+        }
+    }
+    return hsum(acc);
+}
+#define DOT(f) f
+#else
+#define DOT(f) nullptr
+#endif
+
+// -- the table: ggml type id -> layout and function (ids as in ggml.h) -------------------------------
+
+struct Format {
+    int type;
+    int block;      // elements per block
+    int bytes;      // bytes per block
+    dequant_fn fn;
+    dot_fn dot;     // fused dot (nullptr: dequantize into a buffer, then dot)
+};
+
+static const Format FORMATS[] = {
+    {0, 1, 4, dequant_f32, nullptr},           // F32
+    {1, 1, 2, dequant_f16, nullptr},           // F16
+    {2, 32, 2 + 16, dequant_q4_0, DOT(dot_q4_0)},    // Q4_0
+    {3, 32, 2 + 2 + 16, dequant_q4_1, DOT(dot_q4_1)},  // Q4_1
+    {6, 32, 2 + 4 + 16, dequant_q5_0, nullptr},  // Q5_0
+    {7, 32, 2 + 2 + 4 + 16, dequant_q5_1, nullptr},  // Q5_1
+    {8, 32, 2 + 32, dequant_q8_0, DOT(dot_q8_0)},    // Q8_0
+    {12, 256, 2 + 2 + 12 + 128, dequant_q4_k, DOT(dot_q4_k)},  // Q4_K
+    {13, 256, 2 + 2 + 12 + 32 + 128, dequant_q5_k, nullptr},  // Q5_K
+    {14, 256, 128 + 64 + 16 + 2, dequant_q6_k, DOT(dot_q6_k)},  // Q6_K
+    {30, 1, 2, dequant_bf16, nullptr},         // BF16
+};
+
+static const Format* find(int type) {
+    for (const Format& f : FORMATS)
+        if (f.type == type) return &f;
+    return nullptr;
+}
+
+// -- format-independent loops -------------------------------------------------------------------------
+
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 4  // rows of W fetched ahead of the one being dotted
+#endif
+static const int CHUNK = 1024;  // floats dequantized at a time per thread (4 KiB: stays in L1)
+
+static inline float dot(const float* __restrict a, const float* __restrict b, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+extern "C" {
+
+// Elements and bytes per block of `type`, 0 if this library has no function for it.
+int qk_block_elems(int type) {
+    const Format* f = find(type);
+    return f ? f->block : 0;
+}
+int qk_block_bytes(int type) {
+    const Format* f = find(type);
+    return f ? f->bytes : 0;
+}
+
+// y (T, N) = x (T, K) @ W^T; W: N rows of `row_stride` bytes. Returns 0, or -1 for an unknown type
+// or a K that is not a whole number of blocks. T <= 16 (the caller's decode path).
+int qk_matmul(int type, const uint8_t* w, int64_t row_stride, int64_t N, int64_t K, const float* x, int64_t T,
+              float* y, int n_threads) {
+    const Format* f = find(type);
+    if (!f || K % f->block != 0 || T < 1 || T > 16) return -1;
+    const int64_t nb = K / f->block;
+    if (f->dot && K % 32 == 0) {
+        std::vector<float> xsum(T * (K / 32));  // sums of x over runs of 32 (the min terms)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t j = 0; j < K / 32; j++) {
+                float s = 0.0f;
+                for (int l = 0; l < 32; l++) s += x[t * K + 32 * j + l];
+                xsum[t * (K / 32) + j] = s;
+            }
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+        for (int64_t n = 0; n < N; n++) {
+            if (n + PREFETCH_ROWS < N) {  // hardware prefetchers stop at 4 KiB pages; rows ahead, by hand
+                const char* ahead = (const char*)(w + (n + PREFETCH_ROWS) * row_stride);
+                for (int64_t o = 0; o < row_stride; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+            }
+            for (int64_t t = 0; t < T; t++)
+                y[t * N + n] = f->dot(w + n * row_stride, x + t * K, xsum.data() + t * (K / 32), nb);
+        }
+        return 0;
+    }
+    const int64_t chunk = (CHUNK / f->block > 0 ? CHUNK / f->block : 1) * f->block;  // whole blocks
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        alignas(64) float buf[CHUNK > 256 ? CHUNK : 256];
+        float acc[16] = {0};
+        const uint8_t* row = w + n * row_stride;
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+            const int64_t len = K - k0 < chunk ? K - k0 : chunk;
+            f->fn(row + k0 / f->block * f->bytes, buf, len / f->block);
+            for (int64_t t = 0; t < T; t++) acc[t] += dot(buf, x + t * K + k0, (int)len);
+        }
+        for (int64_t t = 0; t < T; t++) y[t * N + n] = acc[t];
+    }
+    return 0;
+}
+
+// out (r1 - r0, K) float32 = rows [r0, r1) of W. Returns 0, or -1 as qk_matmul.
+int qk_dequant_rows(int type, const uint8_t* w, int64_t row_stride, int64_t r0, int64_t r1, int64_t K, float* out,
+                    int n_threads) {
+    const Format* f = find(type);
+    if (!f || K % f->block != 0) return -1;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t r = r0; r < r1; r++) f->fn(w + r * row_stride, out + (r - r0) * K, K / f->block);
+    return 0;
+}
+
+}  // extern "C"

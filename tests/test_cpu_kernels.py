@@ -1,0 +1,242 @@
+"""The compiled CPU matmul kernels (runtime/cpu) against the dequantize-then-matmul reference.
+
+- every block format the library has, on random blocks with an all-zero block and extreme f16 scales
+  (65504, the largest; 2^-24, the smallest subnormal): qk_dequant_rows equals qkvgguf.quants'
+  dequantizer (bit-exact with gguf.quants) bit for bit; matmul at 1 row, 3 rows (decode kernel) and
+  GEMV_ROWS + 1 rows (dequantized tiles + torch GEMM, several tiles) within float32 rounding of the
+  float64 product of the same dequantized values, at 1 and 2 threads
+- the real SmolLM2 weights (Q4_1 and the Q8_0 embedding) the same way
+- SmolLM2 through the kernels against the float32 path (QKVGGUF_CPU_KERNELS=0): perplexity within
+  0.3%, greedy tokens identical on 3 prompts
+- the fallback: QKVGGUF_CPU_KERNELS=0 disables the build, says so once, and linear still works
+
+Tests that need the compiled library skip (saying why) on a machine without a C++ compiler; the
+fallback tests run everywhere.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from qkvgguf.quants import dequantize, get_format
+from qkvgguf.runtime import cpu, ops
+from qkvgguf.runtime.cpu import build
+from qkvgguf.runtime.weights import QTensor
+
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.F32, T.F16, T.BF16]
+F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2],
+              T.Q5_K: [0, 2], T.Q6_K: [208]}  # byte offsets of the f16 scales in a block
+EXTREME = [np.float16(65504.0), np.float16(2.0 ** -24)]
+
+
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """build.load() decides again (and logs again) inside the test; the previous decision is restored after."""
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(cpu, "_by_type", {})
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not cpu.available():
+        pytest.skip("the CPU kernels are not built here (no C++ compiler, or QKVGGUF_CPU_KERNELS=0)")
+
+
+def random_tensor(qtype: T, rows: int, blocks: int, seed: int = 0) -> QTensor:
+    """rows x blocks blocks of random bytes with sane f16 scales; row 0's first block all zero, row 1's
+    scales the largest f16, row 2's the smallest subnormal."""
+    rng = np.random.default_rng(seed)
+    fmt = get_format(qtype)
+    if fmt.block_size == 1:  # float types: random values of that dtype
+        dtype = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[qtype]
+        vals = torch.from_numpy(rng.standard_normal((rows, blocks)).astype(np.float32)).to(dtype)
+        vals[0, :8] = 0
+        raw = vals.view(torch.uint8).reshape(rows, -1).contiguous()
+    else:
+        raw = rng.integers(0, 256, (rows, blocks, fmt.type_size), dtype=np.uint8)
+        for off in F16_FIELDS[qtype]:
+            scale = (rng.standard_normal((rows, blocks)) * 0.05).astype(np.float16)
+            scale[1] = EXTREME[0]
+            scale[2] = EXTREME[1]
+            raw[:, :, off:off + 2] = scale.view(np.uint8).reshape(rows, blocks, 2)
+        raw[0, 0] = 0
+        raw = torch.from_numpy(raw.reshape(rows, -1).copy())
+    K = blocks * fmt.block_size
+    return QTensor(f"random.{qtype.name}", qtype, (rows, K), raw)
+
+
+def check_matmul(w: QTensor, T_rows: int, seed: int = 1) -> None:
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((T_rows, w.shape[1])).astype(np.float32))
+    ref_w = dequantize(w.raw, w.type).double()
+    ref = x.double() @ ref_w.T
+    bound = x.double().abs() @ ref_w.abs().T  # float32 sums of these terms err by a small multiple of eps
+    y = cpu.matmul(x, w)
+    assert y is not None and y.shape == ref.shape and y.dtype == torch.float32
+    err = (y.double() - ref).abs()
+    assert torch.all(err <= 1e-5 * bound + 1e-30), f"{w.name}: max error {float((err / (bound + 1e-30)).max()):.2e} of |x||w|"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequant_rows_bit_exact(kernels, qtype):
+    blocks = 3 if get_format(qtype).block_size == 256 else 7
+    w = random_tensor(qtype, 37, blocks if get_format(qtype).block_size > 1 else 96)
+    got = cpu.dequantize_rows(w, 0, w.shape[0])
+    want = dequantize(w.raw, w.type)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), qtype.name
+    assert torch.equal(cpu.dequantize_rows(w, 5, 9), want[5:9])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_random_blocks(kernels, qtype, threads, monkeypatch):
+    torch.set_num_threads(threads)
+    monkeypatch.setattr(cpu, "TILE_BYTES", 4 * 256 * 10)  # the prompt path in several tiles
+    try:
+        fmt = get_format(qtype)
+        w = random_tensor(qtype, 37, 3 if fmt.block_size == 256 else (7 if fmt.block_size > 1 else 96), seed=threads)
+        for rows in (1, 3, cpu.GEMV_ROWS + 1):
+            check_matmul(w, rows)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"])
+def test_matmul_smollm2_weights(kernels, smollm2_path, name):
+    from qkvgguf.gguf_file import GGUFFile
+    from qkvgguf.runtime.weights import Weights
+
+    w = Weights(GGUFFile(smollm2_path))[name]
+    if name == "token_embd.weight":  # 49,152 rows: a slice keeps the float64 reference small
+        w = QTensor(name, w.type, (4096, w.shape[1]), w.raw[:4096])
+    for rows in (1, cpu.GEMV_ROWS + 1):
+        check_matmul(w, rows)
+
+
+def test_row_length_not_whole_blocks(kernels):
+    w = random_tensor(T.Q4_0, 4, 2)
+    bad = QTensor("bad", T.Q4_0, (4, 48), w.raw)  # 48 is not a multiple of 32
+    with pytest.raises(ValueError, match="'bad'.*whole number of blocks"):
+        cpu.matmul(torch.zeros(1, 48), bad)
+
+
+# -- the fallback -------------------------------------------------------------------------------------
+
+class _W:  # the part of runtime.weights.Weights that ops.linear uses
+    def __init__(self, w):
+        from qkvgguf.runtime.weights import DequantCache
+
+        self.w, self.cache = w, DequantCache(0)
+
+    def __getitem__(self, name):
+        return self.w
+
+    def dense(self, name):
+        return self.cache.get(self.w)
+
+
+def test_fallback_when_disabled(monkeypatch, fresh_build, caplog):
+    monkeypatch.setenv("QKVGGUF_CPU_KERNELS", "0")
+    w = random_tensor(T.Q4_1, 8, 4)
+    x = torch.randn(2, w.shape[1])
+    with caplog.at_level(logging.INFO, logger="qkvgguf.runtime.cpu.build"):
+        assert not cpu.available()
+        assert cpu.matmul(x, w) is None
+        y = ops.linear(x, _W(w), w.name)
+        cpu.available()
+    assert torch.equal(y, x @ dequantize(w.raw, w.type).T)
+    said = [r for r in caplog.records if "QKVGGUF_CPU_KERNELS=0" in r.getMessage()]
+    assert len(said) == 1, "the fallback is announced exactly once"
+
+
+def test_fallback_without_compiler(monkeypatch, fresh_build, caplog):
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="qkvgguf.runtime.cpu.build"):
+        assert not cpu.available()
+    assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
+
+
+def test_failed_build_falls_back(monkeypatch, fresh_build, tmp_path, caplog):
+    monkeypatch.setenv("QKVGGUF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "SOURCE", str(tmp_path / "broken.cpp"))
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    if build._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    with caplog.at_level(logging.WARNING, logger="qkvgguf.runtime.cpu.build"):
+        assert not cpu.available()
+    assert any("failed" in r.getMessage() and "torch path" in r.getMessage() for r in caplog.records)
+    assert not any(p.suffix == ".so" for p in (tmp_path / "cpu").iterdir()), "no half-written library left behind"
+
+
+def test_no_build_at_import():
+    import subprocess
+    import sys
+
+    code = ("import qkvgguf.runtime, qkvgguf.runtime.ops, qkvgguf.cli; from qkvgguf.runtime.cpu import build; "
+            "print(build._state)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{}"
+
+
+# -- the model: kernels against the float32 path --------------------------------------------------------
+
+PROMPTS = [
+    "Once upon a time, in a small village at the edge of the forest,",
+    "The three most important things to know about the French Revolution are",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_path):
+    """{kernels on: a model without float32 cache, off: one with the 1 GiB cache (the old default)}, tokenizer."""
+    from qkvgguf import GGUFFile
+    from qkvgguf.runtime import Model
+    from qkvgguf.tokenizer import Tokenizer
+
+    gguf = GGUFFile(smollm2_path)
+    return {True: Model(gguf, cache_bytes=0), False: Model(gguf, cache_bytes=1 << 30)}, Tokenizer.from_gguf(gguf)
+
+
+def _with_kernels(enabled: bool):
+    """A context where build.load() returns the library (enabled) or None (the float32 path)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        saved, memo = dict(build._state), dict(cpu._by_type)
+        if not enabled:
+            build._state["lib"] = None
+            cpu._by_type.clear()
+        try:
+            yield
+        finally:
+            build._state.clear()
+            build._state.update(saved)
+            cpu._by_type.clear()
+            cpu._by_type.update(memo)
+    return ctx()
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_and_greedy_match_float32(kernels, smollm2_pair):
+    import texts
+    from qkvgguf.runtime import Sampler, SamplingParams, Session, perplexity
+
+    models, tok = smollm2_pair
+    ids = tok.encode(texts.sherlock()[30_000:50_000])[:512]
+    ppl, greedy = {}, {}
+    for enabled in (True, False):
+        model = models[enabled]
+        with _with_kernels(enabled):
+            assert cpu.available() == enabled
+            ppl[enabled] = perplexity(model, ids, 256).ppl  # 2 windows
+            greedy[enabled] = []
+            for prompt in PROMPTS:
+                session = Session(model, n_ctx=128)
+                greedy[enabled].append(list(session.generate(tok.encode(prompt, add_special=True), 32,
+                                                             Sampler(SamplingParams(temperature=0)))))
+    assert abs(ppl[True] / ppl[False] - 1) < 0.003, ppl
+    assert greedy[True] == greedy[False]
