@@ -115,8 +115,11 @@ def _device(args):
 
 def _recipes(args) -> list[str]:
     """The synthetic models (benchmarks/synthetic.py recipes) this run uses."""
-    return (["tiny-q4_k_m"] if args.dry_run else  # the headline model first: a stage cut short keeps it
-            ["8b-q4_k_m", "smollm2-q4_1"] if args.quick else ["8b-q4_k_m", "smollm2-q4_1", "7b-q4_0"])
+    # the headline models first (a stage cut short keeps them): 8B Q4_K_M (streams at 4 GiB) and
+    # 8B Q2_K (the size that fits a 4 GiB card whole)
+    return (["tiny-q4_k_m"] if args.dry_run else
+            ["8b-q4_k_m", "8b-q2_k", "smollm2-q4_1"] if args.quick else
+            ["8b-q4_k_m", "8b-q2_k", "smollm2-q4_1", "7b-q4_0", "8b-q3_k_m"])
 
 
 def _models(args) -> dict:
