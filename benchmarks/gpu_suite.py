@@ -31,7 +31,8 @@ time still leaves what it measured) and DIR/<stage>.log; DIR/summary.md gathers 
              q4_0 KV cache: the planner's plan, peak reserved memory against the budget, decode
              tok/s against the plan's PCIe bound at the measured pinned bandwidth, and what the
              same plan would give at PCIe 3.0 x8 / 4.0 x16 rates (4 GB laptop cards); each budget
-             with the captured CUDA-graph step (default) and with `--no-cuda-graph`
+             with the streamed step captured in a CUDA graph (`--paged-cuda-graph`, experimental)
+             and with `--no-cuda-graph`
 
 On the GPU machine (no network; torch, triton, transformers, pytest are there, `gguf` is not),
 carry the one missing wheel and a wheel of this package, made on a machine with pip access, in the
@@ -568,8 +569,7 @@ def stage_paging(st: Stage) -> None:
                  ["-p", "512", "-n", "16" if args.quick else "32", "-c", "4096"]) + ["-ctk", "q4_0", "-ctv", "q4_0"]
         if budget:
             extra += ["--vram", budget]
-        if not graph:
-            extra += ["--no-cuda-graph"]
+        extra += ["--paged-cuda-graph"] if graph else ["--no-cuda-graph"]  # paged capture: experimental
         r = cli_bench(st, models[recipe], extra, left)
         r.update(model=recipe, vram=budget, graph_asked=graph)
         plan = r.get("plan") or {}

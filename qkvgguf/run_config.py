@@ -56,6 +56,7 @@ class RunConfig:
     vram: str | int | None = None
     cpu_cache: str | int = DEFAULT_CPU_CACHE
     cuda_graph: bool = True
+    paged_cuda_graph: bool = False  # experimental: capture decode with streamed weights too
     verbose: bool = False
 
     @classmethod
@@ -65,7 +66,7 @@ class RunConfig:
         cfg = cls(model=args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, threads=args.threads,
                   type_k=args.cache_type_k, type_v=args.cache_type_v, backend=args.backend, device=args.device,
                   vram=args.vram, cpu_cache=args.cpu_cache, cuda_graph=not args.no_cuda_graph,
-                  verbose=args.verbose)
+                  paged_cuda_graph=args.paged_cuda_graph, verbose=args.verbose)
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
         return dataclasses.replace(cfg, **unset)
 
@@ -208,4 +209,4 @@ class RunConfig:
         from .runtime.generate import Session
 
         return Session(model, n_ctx=n_ctx, n_batch=self.n_batch, type_k=self.type_k, type_v=self.type_v,
-                       cuda_graph=self.cuda_graph)
+                       cuda_graph=self.cuda_graph, paged_graph=self.paged_cuda_graph)

@@ -97,6 +97,7 @@ class Session:
     type_v: str = "f16"
     tokens: list[int] = field(default_factory=list)  # what the cache holds, in order
     cuda_graph: bool = True  # decode by replaying a captured CUDA graph where supported (runtime/cuda_graph.py)
+    paged_graph: bool = False  # also capture a model whose weights stream (experimental)
 
     def __post_init__(self):
         self.cache = self.model.new_cache(self.n_ctx, self.type_k, self.type_v)
@@ -104,9 +105,10 @@ class Session:
 
     def decode(self, token: int) -> torch.Tensor:
         """Run one token after what the cache holds; return its logits (valid until the next call)."""
-        if self._graph is None and self.cuda_graph and graph_supported(self.model, self.cache) is None:
+        if (self._graph is None and self.cuda_graph
+                and graph_supported(self.model, self.cache, self.paged_graph) is None):
             try:
-                self._graph = GraphDecoder(self.model, self.cache)
+                self._graph = GraphDecoder(self.model, self.cache, paged=self.paged_graph)
             except RuntimeError as e:  # a capture the driver refused: decode eagerly, say so once
                 log.warning("CUDA graph capture failed (%s); decoding with ordinary launches", str(e).splitlines()[0])
                 self.cuda_graph = False

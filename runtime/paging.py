@@ -20,7 +20,9 @@ decode step replays the same copies into the same addresses. The side stream for
 compute stream at each prefetch (`wait_stream`, which also orders the copy after the slot's
 previous user, released before that point), `begin_capture` forgets events recorded before the
 capture, and `join` makes the compute stream wait for the copy still in flight at the end of a
-step (the next step's first unit), so the graph has no unjoined work.
+step (the next step's first unit), so the graph has no unjoined work; `end_capture` forgets the
+events recorded in the capture (waiting on one outside the graph is an invalid argument, as the
+2026-12-04 H200 run showed when an eager prompt followed the capture).
 """
 
 from __future__ import annotations
@@ -115,6 +117,12 @@ class Streamer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.ready = {u: None for u in self.ready}
+
+    def end_capture(self) -> None:
+        """After a capture: the events recorded in it belong to the graph and cannot be waited on
+        outside it. Every copy the graph issues completes before the graph does (`join`), and later
+        work on the compute stream is ordered after the graph, so nothing is left to wait for."""
+        self.ready = {u: None for u in self.ready}
 
     def join(self) -> None:
         """The compute stream waits for every copy issued so far (the end of a captured step)."""

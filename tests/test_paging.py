@@ -110,18 +110,26 @@ def test_forward_from_embedding_rows_equals_forward_from_tokens(tmp_path, tied):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_paged_graph_decode_equals_paged_eager_on_gpu(tmp_path, tied):
     """The captured paged step (copies, side stream and events inside the graph) replays what eager
-    paged decode computes: same greedy tokens, logits to fp16 tolerance."""
+    paged decode computes, also with an eager prompt between replays: same greedy tokens, logits to
+    fp16 tolerance."""
     pytest.importorskip("triton")
     gguf, p = _tiny_paged(tmp_path, "cuda", tied)
     model = Model(gguf, plan=p, backend="triton", device="cuda")
     assert model.weights.streamed
     prompt = [5, 17, 42, 99, 3]
     eager = Session(model, 32, 8, "f16", "f16", cuda_graph=False)
-    graph = Session(model, 32, 8, "f16", "f16", cuda_graph=True)
+    graph = Session(model, 32, 8, "f16", "f16", cuda_graph=True, paged_graph=True)
     outs = []
     for s in (eager, graph):
         logits, toks, ls = s.feed(prompt), [], []
         for _ in range(12):
+            toks.append(int(logits.argmax()))
+            logits = s.decode(toks[-1])
+            ls.append(logits.float().clone())
+        # an eager prompt after the capture and replays (a chat turn), then replays again
+        logits = s.feed(s.tokens + [7, 8, 9])
+        ls.append(logits.float().clone())
+        for _ in range(3):
             toks.append(int(logits.argmax()))
             logits = s.decode(toks[-1])
             ls.append(logits.float().clone())
@@ -150,14 +158,14 @@ def test_failed_graph_capture_falls_back_to_eager_decode(tmp_path, monkeypatch, 
 
     want = greedy(Session(model, 32, 8, "f16", "f16", cuda_graph=False))
 
-    def refuse(model, cache):
+    def refuse(model, cache, paged=False):
         st = model.weights.streamer  # a capture that ran the host side but copied nothing:
         st.in_slot = [st.order[0], st.order[1] if len(st.order) > 1 else None]
         for slot in st.slots:
             slot.zero_()
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(generate, "graph_supported", lambda m, c: None)
+    monkeypatch.setattr(generate, "graph_supported", lambda m, c, paged=False: None)
     monkeypatch.setattr(generate, "GraphDecoder", refuse)
     s = Session(model, 32, 8, "f16", "f16", cuda_graph=True)
     with caplog.at_level("WARNING"):
