@@ -90,7 +90,7 @@ def all_types_file(tmp_path_factory):
         fmt = quants.get_format(qtype)
         data = fmt.quantize(x) if fmt.quantize else gguf.quants.quantize(x, qtype)  # Q5_0/Q5_1: gguf's
         w.add_tensor(f"t.{qtype.name.lower()}", data, raw_dtype=qtype)  # uint8 (rows, row bytes)
-    w.add_tensor("t.tq2_0", _random_blocks(T.TQ2_0, 8, rng).reshape(4, -1), raw_dtype=T.TQ2_0)
+    w.add_tensor("t.tq2_0", _random_blocks(T.TQ2_0, 16, rng).reshape(4, -1), raw_dtype=T.TQ2_0)  # 16 x 66 bytes: no padding
     w.add_tensor("nan", np.full(8, np.nan, dtype=np.float32))
     w.add_tensor("odd", np.arange(5, dtype=np.float32))  # 20 bytes: 12 bytes of padding follow
     w.write_header_to_file()
