@@ -85,6 +85,7 @@ class KVType:
     head_dim_multiple: int = 1
     device_position: bool = True  # can decode at a device-side position (CUDA graphs); q4g cannot
     help: str = ""
+    n_sink: int = N_SINK  # groups layout: leading positions kept in f16 (the ablation varies it)
     f16_rows: int = 0  # float16 rows allocated per layer and KV head whatever n_ctx (q4g: sinks + tail)
     unrated: Callable[[int], int] = _all_rated  # positions of n_ctx held only in those rows (no rate paid)
 

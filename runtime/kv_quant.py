@@ -160,16 +160,19 @@ class BlockStore(Store):
 class GroupStore(Store):
     """q4g: f16 sinks and newest partial group, complete groups of 64 positions quantized."""
 
-    def __init__(self, shape, kind, device):
+    def __init__(self, shape, kind, device, n_sink: int = N_SINK, keys: str = "q4g_k"):
+        """n_sink, keys: q4g's f16 sinks and its key layout ("q4g_k" per channel; "q4_0" per token,
+        as the values): parameters so that benchmarks/kv_ablation.py can measure each part alone."""
         n_layer, n_kv, n_ctx, d = shape
-        self.kind, self.d, self.n_ctx = kind, d, n_ctx
-        self.n_group = max(0, (n_ctx - N_SINK) // GROUP)
+        self.kind, self.d, self.n_ctx, self.n_sink = kind, d, n_ctx, n_sink
+        self.channels = kind == "k" and keys == "q4g_k"  # per-channel codes, else q4_0 rows
+        self.n_group = max(0, (n_ctx - self.n_sink) // GROUP)
         n_q = self.n_group * GROUP
         t = {
-            "sink": torch.zeros((n_layer, n_kv, N_SINK, d), dtype=torch.float16, device=device),
+            "sink": torch.zeros((n_layer, n_kv, self.n_sink, d), dtype=torch.float16, device=device),
             "tail": torch.zeros((n_layer, n_kv, GROUP, d), dtype=torch.float16, device=device),
         }
-        if kind == "k":
+        if self.channels:
             t["codes"] = torch.zeros((n_layer, n_kv, n_q, d // 2), dtype=torch.uint8, device=device)
             t["scales"] = torch.zeros((n_layer, n_kv, self.n_group, 2, d), dtype=torch.float16, device=device)
         else:
@@ -179,28 +182,28 @@ class GroupStore(Store):
 
     def cuts(self, start, end):
         # group g is complete once position S + 64(g+1) - 1 is written; a query there sees it quantized
-        first = N_SINK + GROUP - 1
+        first = self.n_sink + GROUP - 1
         c = first + max(0, -(-(start + 1 - first) // GROUP)) * GROUP  # smallest group end - 1 > start
         return list(range(c, end, GROUP))
 
     def write(self, layer, pos, x):
         end = pos + x.shape[1]
-        if pos < N_SINK:
-            n = min(end, N_SINK) - pos
+        if pos < self.n_sink:
+            n = min(end, self.n_sink) - pos
             self.sink[layer, :, pos:pos + n] = x[:, :n]
             x, pos = x[:, n:], pos + n
         while pos < end:
-            i = (pos - N_SINK) % GROUP
+            i = (pos - self.n_sink) % GROUP
             n = min(end - pos, GROUP - i)
             self.tail[layer, :, i:i + n] = x[:, :n]
             if i + n == GROUP:
-                self._store_group(layer, (pos - N_SINK) // GROUP, self.tail[layer].float())
+                self._store_group(layer, (pos - self.n_sink) // GROUP, self.tail[layer].float())
             x, pos = x[:, n:], pos + n
 
     def _store_group(self, layer, g, x):
         """x float32 (n_kv, 64, d): group g of this layer."""
         rows = slice(g * GROUP, (g + 1) * GROUP)
-        if self.kind == "k":
+        if self.channels:
             codes, scales = quantize_channels_q4(x)
             self.tensors["codes"][layer, :, rows] = codes
             self.tensors["scales"][layer, :, g] = scales
@@ -210,27 +213,27 @@ class GroupStore(Store):
     def _load_groups(self, layer, g0, g1):
         """float32 (n_kv, (g1 - g0) * 64, d): groups [g0, g1) of this layer, dequantized."""
         rows = slice(g0 * GROUP, g1 * GROUP)
-        if self.kind == "k":
+        if self.channels:
             return dequantize_channels_q4(self.tensors["codes"][layer, :, rows], self.tensors["scales"][layer, :, g0:g1])
         return dequantize_rows(self.tensors["blocks"][layer, :, rows], dequantize_q4_0)
 
     def read(self, layer, end):
-        parts = [self.sink[layer, :, :min(end, N_SINK)].float()]
-        if end > N_SINK:
-            n_full = (end - N_SINK) // GROUP
+        parts = [self.sink[layer, :, :min(end, self.n_sink)].float()]
+        if end > self.n_sink:
+            n_full = (end - self.n_sink) // GROUP
             if n_full:
                 parts.append(self._load_groups(layer, 0, n_full))
-            parts.append(self.tail[layer, :, :end - N_SINK - n_full * GROUP].float())
+            parts.append(self.tail[layer, :, :end - self.n_sink - n_full * GROUP].float())
         return torch.cat(parts, dim=1)
 
     def operand(self, layer, end):
         """Segments: sinks [0, S), complete groups [S, b_end) quantized, the tail [b_end, end) in f16."""
         from .kernels.attention import KVOperand
 
-        n_full = max(0, end - N_SINK) // GROUP
+        n_full = max(0, end - self.n_sink) // GROUP
         n_kv, n_ctx = self.sink.shape[1], self.n_ctx
-        seg = dict(a=self.sink[layer], c=self.tail[layer], a_end=N_SINK, b_end=N_SINK + n_full * GROUP)
-        if self.kind == "k":
+        seg = dict(a=self.sink[layer], c=self.tail[layer], a_end=self.n_sink, b_end=self.n_sink + n_full * GROUP)
+        if self.channels:
             return KVOperand("q4g_k", self.tensors["codes"][layer], n_kv, self.d, n_ctx,
                              scales=self.tensors["scales"][layer], **seg)
         return KVOperand("q4_0", self.tensors["blocks"][layer], n_kv, self.d, n_ctx, **seg)
@@ -238,10 +241,10 @@ class GroupStore(Store):
     def truncate(self, old, new):
         """Reopen the group that `new` falls inside; if it was complete, its kept positions come
         back from the quantized values (they are quantized again when the group fills)."""
-        if new <= N_SINK:
+        if new <= self.n_sink:
             return
-        g, i = divmod(new - N_SINK, GROUP)
-        if i and old >= N_SINK + (g + 1) * GROUP:
+        g, i = divmod(new - self.n_sink, GROUP)
+        if i and old >= self.n_sink + (g + 1) * GROUP:
             for layer in range(self.sink.shape[0]):
                 self.tail[layer, :, :i] = self._load_groups(layer, g, g + 1)[:, :i]
 
@@ -315,7 +318,7 @@ def q8_0_round_trip(x: torch.Tensor) -> torch.Tensor:
 STORES: dict[str, Callable[[KVType, tuple, str, torch.device], Store]] = {  # KVType.store -> constructor
     "dense": lambda t, shape, kind, device: DenseStore(shape, getattr(torch, t.dtype), device),
     "blocks": lambda t, shape, kind, device: BlockStore(shape, t.formats[kind == "v"], device),
-    "groups": lambda t, shape, kind, device: GroupStore(shape, kind, device),
+    "groups": lambda t, shape, kind, device: GroupStore(shape, kind, device, t.n_sink, t.formats[0]),
 }
 
 
