@@ -50,6 +50,10 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with ordinary kernel launches instead of replaying a captured CUDA graph (run, bench; "
                         "perplexity scores whole windows and never decodes one token at a time)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None, metavar="N",
+                   help="keep the first N layers in VRAM and stream the others (the output matrix stays in VRAM "
+                        "only when N exceeds the layer count, as llama.cpp counts); default: the planner chooses "
+                        "within --vram")
     p.add_argument("--paged-cuda-graph", action="store_true",
                    help="experimental: capture the decode step in a CUDA graph also when --vram makes weights "
                         "stream (the copies go into the graph); not yet verified on a GPU")

@@ -57,6 +57,7 @@ class RunConfig:
     cpu_cache: str | int = DEFAULT_CPU_CACHE
     cuda_graph: bool = True
     paged_cuda_graph: bool = False  # experimental: capture decode with streamed weights too
+    n_gpu_layers: int | None = None  # -ngl: the first N layers resident, the rest streamed
     verbose: bool = False
 
     @classmethod
@@ -66,7 +67,7 @@ class RunConfig:
         cfg = cls(model=args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, threads=args.threads,
                   type_k=args.cache_type_k, type_v=args.cache_type_v, backend=args.backend, device=args.device,
                   vram=args.vram, cpu_cache=args.cpu_cache, cuda_graph=not args.no_cuda_graph,
-                  paged_cuda_graph=args.paged_cuda_graph, verbose=args.verbose)
+                  paged_cuda_graph=args.paged_cuda_graph, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
         return dataclasses.replace(cfg, **unset)
 
@@ -80,6 +81,8 @@ class RunConfig:
             raise QkvggufError(f"--threads must be at least 1, got {self.threads}")
         if self.n_batch < 1:
             raise QkvggufError(f"--batch-size must be at least 1, got {self.n_batch}")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < 0:
+            raise QkvggufError(f"-ngl/--n-gpu-layers must be 0 or more, got {self.n_gpu_layers}")
         if self.n_ctx is not None and self.n_ctx < 0:
             raise QkvggufError(f"-c/--ctx-size must be positive, got {self.n_ctx}")
         for flag, t in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
@@ -184,8 +187,8 @@ class RunConfig:
             cache_type(t, cfg.head_dim)  # a type the model's head_dim cannot hold fails here
         budget = parse_size(self.vram) if self.vram is not None else None
         if not device.startswith("cuda"):
-            if budget is not None and self.verbose:
-                log("--vram applies to CUDA devices; ignored on the CPU")
+            if (budget is not None or self.n_gpu_layers is not None) and self.verbose:
+                log("--vram and -ngl apply to CUDA devices; ignored on the CPU")
             return None
         dev = torch.device(device)
         if dev.index is None:  # set_per_process_memory_fraction needs an explicit index
@@ -193,7 +196,8 @@ class RunConfig:
         free, total = torch.cuda.mem_get_info(dev)
         if budget is None:
             budget = free - 256 * 2**20
-        p = plan(specs_of(gguf), cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path)
+        p = plan(specs_of(gguf), cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
+                 n_gpu_layers=self.n_gpu_layers)
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - p.context_bytes) / total)), dev)
         return p
 

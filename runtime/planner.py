@@ -180,15 +180,22 @@ def _spread(u: int) -> int:
 
 def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
          type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
-         context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model") -> Plan:
+         context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model",
+         n_gpu_layers: Optional[int] = None) -> Plan:
     """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
-    resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits."""
+    resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits.
+
+    n_gpu_layers (llama.cpp's -ngl): the first N layers resident and every other layer streamed,
+    the output matrix resident only when N > n_layer (as llama.cpp counts it), instead of the
+    planner's own choice; BudgetTooSmall when those do not fit."""
     tensors = list(tensors)
     units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
     order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
     host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
     everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
                       units, resident_units=order, unit_raw=raw)  # all resident, the embedding too
+    if n_gpu_layers is not None and n_gpu_layers <= cfg.n_layer:
+        return _forced(everything, order, small, host, n_gpu_layers, budget, source)
     if budget is None or everything.total_bytes <= budget:
         everything.budget = budget if budget is not None else everything.total_bytes
         return everything
@@ -219,6 +226,22 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
             best = cand
     assert best is not None  # budget >= minimum guarantees the all-streamed plan
     return best
+
+
+def _forced(everything: Plan, order: list[int], small: int, host: list[str], n_gpu_layers: int,
+            budget: Optional[int], source: str) -> Plan:
+    """`-ngl N`: layers [0, N) resident, the rest (the output matrix included) streamed."""
+    e = everything
+    resident = [u for u in order if u != OUTPUT_UNIT and u < n_gpu_layers]
+    streamed = [u for u in order if u not in resident]
+    p = Plan(0, e.n_ctx, e.n_batch, e.type_k, e.type_v, e.kv_bytes, e.activation_bytes, e.context_bytes, small,
+             e.unit_bytes, resident, streamed, host, e.unit_raw)
+    if budget is not None and p.total_bytes > budget:
+        raise BudgetTooSmall(
+            f"{source}: -ngl {n_gpu_layers} needs {format_bytes(p.total_bytes)} (the first {n_gpu_layers} layers "
+            f"resident, the rest streamed), more than {format_bytes(budget)}; use a smaller -ngl or leave it out")
+    p.budget = budget if budget is not None else p.total_bytes
+    return p
 
 
 def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",

@@ -134,6 +134,29 @@ def test_vram_budget_too_small_fails_before_allocating(monkeypatch, smollm2_path
     assert fraction == [pytest.approx((p.budget - p.context_bytes) / (4 * 2**30))]
 
 
+def test_n_gpu_layers_flag_reaches_the_plan(smollm2_path, monkeypatch, capsys):
+    """-ngl goes through RunConfig to the planner (fake CUDA memory queries); negative: one-line error."""
+    import torch
+
+    from qkvgguf import GGUFFile
+    from qkvgguf.cli import build_parser
+    from qkvgguf.config import ModelConfig
+    from qkvgguf.run_config import RunConfig
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (3 * 2**30, 4 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, dev=None: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gguf = GGUFFile(smollm2_path)
+    cfg = ModelConfig.from_gguf(gguf)
+    args = build_parser().parse_args(["bench", "-m", smollm2_path, "-ngl", "7"])
+    rc = RunConfig.from_args(args)
+    assert rc.n_gpu_layers == 7
+    p = rc.plan_vram(gguf, cfg, "cuda", 512, smollm2_path)
+    assert [u for u in p.resident_units if u >= 0] == list(range(7)) and len(p.streamed_units) == cfg.n_layer - 7 + 1
+    assert main(["run", "-m", smollm2_path, "-ngl", "-1", "hi"]) == 2
+    one_line_error(2, capsys.readouterr().err, "-ngl/--n-gpu-layers must be 0 or more")
+
+
 def test_backend_flags(capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["run", "--backend", "triton", "--device", "cpu", "hi"]) == 2

@@ -30,13 +30,16 @@ def smollm2(smollm2_path):
     return gguf, ids, ref
 
 
-@pytest.mark.parametrize("which", ["most layers stream", "minimum budget", "everything streams"])
+@pytest.mark.parametrize("which", ["most layers stream", "minimum budget", "everything streams", "-ngl 10"])
 def test_smollm2_paged_equals_unpaged(smollm2, which):
     gguf, ids, ref = smollm2
     cfg = ModelConfig.from_gguf(gguf)
     low = minimum_budget(specs_of(gguf), cfg, 64, "f32", "f32", 32)  # two slots of the output matrix
     budget = low + 20 * MiB if which == "most layers stream" else low
     p = _plan(gguf, budget)
+    if which == "-ngl 10":  # layers 0-9 resident, 10-29 and the output streamed
+        p = plan(specs_of(gguf), cfg, None, 64, "f32", "f32", n_batch=32, n_gpu_layers=10)
+        budget = p.budget
     assert p.total_bytes <= budget and p.streamed_units
     if which == "everything streams":  # not a plan the planner makes (it keeps what fits): forced
         p = dataclasses.replace(p, resident_units=[], streamed_units=sorted(p.unit_bytes))

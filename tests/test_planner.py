@@ -162,3 +162,28 @@ def test_streamed_layers_are_spread_through_the_model(model, n_streamed):
     even = cfg.n_layer / len(streamed)
     assert max(gaps) <= 2 * even and min(gaps) >= even / 2, streamed  # no runs, no long holes
     assert streamed[-1] - streamed[0] >= cfg.n_layer / 2, streamed  # across the model, not its end
+
+
+@pytest.mark.parametrize("ngl", [0, 1, 20, 31, 32, 33, 99])
+def test_n_gpu_layers_forces_the_first_layers_resident(model, ngl):
+    """-ngl N (llama.cpp's flag): layers [0, N) resident, every other streamed; the output matrix is
+    resident only when N > n_layer (llama.cpp counts it as layer n_layer); totals as accounted."""
+    cfg, specs = model
+    p = plan(specs, cfg, None, 4096, "q4_0", "q4_0", n_gpu_layers=ngl)
+    layers = [u for u in p.resident_units if u != OUTPUT_UNIT]
+    assert layers == list(range(min(ngl, cfg.n_layer)))
+    assert (OUTPUT_UNIT in p.resident_units) == (ngl > cfg.n_layer)
+    assert sorted(p.resident_units + p.streamed_units) == sorted(plan(specs, cfg, None, 4096, "q4_0", "q4_0").resident_units)
+    assert p.total_bytes <= p.budget
+    if p.streamed_units:
+        assert p.host_tensors == ["token_embd.weight"]  # the untied embedding's rows gathered on the host
+        big = plan(specs, cfg, 64 * 2**30, 4096, "q4_0", "q4_0", n_gpu_layers=ngl)
+        assert big.resident_units == p.resident_units and big.budget == 64 * 2**30  # a budget never adds layers
+
+
+def test_n_gpu_layers_that_do_not_fit_say_so(model):
+    cfg, specs = model
+    need = plan(specs, cfg, None, 4096, "q4_0", "q4_0", n_gpu_layers=20).total_bytes
+    assert plan(specs, cfg, need, 4096, "q4_0", "q4_0", n_gpu_layers=20).total_bytes == need
+    with pytest.raises(BudgetTooSmall, match="-ngl 20 needs .* use a smaller -ngl"):
+        plan(specs, cfg, need - 1, 4096, "q4_0", "q4_0", n_gpu_layers=20, source="m.gguf")
