@@ -15,7 +15,8 @@ time still leaves what it measured) and DIR/<stage>.log; DIR/summary.md gathers 
     models   synthetic GGUFs with real models' shapes and types (benchmarks/synthetic.py):
              SmolLM2-135M Q4_1 (the demo model's layout), Llama-3-8B Q4_K_M, Llama-2-7B Q4_0
     tests    pytest on the CUDA device: the kernel, KV-kernel, CUDA-graph, paging and
-             CUDA-path tests (the real SmolLM2 file cannot travel: its tests are skipped)
+             CUDA-path tests (the real SmolLM2 file cannot travel: its tests are skipped), with
+             QKVGGUF_AUTOTUNE=0 (one compiled config per format: correctness, not speed)
     kernels  quantized GEMV (M = 1) and GEMM (M = 512) at 7-8B shapes: time, bandwidth as a
              fraction of the copy bandwidth, and torch's own kernels on the same shapes in the
              same run: cuBLAS fp16 / bf16 on the dense weight and the int4 weight-only kernel
@@ -266,7 +267,9 @@ def stage_tests(st: Stage) -> None:
     cmd = [sys.executable, "-P", "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", *files]
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd += ["--timeout", "120"]
-    env = dict(os.environ, QKVGGUF_NO_DEFAULT_MODEL="1")  # the 98 MB demo file cannot travel here
+    # the 98 MB demo file cannot travel here; one kernel config per format, untimed: the 2026-12-04
+    # second-session run spent its whole tests stage compiling every autotune candidate of the first test
+    env = dict(os.environ, QKVGGUF_NO_DEFAULT_MODEL="1", QKVGGUF_AUTOTUNE="0")
     log = os.path.join(args.out, "tests-pytest.log")
     t0 = time.perf_counter()
     with open(log, "w") as f:

@@ -413,3 +413,18 @@ def test_kernels_compile_for_gpus_without_one(tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("sm_80")]
     assert any("gemv Q4_K" in ln for ln in lines) and any("flash_decode" in ln for ln in lines), r.stdout
     assert not [ln for ln in lines if ln.split()[1] == "gemv" and "SPILLS" in ln], r.stdout
+
+
+def test_untuned_config_is_the_first_candidate(monkeypatch):
+    """QKVGGUF_AUTOTUNE=0 (the GPU suite's tests stage: one compile per format) pins the first candidate."""
+    import importlib
+
+    qm = importlib.import_module("qkvgguf.runtime.kernels.qmatmul")  # the module (the package exports the function)
+    monkeypatch.delenv("QKVGGUF_AUTOTUNE", raising=False)
+    assert qm.autotuning()
+    monkeypatch.setenv("QKVGGUF_AUTOTUNE", "0")
+    assert not qm.autotuning()
+    for kind, configs in (("gemv", qm.gemv_configs), ("gemm", qm.gemm_configs)):
+        for qtype in FORMATS:
+            c = configs(qtype)[0]
+            assert qm.untuned_config(kind, qtype) == {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}

@@ -28,7 +28,9 @@ Two launch strategies, chosen by M in `qmatmul`:
 Both accumulate in float32 and write `out_dtype` (default: x's dtype).
 
 Autotuning: `gemv_configs` / `gemm_configs` list the candidates; `qmatmul(..., config=...)` pins
-one (the tests do; under TRITON_INTERPRET=1 the first candidate is used without tuning).
+one (the tests do; under TRITON_INTERPRET=1 big interpreter tiles are used without tuning, and with
+QKVGGUF_AUTOTUNE=0 the first candidate: one compile per format instead of one per candidate, for
+correctness runs on a GPU where compile time is the cost, as the GPU suite's tests stage).
 `aot.py` compiles every candidate for sm75/sm80/sm90 without a GPU and reports ptxas's
 registers and spills.
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 import torch
 import triton
@@ -273,6 +276,8 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype 
         fmt["BLOCK_M"] = next_pow2(M)
         if config is None and interpreting():
             config = interpreter_config("gemv", qtype)
+        elif config is None and not autotuning():
+            config = untuned_config("gemv", qtype)
         if config is None:
             kernel = _tuned("gemv", qtype)
             kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **fmt)
@@ -284,6 +289,8 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype 
     fmt["PRECISION"] = fp32_precision(x.device, precision)
     if config is None and interpreting():
         config = interpreter_config("gemm", qtype)
+    elif config is None and not autotuning():
+        config = untuned_config("gemm", qtype)
     if config is None:
         kernel = _tuned("gemm", qtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -292,6 +299,17 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype 
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         _gemm_kernel[grid](*args, **fmt, **config)
     return y
+
+
+def autotuning() -> bool:
+    """False when QKVGGUF_AUTOTUNE=0: kernels launch with their first candidate, untimed."""
+    return os.environ.get("QKVGGUF_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def untuned_config(kind: str, qtype: T) -> dict:
+    """The first autotune candidate as a pinned config (QKVGGUF_AUTOTUNE=0)."""
+    c = (gemv_configs if kind == "gemv" else gemm_configs)(T(qtype))[0]
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
 def interpreter_config(kind: str, qtype: T) -> dict:
