@@ -185,9 +185,14 @@ class Weights:
 
     def rows_device(self, name: str) -> torch.device:
         """Where `rows` gathers this tensor's rows: the host for a host-side or streamed tensor."""
-        if self.cache.peek(name) is not None:
-            return self.cache.peek(name).device
-        return self.host_raw.get(name, self.tensors[name].raw).device
+        hit = self.cache.peek(name)
+        return hit.device if hit is not None else self._row_bytes(name).device
+
+    def _row_bytes(self, name: str) -> torch.Tensor:
+        """The bytes `rows` gathers from. A streamed tensor (a tied embedding that is also the
+        streamed output matrix) is read from its host bytes: its QTensor views a staging slot only
+        between acquire and release, and the slot may be refilled at any time outside that window."""
+        return self.host_raw.get(name, self.tensors[name].raw)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Selected rows as float32 (embedding lookup): dequantizes only those rows."""
@@ -195,10 +200,7 @@ class Weights:
         hit = self.cache.peek(name)
         if hit is not None:
             return hit[ids]
-        # A streamed tensor (a tied embedding that is also the streamed output matrix) is read from
-        # its host bytes: its QTensor views a staging slot only between acquire and release, and
-        # the slot may be refilled for another unit at any time outside that window.
-        raw = self.host_raw.get(name, w.raw)
+        raw = self._row_bytes(name)
         if raw.device != ids.device:  # a host-side embedding: gather there, copy the rows
             rows = dequantize(raw[ids.to(raw.device)], w.type)
             return rows.to(ids.device)
