@@ -54,6 +54,10 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
                    help="keep the first N layers in VRAM and stream the others (the output matrix stays in VRAM "
                         "only when N exceeds the layer count, as llama.cpp counts); default: the planner chooses "
                         "within --vram")
+    p.add_argument("--placement", default="auto", choices=["auto", "stream", "cpu"],
+                   help="layers that do not fit --vram: stream them over PCIe, compute them on the CPU from host "
+                        "memory (llama.cpp's partial offload), or auto: per layer, whichever this machine's measured "
+                        "bandwidths predict faster (default auto; with -ngl, auto means stream)")
     p.add_argument("--paged-cuda-graph", action="store_true",
                    help="experimental: capture the decode step in a CUDA graph also when --vram makes weights "
                         "stream (the copies go into the graph); not yet verified on a GPU")

@@ -57,7 +57,8 @@ class RunConfig:
     cpu_cache: str | int = DEFAULT_CPU_CACHE
     cuda_graph: bool = True
     paged_cuda_graph: bool = False  # experimental: capture decode with streamed weights too
-    n_gpu_layers: int | None = None  # -ngl: the first N layers resident, the rest streamed
+    n_gpu_layers: int | None = None  # -ngl: the first N layers resident, the rest streamed or on the CPU
+    placement: str = "auto"  # units that do not fit: "stream", "cpu" or "auto" (runtime/planner.py)
     verbose: bool = False
 
     @classmethod
@@ -67,7 +68,8 @@ class RunConfig:
         cfg = cls(model=args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, threads=args.threads,
                   type_k=args.cache_type_k, type_v=args.cache_type_v, backend=args.backend, device=args.device,
                   vram=args.vram, cpu_cache=args.cpu_cache, cuda_graph=not args.no_cuda_graph,
-                  paged_cuda_graph=args.paged_cuda_graph, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+                  paged_cuda_graph=args.paged_cuda_graph, n_gpu_layers=args.n_gpu_layers,
+                  placement=getattr(args, "placement", "auto"), verbose=args.verbose)
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
         return dataclasses.replace(cfg, **unset)
 
@@ -81,6 +83,10 @@ class RunConfig:
             raise QkvggufError(f"--threads must be at least 1, got {self.threads}")
         if self.n_batch < 1:
             raise QkvggufError(f"--batch-size must be at least 1, got {self.n_batch}")
+        from .runtime.planner import PLACEMENTS
+
+        if self.placement not in PLACEMENTS:
+            raise QkvggufError(f"--placement must be one of {', '.join(PLACEMENTS)}, got '{self.placement}'")
         if self.n_gpu_layers is not None and self.n_gpu_layers < 0:
             raise QkvggufError(f"-ngl/--n-gpu-layers must be 0 or more, got {self.n_gpu_layers}")
         if self.n_ctx is not None and self.n_ctx < 0:
@@ -196,8 +202,17 @@ class RunConfig:
         free, total = torch.cuda.mem_get_info(dev)
         if budget is None:
             budget = free - 256 * 2**20
-        p = plan(specs_of(gguf), cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
-                 n_gpu_layers=self.n_gpu_layers)
+        specs = specs_of(gguf)
+        p = plan(specs, cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
+                 n_gpu_layers=self.n_gpu_layers, placement="stream" if self.placement == "auto" else self.placement)
+        if self.placement == "auto" and self.n_gpu_layers is None and not p.all_resident:
+            from .runtime import machine  # stream or compute on the CPU, by this machine's measured costs
+            from .runtime.planner import unit_of
+
+            tied = "output.weight" not in gguf.tensors
+            costs = machine.costs(dev, {t.type for t in specs if unit_of(t.name, tied) is not None}, self.threads)
+            p = plan(specs, cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
+                     placement="auto", costs=costs)
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - p.context_bytes) / total)), dev)
         return p
 

@@ -49,6 +49,8 @@ def graph_supported(model: Model, cache: KVCache, paged: bool = False) -> Option
     for t in (cache.type_k, cache.type_v):
         if not cache_type(t).device_position:
             return f"cache type {t} decides its groups on the host"
+    if model.weights.cpu_computed:
+        return "some layers are computed on the CPU (--placement)"
     if model.weights.streamed and not paged:
         return "some weights stream from host memory (--paged-cuda-graph captures them too: experimental)"
     return None

@@ -19,6 +19,8 @@ from . import cpu
 
 def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
     """x (T, in) @ W[name].T (out, in) -> (T, out), plus W[bias] if given."""
+    if name in W.cpu_computed:
+        return host_linear(x, W, name, bias)
     y = None
     if x.device.type == "cpu" and (x.shape[0] <= cpu.GEMV_ROWS or W.cache.peek(name) is None):
         y = cpu.matmul(x, W[name])  # None: no kernels for this tensor
@@ -27,6 +29,19 @@ def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tens
     if bias is not None:
         y = y + W.dense(bias)
     return y
+
+
+def host_linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
+    """A CPU-computed unit's matmul (planner placement "cpu"), from any backend: x goes to the host
+    as float32, the CPU kernels read W[name]'s blocks from host memory, y comes back in x's dtype
+    and device. Moves T x (in + out) values, never the weight."""
+    xh = x.to("cpu", torch.float32)
+    y = cpu.matmul(xh, W[name])
+    if y is None:  # no CPU kernel for this type: dequantize (through the cache) and multiply
+        y = xh @ W.dense(name).T
+    if bias is not None:
+        y = y + W.dense(bias).to("cpu", torch.float32)
+    return y.to(x.device, x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -20,7 +20,9 @@ rope_cos_sin = torch_ops.rope_cos_sin
 
 
 def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
-    """x (T, in) @ W[name].T -> (T, out) in x's dtype."""
+    """x (T, in) @ W[name].T -> (T, out) in x's dtype (a CPU-computed unit's: torch_ops.host_linear)."""
+    if name in W.cpu_computed:
+        return torch_ops.host_linear(x, W, name, bias)
     w = W[name]
     if w.type in FLOAT_TYPES:  # the stored floats as they are: no dequantized or converted copy
         wf = w.float_view()  # fp16 x: an F16/BF16 weight is used in its own dtype, F32 in fp32

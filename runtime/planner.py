@@ -25,10 +25,21 @@ Per decode token, the streamed units cross PCIe once: `pcie_bytes_per_token`. Wi
 overlapped with compute, a decode step takes about max(streamed / h2d bandwidth, everything read /
 device bandwidth): `predicted_tokens_per_s`. A prompt chunk of T tokens moves the same bytes
 once for all T tokens.
+
+A third placement, "computed on the CPU" (`placement="cpu"` or `"auto"`), keeps a unit's weights in
+host memory and runs its matmuls there with the CPU kernels (runtime/cpu; the activation row crosses
+PCIe, a few KB, instead of the weights); it needs no staging slot. This is llama.cpp's partial
+offload, applied per matmul: the layer's attention, norms and KV cache stay on the GPU. Its cost is
+the CPU's time to read those weights (`Costs.cpu_bytes_per_s`, per type, measured once per machine
+by runtime/machine.py) plus a fixed cost per offloaded matmul (two small copies and a sync), and it
+does not overlap with the GPU's work. `placement="auto"` picks, among the plans the budget allows,
+the one with the smallest predicted decode step (`Plan.step_seconds`): for each staging size, the
+most bytes resident, then each remaining unit streamed or CPU-computed, whichever adds less time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -63,6 +74,30 @@ class BudgetTooSmall(QkvggufError):
 class TensorSpec:
     name: str
     n_bytes: int
+    type: Optional[str] = None  # ggml type name ("Q4_K"): what a CPU matmul over it costs
+
+
+PLACEMENTS = ("stream", "cpu", "auto")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """One machine's bandwidths, as the planner's cost model uses them (bytes per second).
+
+    h2d: pinned host -> device copy; device: device memory read (a decode step reads every resident
+    and streamed weight once); cpu: weight bytes per second a one-token CPU matmul of each ggml type
+    reads (runtime/cpu kernels, at the run's thread count); cpu_call_s: fixed cost of one offloaded
+    matmul (activation to the host and back, a sync). `source` says where the figures come from."""
+    h2d_bytes_per_s: float
+    device_bytes_per_s: float
+    cpu_bytes_per_s: dict = field(default_factory=dict)
+    cpu_call_s: float = 40e-6
+    source: str = "assumed"
+
+    def cpu_seconds(self, type_name: Optional[str], n_bytes: int) -> float:
+        rates = self.cpu_bytes_per_s
+        rate = rates.get(type_name) or (min(rates.values()) if rates else 1e9)
+        return n_bytes / rate + self.cpu_call_s
 
 
 DENSE_MIN_M = 64  # from this many rows a GPU matmul dequantizes w to fp16 tiles for cuBLAS ...
@@ -105,6 +140,9 @@ class Plan:
     streamed_units: list[int] = field(default_factory=list)
     host_tensors: list[str] = field(default_factory=list)  # the untied embedding: rows gathered on the host
     unit_raw: dict[int, int] = field(default_factory=dict)  # unit -> bytes as stored (resident: no padding)
+    cpu_units: list[int] = field(default_factory=list)  # computed on the CPU from host memory
+    unit_cpu_s: dict[int, float] = field(default_factory=dict)  # unit -> its CPU matmuls' seconds (Costs)
+    costs: Optional[Costs] = None  # the cost model the plan was chosen with (placement "cpu"/"auto")
 
     @property
     def staging_bytes(self) -> int:
@@ -126,7 +164,24 @@ class Plan:
 
     @property
     def all_resident(self) -> bool:
-        return not self.streamed_units
+        return not self.streamed_units and not self.cpu_units
+
+    @property
+    def cpu_bytes_per_token(self) -> int:
+        """Weight bytes the CPU reads per decode token (the CPU-computed units, as stored)."""
+        raw = self.unit_raw or self.unit_bytes
+        return sum(raw[u] for u in self.cpu_units)
+
+    def step_seconds(self, costs: Costs) -> float:
+        """Predicted decode step: the GPU's reads (resident and streamed weights, the whole cache)
+        overlapped with the streamed units' copies, then the CPU-computed units' matmuls."""
+        raw = self.unit_raw or self.unit_bytes
+        device_read = (self.small_bytes + self.kv_bytes + sum(raw[u] for u in self.resident_units)
+                       + sum(self.unit_bytes[u] for u in self.streamed_units))
+        gpu = device_read / costs.device_bytes_per_s
+        pcie = self.pcie_bytes_per_token / costs.h2d_bytes_per_s
+        cpu = sum(self.unit_cpu_s.get(u, costs.cpu_seconds(None, raw[u])) for u in self.cpu_units)
+        return max(gpu, pcie) + cpu
 
     def predicted_tokens_per_s(self, h2d_bytes_per_s: float, device_bytes_per_s: Optional[float] = None) -> float:
         """Decode bound: streamed bytes over the host-to-device link, overlapped with the device reading
@@ -147,6 +202,13 @@ class Plan:
             "streamed_layers": sorted(u for u in self.streamed_units if u != OUTPUT_UNIT),
             "output_resident": OUTPUT_UNIT in self.resident_units, "host_tensors": self.host_tensors,
             "pcie_bytes_per_token": self.pcie_bytes_per_token,
+            "cpu_layers": sorted(u for u in self.cpu_units if u != OUTPUT_UNIT),
+            "output_placement": ("resident" if OUTPUT_UNIT in self.resident_units else
+                                 "cpu" if OUTPUT_UNIT in self.cpu_units else "streamed"),
+            "cpu_bytes_per_token": self.cpu_bytes_per_token,
+            "predicted_tokens_per_s": (None if self.costs is None or self.all_resident
+                                       else 1.0 / self.step_seconds(self.costs)),
+            "costs_source": None if self.costs is None else self.costs.source,
         }
 
 
@@ -181,25 +243,57 @@ def _spread(u: int) -> int:
 def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
          type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
          context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model",
-         n_gpu_layers: Optional[int] = None) -> Plan:
+         n_gpu_layers: Optional[int] = None, placement: str = "stream", costs: Optional[Costs] = None) -> Plan:
     """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
     resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits.
 
-    n_gpu_layers (llama.cpp's -ngl): the first N layers resident and every other layer streamed,
+    placement: what happens to the units that do not fit: "stream" (through two device slots),
+    "cpu" (computed on the CPU from host memory, no slots), or "auto" (per unit, whichever the cost
+    model `costs` predicts faster; costs required). "cpu" and "auto" keep as many bytes resident as
+    the budget allows, like "stream".
+
+    n_gpu_layers (llama.cpp's -ngl): the first N layers resident and every other layer streamed
+    (placement "stream") or CPU-computed (placement "cpu", exactly llama.cpp's partial offload),
     the output matrix resident only when N > n_layer (as llama.cpp counts it), instead of the
     planner's own choice; BudgetTooSmall when those do not fit."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+    if placement == "auto" and costs is None:
+        raise ValueError("placement 'auto' needs the machine's costs (runtime/machine.py)")
     tensors = list(tensors)
     units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
     order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
     host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
     everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
                       units, resident_units=order, unit_raw=raw)  # all resident, the embedding too
+    cpu_s = _unit_cpu_seconds(tensors, costs) if costs is not None else {}
     if n_gpu_layers is not None and n_gpu_layers <= cfg.n_layer:
-        return _forced(everything, order, small, host, n_gpu_layers, budget, source)
+        p = _forced(everything, order, small, host, n_gpu_layers, budget, source, placement == "cpu")
+        p.unit_cpu_s, p.costs = cpu_s, costs
+        return p
     if budget is None or everything.total_bytes <= budget:
         everything.budget = budget if budget is not None else everything.total_bytes
         return everything
-    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    if placement == "cpu":
+        return _hybrid(everything, order, small, host, budget, placement, costs, cpu_s, source)
+    if placement == "auto":  # the hybrid search, or plain streaming if the model predicts it faster
+        best = _hybrid(everything, order, small, host, budget, placement, costs, cpu_s, source)
+        try:
+            streaming = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt)
+        except BudgetTooSmall:
+            return best
+        streaming.unit_cpu_s, streaming.costs = cpu_s, costs
+        return min(best, streaming, key=lambda p: p.step_seconds(costs))
+    return _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt)
+
+
+def _streaming(tensors, cfg, everything: Plan, order: list[int], small: int, host: list[str], budget: int,
+               source: str, act_elt: int) -> Plan:
+    """Placement "stream": the fewest streamed bytes within budget."""
+    e = everything
+    units, raw, kv, act, context_bytes = e.unit_bytes, e.unit_raw, e.kv_bytes, e.activation_bytes, e.context_bytes
+    n_ctx, type_k, type_v = e.n_ctx, e.type_k, e.type_v
+    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, e.n_batch, act_elt, context_bytes)
     if budget < need:
         raise BudgetTooSmall(
             f"{source} does not fit in {format_bytes(budget)}: it needs at least {format_bytes(need)} "
@@ -220,7 +314,7 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
         streamed = [u for u in order if u not in resident]
         if not streamed:
             continue
-        cand = Plan(budget, n_ctx, everything.n_batch, type_k, type_v, kv, act, context_bytes, small, units,
+        cand = Plan(budget, n_ctx, e.n_batch, type_k, type_v, kv, act, context_bytes, small, units,
                     sorted(resident, key=order.index), streamed, host, raw)
         if cand.total_bytes <= budget and (best is None or cand.pcie_bytes_per_token < best.pcie_bytes_per_token):
             best = cand
@@ -229,19 +323,81 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
 
 
 def _forced(everything: Plan, order: list[int], small: int, host: list[str], n_gpu_layers: int,
-            budget: Optional[int], source: str) -> Plan:
-    """`-ngl N`: layers [0, N) resident, the rest (the output matrix included) streamed."""
+            budget: Optional[int], source: str, on_cpu: bool = False) -> Plan:
+    """`-ngl N`: layers [0, N) resident, the rest (the output matrix included) streamed, or computed
+    on the CPU when on_cpu."""
     e = everything
     resident = [u for u in order if u != OUTPUT_UNIT and u < n_gpu_layers]
-    streamed = [u for u in order if u not in resident]
+    rest = [u for u in order if u not in resident]
     p = Plan(0, e.n_ctx, e.n_batch, e.type_k, e.type_v, e.kv_bytes, e.activation_bytes, e.context_bytes, small,
-             e.unit_bytes, resident, streamed, host, e.unit_raw)
+             e.unit_bytes, resident, [] if on_cpu else rest, host, e.unit_raw, cpu_units=rest if on_cpu else [])
     if budget is not None and p.total_bytes > budget:
         raise BudgetTooSmall(
             f"{source}: -ngl {n_gpu_layers} needs {format_bytes(p.total_bytes)} (the first {n_gpu_layers} layers "
-            f"resident, the rest streamed), more than {format_bytes(budget)}; use a smaller -ngl or leave it out")
+            f"resident, the rest {'on the CPU' if on_cpu else 'streamed'}), more than {format_bytes(budget)}; "
+            "use a smaller -ngl or leave it out")
     p.budget = budget if budget is not None else p.total_bytes
     return p
+
+
+def _unit_cpu_seconds(tensors: list[TensorSpec], costs: Costs) -> dict[int, float]:
+    """Each unit's CPU time per decode token under `costs`: its matmuls' bytes at their types' rates."""
+    tied = not any(t.name == "output.weight" for t in tensors)
+    out: dict[int, float] = {}
+    for t in tensors:
+        u = unit_of(t.name, tied)
+        if u is not None:
+            out[u] = out.get(u, 0.0) + costs.cpu_seconds(t.type, t.n_bytes)
+    return out
+
+
+def _hybrid(everything: Plan, order: list[int], small: int, host: list[str], budget: int, placement: str,
+            costs: Optional[Costs], cpu_s: dict[int, float], source: str) -> Plan:
+    """Placement "cpu" or "auto" under a budget everything does not fit.
+
+    For each staging size m (0: nothing streams, so no slots): the most bytes resident (largest
+    units first, spread through the model as in "stream"), then each remaining unit, largest first,
+    streamed (only if it fits a slot of m) or computed on the CPU, whichever adds less to the
+    predicted step (`Plan.step_seconds`). "cpu" allows m = 0 only. Smallest predicted step wins;
+    without costs (placement "cpu"), the most resident bytes."""
+    e = everything
+    units = e.unit_bytes
+    fixed = e.kv_bytes + e.activation_bytes + e.context_bytes + small
+    if budget < fixed:
+        raise BudgetTooSmall(
+            f"{source} does not fit in {format_bytes(budget)}: it needs at least {format_bytes(fixed)} "
+            f"(KV cache {format_bytes(e.kv_bytes)} at {e.n_ctx:,} tokens K {e.type_k} V {e.type_v}, activations "
+            f"{format_bytes(e.activation_bytes)}, CUDA context {format_bytes(e.context_bytes)}, the small tensors)")
+    sizes = [0] + (sorted(set(units.values())) if placement == "auto" else [])
+    best, best_key = None, None
+    for m in sizes:
+        room = budget - fixed - 2 * m
+        if room < 0:
+            continue
+        resident = []
+        for u in sorted(order, key=lambda u: (-units[u], _spread(u))):
+            if units[u] <= room:
+                resident.append(u)
+                room -= units[u]
+        cand = Plan(budget, e.n_ctx, e.n_batch, e.type_k, e.type_v, e.kv_bytes, e.activation_bytes,
+                    e.context_bytes, small, units, sorted(resident, key=order.index), [], host, e.unit_raw,
+                    unit_cpu_s=cpu_s, costs=costs)
+        for u in sorted((u for u in order if u not in resident), key=lambda u: (-units[u], _spread(u))):
+            if costs is not None and units[u] <= m:
+                as_stream = dataclasses.replace(cand, streamed_units=cand.streamed_units + [u])
+                as_cpu = dataclasses.replace(cand, cpu_units=cand.cpu_units + [u])
+                cand = min(as_stream, as_cpu, key=lambda p: p.step_seconds(costs))
+            else:
+                cand.cpu_units.append(u)
+        if m and not cand.streamed_units:
+            continue  # slots for nothing: the m = 0 plan holds more
+        cand.streamed_units.sort(key=order.index)
+        cand.cpu_units.sort(key=order.index)
+        key = cand.step_seconds(costs) if costs is not None else -cand.resident_weight_bytes
+        if cand.total_bytes <= budget and (best is None or key < best_key):
+            best, best_key = cand, key
+    assert best is not None  # budget >= fixed admits the plan with everything on the CPU
+    return best
 
 
 def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
@@ -286,4 +442,4 @@ def max_resident_ctx(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: in
 
 def specs_of(gguf) -> list[TensorSpec]:
     """TensorSpecs of a GGUFFile (sizes as stored: the kernels read the quantized bytes in place)."""
-    return [TensorSpec(name, info.n_bytes) for name, info in gguf.tensors.items()]
+    return [TensorSpec(name, info.n_bytes, info.type.name) for name, info in gguf.tensors.items()]

@@ -125,7 +125,8 @@ class Weights:
     def __init__(self, gguf: GGUFFile, cache_bytes: int | None = 0, device: torch.device | str = "cpu", plan=None):
         """Tensors stay memory-mapped on the CPU; on another device their raw bytes are copied there
         once at load, except what a `planner.Plan` streams (through `paging.Streamer`'s two slots)
-        or keeps on the host (the untied embedding when anything streams). With a plan, streaming
+        or keeps on the host: the untied embedding when anything is not resident, and the matmul
+        weights of CPU-computed units (`cpu_computed`; the ops multiply them with the CPU kernels). With a plan, streaming
         runs on a CPU device too (synchronous copies: the tests' simulated device).
         cache_bytes: the float32 DequantCache budget; None: default_cache_bytes(device)."""
         from .paging import Streamer, streamed_order
@@ -138,7 +139,9 @@ class Weights:
         self.tensors: dict[str, QTensor] = {}
         self.host_raw: dict[str, torch.Tensor] = {}  # the file's bytes of every streamed tensor
         streamed = set(plan.streamed_units) if plan is not None else set()
+        on_cpu = set(plan.cpu_units) if plan is not None else set()
         host = set(plan.host_tensors) if plan is not None else set()
+        self.cpu_computed: set[str] = set()  # matmul weights the CPU multiplies, from host memory
         tied = "output.weight" not in gguf.tensors
         units: dict[int, list[QTensor]] = {}
         resident: list[QTensor] = []
@@ -153,6 +156,8 @@ class Weights:
             if unit in streamed:
                 units.setdefault(unit, []).append(self.tensors[name])
                 self.host_raw[name] = raw
+            elif unit in on_cpu:
+                self.cpu_computed.add(name)
             elif name not in host:
                 resident.append(self.tensors[name])
         if device.type != "cpu":
