@@ -206,8 +206,7 @@ class Plan:
             "output_placement": ("resident" if OUTPUT_UNIT in self.resident_units else
                                  "cpu" if OUTPUT_UNIT in self.cpu_units else "streamed"),
             "cpu_bytes_per_token": self.cpu_bytes_per_token,
-            "predicted_tokens_per_s": (None if self.costs is None or self.all_resident
-                                       else 1.0 / self.step_seconds(self.costs)),
+            "predicted_tokens_per_s": None if self.costs is None else 1.0 / self.step_seconds(self.costs),
             "costs_source": None if self.costs is None else self.costs.source,
         }
 
@@ -273,6 +272,7 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
         return p
     if budget is None or everything.total_bytes <= budget:
         everything.budget = budget if budget is not None else everything.total_bytes
+        everything.unit_cpu_s, everything.costs = cpu_s, costs
         return everything
     if placement == "cpu":
         return _hybrid(everything, order, small, host, budget, placement, costs, cpu_s, source)
@@ -284,7 +284,9 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
             return best
         streaming.unit_cpu_s, streaming.costs = cpu_s, costs
         return min(best, streaming, key=lambda p: p.step_seconds(costs))
-    return _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt)
+    p = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt)
+    p.unit_cpu_s, p.costs = cpu_s, costs
+    return p
 
 
 def _streaming(tensors, cfg, everything: Plan, order: list[int], small: int, host: list[str], budget: int,

@@ -299,9 +299,17 @@ def test_vram_plan(capsys, smollm2_path):
     budget = (minimum_budget(specs_of(g), cfg, 8192, "f16", "f16") + m["total_bytes"]) // 2
     ms = _json(capsys, smollm2_path, "--vram", str(budget), "-c", "8192", "-ctk", "f16", "-ctv", "f16")["memory"]
     want = plan(specs_of(g), cfg, budget, 8192, "f16", "f16").summary()
-    assert ms["plan"]["streamed_layers"] == want["streamed_layers"] and ms["plan"]["total_bytes"] <= budget
+    got = ms["placements"]["stream"]
+    assert got["streamed_layers"] == want["streamed_layers"] and got["total_bytes"] <= budget
+    # the default (--placement auto) is the planner's choice under the costs shown
+    from qkvgguf.runtime.planner import Costs
+    c = ms["costs"]
+    costs = Costs(c["h2d_bytes_per_s"], c["device_bytes_per_s"], c["cpu_bytes_per_s"])
+    auto = plan(specs_of(g), cfg, budget, 8192, "f16", "f16", placement="auto", costs=costs).summary()
+    assert ms["plan"] == ms["placements"]["auto"] and ms["plan"]["cpu_layers"] == auto["cpu_layers"]
+    assert ms["plan"]["predicted_tokens_per_s"] == pytest.approx(auto["predicted_tokens_per_s"])
     text = _run(capsys, smollm2_path, "--vram", str(budget), "-c", "8192", "-ctk", "f16", "-ctv", "f16")
-    assert "streams" in text and "PCIe per decode token" in text
+    assert "streams" in text and "PCIe per decode token" in text and "<- default" in text
 
 
 def test_vram_q4g_bytes_are_the_allocated_ones(capsys, smollm2_path):

@@ -26,12 +26,23 @@ from ..config import ModelConfig
 from ..errors import QkvggufError
 from ..gguf_file import GGUFFile
 from ..kv_types import kv_bits_per_value, kv_bytes_per_token, kv_layout_bytes
-from ..runtime.planner import BudgetTooSmall, max_resident_ctx, minimum_budget, plan, specs_of
+from ..runtime.planner import PLACEMENTS, BudgetTooSmall, Costs, max_resident_ctx, minimum_budget, plan, specs_of, unit_of
 from ..units import format_bytes
 
 DEFAULT_CACHE_TYPE = "f16"  # the default of kv_bytes_per_token and of llama.cpp's -ctk/-ctv
 DEFAULT_BATCH = 512  # as `run -b`
-H2D_BYTES_PER_S = 25e9  # PCIe 4.0 x16, what a prediction without a measurement assumes
+
+
+def _costs(gguf: GGUFFile, specs) -> Costs:
+    """The cost model `run` would plan with on this machine: its cached measurement (runtime/machine.py)
+    where one exists, the labelled assumed figures elsewhere; inspect itself never measures."""
+    import torch
+
+    from ..runtime import machine
+
+    tied = "output.weight" not in gguf.tensors
+    types = {t.type for t in specs if unit_of(t.name, tied) is not None}
+    return machine.costs("cuda" if torch.cuda.is_available() else "cpu", types, measure=False)
 
 
 def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, type_k: str = DEFAULT_CACHE_TYPE,
@@ -71,18 +82,26 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
         "total_bytes": full.total_bytes,
         "vram_bytes": vram,
         "minimum_bytes": minimum_budget(specs, cfg, n_ctx, type_k, type_v, n_batch),
+        # with every layer computed on the CPU: the cache, activations, context and small tensors only
+        "minimum_bytes_cpu": full.kv_bytes + full.activation_bytes + full.context_bytes
+        + plan(specs, cfg, full.total_bytes - 1, n_ctx, type_k, type_v, n_batch, placement="cpu").small_bytes
+        if full.total_bytes > 1 else full.total_bytes,
     }
     if vram is not None:
         out["fits"] = full.total_bytes <= vram
         out["headroom_bytes"] = vram - full.total_bytes
         out["max_ctx"] = max_resident_ctx(specs, cfg, vram, type_k, type_v, n_batch, limit=cfg.n_ctx_train)
-        try:
-            p = plan(specs, cfg, vram, n_ctx, type_k, type_v, n_batch, source=gguf.path)
-            out["plan"] = p.summary()
-            out["plan"]["predicted_decode_tokens_per_s_pcie"] = (
-                None if p.all_resident else p.predicted_tokens_per_s(H2D_BYTES_PER_S))
-        except BudgetTooSmall:
-            out["plan"] = None
+        costs = _costs(gguf, specs)
+        out["costs"] = {"h2d_bytes_per_s": costs.h2d_bytes_per_s, "device_bytes_per_s": costs.device_bytes_per_s,
+                        "cpu_bytes_per_s": costs.cpu_bytes_per_s, "source": costs.source}
+        out["placements"] = {}
+        for how in PLACEMENTS:  # what each choice for the units that do not fit would give
+            try:
+                out["placements"][how] = plan(specs, cfg, vram, n_ctx, type_k, type_v, n_batch, source=gguf.path,
+                                              placement=how, costs=costs).summary()
+            except BudgetTooSmall:
+                out["placements"][how] = None
+        out["plan"] = out["placements"]["auto"]  # what `run --vram` does by default (--placement auto)
     return out
 
 
@@ -103,16 +122,31 @@ def render_memory(m: dict) -> str:
             out.append(f"  fits in {vram}: {format_bytes(m['headroom_bytes'])} to spare; "
                        f"longest context that fits: {m['max_ctx']:,} tokens")
         elif p is not None:
-            n_str = len(p["streamed_layers"]) + (0 if p["output_resident"] else 1)
-            out.append(f"  does not fit in {vram} whole; streams {n_str} of {n_str + len(p['resident_layers']) + p['output_resident']} "
-                       f"units from host memory (resident layers {_ranges(p['resident_layers'])}"
-                       f"{', output' if p['output_resident'] else ''}; staging {format_bytes(p['staging_bytes'])}; "
-                       f"total {format_bytes(p['total_bytes'])})")
-            out.append(f"  PCIe per decode token: {format_bytes(p['pcie_bytes_per_token'])}; predicted decode bound "
-                       f"{p['predicted_decode_tokens_per_s_pcie']:.1f} tok/s at {H2D_BYTES_PER_S / 1e9:.0f} GB/s host-to-device")
+            n_units = len(p["resident_layers"]) + len(p["streamed_layers"]) + len(p["cpu_layers"]) + 1
+            n_str = len(p["streamed_layers"]) + (p["output_placement"] == "streamed")
+            n_cpu = len(p["cpu_layers"]) + (p["output_placement"] == "cpu")
+            out.append(f"  does not fit in {vram} whole; of {n_units} units it streams {n_str} from host memory and "
+                       f"computes {n_cpu} on the CPU (resident: {_units(p, 'resident')}; streamed: "
+                       f"{_units(p, 'streamed')}; CPU: {_units(p, 'cpu')}; "
+                       f"staging {format_bytes(p['staging_bytes'])}; total {format_bytes(p['total_bytes'])})")
+            out.append(f"  PCIe per decode token: {format_bytes(p['pcie_bytes_per_token'])}; CPU reads "
+                       f"{format_bytes(p['cpu_bytes_per_token'])}; predicted decode {p['predicted_tokens_per_s']:.1f} tok/s")
+            c = m["costs"]
+            rates = ", ".join(f"{t} {r / 1e9:.1f}" for t, r in sorted(c["cpu_bytes_per_s"].items()))
+            out.append(f"  placements (run --placement; costs {c['source']}: host-to-device "
+                       f"{c['h2d_bytes_per_s'] / 1e9:.0f} GB/s, device {c['device_bytes_per_s'] / 1e9:.0f} GB/s, "
+                       f"CPU matmul GB/s {rates}):")
+            for how, q in m["placements"].items():
+                if q is None:
+                    out.append(f"    {how:<7} does not fit (streaming needs two slots of the largest unit)")
+                    continue
+                out.append(f"    {how:<7} resident {len(q['resident_layers']):>3} layers, streamed "
+                           f"{len(q['streamed_layers']):>3}, CPU {len(q['cpu_layers']):>3}, output {q['output_placement']:<8} "
+                           f"{q['predicted_tokens_per_s']:7.1f} tok/s" + ("  <- default" if how == "auto" else ""))
         else:
             out.append(f"  does not fit in {vram}: needs at least {format_bytes(m['minimum_bytes'])} "
-                       f"(streaming every layer; {format_bytes(m['total_bytes'])} with everything resident)"
+                       f"(streaming every layer; {format_bytes(m['minimum_bytes_cpu'])} computing every layer on the "
+                       f"CPU, --placement cpu; {format_bytes(m['total_bytes'])} with everything resident)"
                        + (f"; longest context with everything resident: {m['max_ctx']:,} tokens" if m["max_ctx"] else ""))
     return "\n".join(out)
 
@@ -124,6 +158,13 @@ def _kv_line(m: dict) -> str:
     bits = f"; {m['kv_bits_per_value']:.2f} bits per value" if m["kv_bits_per_value"] is not None else ""
     return (f"{m['kv_bytes_per_token']:,} B/token x {m['n_ctx']:,} tokens{fixed} "
             f"(K {m['type_k']}, V {m['type_v']}{bits})")
+
+
+def _units(p: dict, where: str) -> str:
+    """'layers 0-3,7, output' for one placement of a plan summary."""
+    layers = p["resident_layers" if where == "resident" else f"{where}_layers"]
+    parts = ([f"layers {_ranges(layers)}"] if layers else []) + (["output"] if p["output_placement"] == where else [])
+    return ", ".join(parts) or "none"
 
 
 def _ranges(xs: list[int]) -> str:
