@@ -8,8 +8,8 @@ What is measured (each the best of a few repetitions, after a warm-up):
     device   a 256 MiB device-to-device copy, read + write bytes over the time: the rate at which
              a decode step can read resident weights
     cpu      per ggml type, a one-token CPU matmul (runtime/cpu kernels, `threads` threads) over a
-             2048 x 4096 matrix of random blocks: weight bytes read per second. Random bytes time
-             the same code as real blocks (no branch depends on the values).
+             2048 x 4096 matrix of quantized Gaussian blocks: weight bytes read per second (a
+             type without a CPU kernel is timed on the torch path it would take).
 
 The results go to a JSON file (default ~/.cache/qkvgguf/machine.json, or $QKVGGUF_MACHINE_FILE) under a
 key naming the GPU, the CPU count, the thread count and torch's version, so a second run of any
@@ -105,24 +105,45 @@ def measure_device(device: torch.device, n_bytes: int = 256 * _MIB) -> float:
 
 
 def measure_cpu(type_name: str, rows: int = 2048, cols: int = 4096) -> Optional[float]:
-    """Weight bytes per second of a one-token CPU matmul of this ggml type; None without a kernel."""
+    """Weight bytes per second of a one-token CPU matmul of this ggml type, as a CPU-computed unit runs it
+    (ops.host_linear: the compiled kernel, or the torch path for a type it lacks); None when the row
+    length does not hold the type's blocks."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from . import cpu
     from .weights import QTensor
 
+    from qkvgguf.errors import QkvggufError
+    from qkvgguf.quants import quantize
+
     qtype = GGMLQuantizationType[type_name]
     block, size = GGML_QUANT_SIZES[qtype]
     if cols % block:
         return None
-    raw = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (rows, cols // block * size), dtype=np.uint8))
-    if type_name in ("F16", "BF16", "F32"):
-        raw.zero_()  # float bit patterns: avoid NaN/denormal inputs, whose speed can differ
+    # real blocks (random bytes would hold subnormal and NaN f16 scales, which slow float code down):
+    # 64 quantized Gaussian rows, tiled to `rows`
+    values = np.random.default_rng(0).standard_normal((64, cols), dtype=np.float32) * 0.02
+    try:
+        blocks = np.asarray(quantize(values, qtype, None), dtype=np.uint8).reshape(64, -1)
+    except QkvggufError:
+        import gguf.quants
+
+        blocks = np.asarray(gguf.quants.quantize(values, qtype), dtype=np.uint8).reshape(64, -1)
+    raw = torch.from_numpy(np.ascontiguousarray(np.tile(blocks, (rows // 64, 1))))
     w = QTensor("probe", qtype, (rows, cols), raw)
     x = torch.randn(1, cols)
-    if cpu.matmul(x, w) is None:
-        return None
-    return raw.numel() / _best_seconds(lambda: cpu.matmul(x, w))
+    from .ops import host_linear
+
+    class _One:  # the Weights interface host_linear reads: one tensor, no cache
+        cpu_computed = {"probe"}
+
+        def __getitem__(self, name):
+            return w
+
+        def dense(self, name):
+            return w.dequantize()
+
+    return raw.numel() / _best_seconds(lambda: host_linear(x, _One(), "probe"), reps=3)
 
 
 def costs(device: torch.device | str, types: Iterable[str] = (), threads: Optional[int] = None,

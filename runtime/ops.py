@@ -19,7 +19,7 @@ from . import cpu
 
 def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
     """x (T, in) @ W[name].T (out, in) -> (T, out), plus W[bias] if given."""
-    if name in W.cpu_computed:
+    if name in getattr(W, "cpu_computed", ()):  # duck-typed weight mappings need not have it
         return host_linear(x, W, name, bias)
     y = None
     if x.device.type == "cpu" and (x.shape[0] <= cpu.GEMV_ROWS or W.cache.peek(name) is None):

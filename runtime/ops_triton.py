@@ -21,7 +21,7 @@ rope_cos_sin = torch_ops.rope_cos_sin
 
 def linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
     """x (T, in) @ W[name].T -> (T, out) in x's dtype (a CPU-computed unit's: torch_ops.host_linear)."""
-    if name in W.cpu_computed:
+    if name in getattr(W, "cpu_computed", ()):  # duck-typed weight mappings need not have it
         return torch_ops.host_linear(x, W, name, bias)
     w = W[name]
     if w.type in FLOAT_TYPES:  # the stored floats as they are: no dequantized or converted copy

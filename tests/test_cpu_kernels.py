@@ -26,9 +26,11 @@ from qkvgguf.runtime import cpu, ops
 from qkvgguf.runtime.cpu import build
 from qkvgguf.runtime.weights import QTensor
 
-TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.F32, T.F16, T.BF16]
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+         T.F32, T.F16, T.BF16]
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2],
-              T.Q5_K: [0, 2], T.Q6_K: [208]}  # byte offsets of the f16 scales in a block
+              T.Q5_K: [0, 2], T.Q6_K: [208], T.Q2_K: [80, 82], T.Q3_K: [108], T.IQ4_NL: [0],
+              T.IQ4_XS: [0]}  # byte offsets of the f16 scales in a block
 EXTREME = [np.float16(65504.0), np.float16(2.0 ** -24)]
 
 

@@ -195,6 +195,79 @@ static void dequant_q6_k(const uint8_t* __restrict b, float* __restrict y, int64
     }
 }
 
+// Q2_K (256, 16 + 64 + 2 + 2): 16 x (4-bit scale | 4-bit min << 4), 2-bit qs, f16 d, f16 dmin.
+// Element e = 128 h + 32 p + l: q = (qs[32 h + l] >> 2 p) & 3, sub-block e / 16;
+// x = (d sc) q - (dmin m), each product rounded to float32 first (as qkvgguf/quants/q2k_q3k.py)
+static void dequant_q2_k(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 84, y += 256) {
+        const float d = f16(b + 80), dmin = f16(b + 82);
+        const uint8_t* sc = b;
+        const uint8_t* qs = b + 16;
+        for (int h = 0; h < 2; h++)
+            for (int p = 0; p < 4; p++)
+                for (int l = 0; l < 32; l++) {
+                    const int e = 128 * h + 32 * p + l, s = e / 16;
+                    const float dl = d * (float)(sc[s] & 15), ml = dmin * (float)(sc[s] >> 4);
+                    y[e] = dl * (float)((qs[32 * h + l] >> (2 * p)) & 3) - ml;
+                }
+    }
+}
+
+// Q3_K (256, 32 + 64 + 12 + 2): hmask (third bit), 2-bit qs, 16 6-bit scales in 12 bytes, f16 d.
+// q = low - 4 (1 - bit), bit = (hmask[e % 32] >> (e / 32)) & 1; x = (d (scale - 32)) q
+static void dequant_q3_k(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 110, y += 256) {
+        const uint8_t* hm = b;
+        const uint8_t* qs = b + 32;
+        const uint8_t* sc = b + 96;
+        const float d = f16(b + 108);
+        float dl[16];
+        for (int s = 0; s < 16; s++) {
+            const int low = s < 8 ? (sc[s] & 15) : (sc[s - 8] >> 4), high = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
+            dl[s] = d * (float)((int)(int8_t)(uint8_t)(low | (high << 4)) - 32);
+        }
+        for (int h = 0; h < 2; h++)
+            for (int p = 0; p < 4; p++)
+                for (int l = 0; l < 32; l++) {
+                    const int e = 128 * h + 32 * p + l;
+                    const int q = ((qs[32 * h + l] >> (2 * p)) & 3) - 4 * (1 - ((hm[e % 32] >> (e / 32)) & 1));
+                    y[e] = dl[e / 16] * (float)q;
+                }
+    }
+}
+
+// IQ4_NL (32, 2 + 16) and IQ4_XS (256, 2 + 2 + 4 + 128): 4-bit indices into 16 non-linear levels
+static const float IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+static void dequant_iq4_nl(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 18, y += 32) {
+        const float d = f16(b);
+        const uint8_t* q = b + 2;
+        for (int j = 0; j < 16; j++) {
+            y[j] = IQ4_LEVELS[q[j] & 15] * d;
+            y[j + 16] = IQ4_LEVELS[q[j] >> 4] * d;
+        }
+    }
+}
+
+// IQ4_XS: f16 d, 16-bit high scale bits (2 per sub-block), 4 bytes of low nibbles, 8 x 16 bytes of
+// indices; sub-block s of 32: x = (d (ls - 32)) level, ls = low nibble | high bits << 4
+static void dequant_iq4_xs(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 136) {
+        const float d = f16(b);
+        const int sh = b[2] | (b[3] << 8);
+        for (int s = 0; s < 8; s++, y += 32) {
+            const int ls = (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+            const float dl = d * (float)ls;
+            const uint8_t* q = b + 8 + 16 * s;
+            for (int j = 0; j < 16; j++) {
+                y[j] = IQ4_LEVELS[q[j] & 15] * dl;
+                y[j + 16] = IQ4_LEVELS[q[j] >> 4] * dl;
+            }
+        }
+    }
+}
+
 // Float weights, "blocks" of one value
 static void dequant_f32(const uint8_t* __restrict b, float* __restrict y, int64_t n) { std::memcpy(y, b, 4 * n); }
 static void dequant_f16(const uint8_t* __restrict b, float* __restrict y, int64_t n) {
@@ -369,9 +442,13 @@ static const Format FORMATS[] = {
     {6, 32, 2 + 4 + 16, dequant_q5_0, nullptr},  // Q5_0
     {7, 32, 2 + 2 + 4 + 16, dequant_q5_1, nullptr},  // Q5_1
     {8, 32, 2 + 32, dequant_q8_0, DOT(dot_q8_0)},    // Q8_0
+    {10, 256, 16 + 64 + 2 + 2, dequant_q2_k, nullptr},  // Q2_K
+    {11, 256, 32 + 64 + 12 + 2, dequant_q3_k, nullptr},  // Q3_K
     {12, 256, 2 + 2 + 12 + 128, dequant_q4_k, DOT(dot_q4_k)},  // Q4_K
     {13, 256, 2 + 2 + 12 + 32 + 128, dequant_q5_k, nullptr},  // Q5_K
     {14, 256, 128 + 64 + 16 + 2, dequant_q6_k, DOT(dot_q6_k)},  // Q6_K
+    {20, 32, 2 + 16, dequant_iq4_nl, nullptr},  // IQ4_NL
+    {23, 256, 2 + 2 + 4 + 128, dequant_iq4_xs, nullptr},  // IQ4_XS
     {30, 1, 2, dequant_bf16, nullptr},         // BF16
 };
 
