@@ -32,7 +32,8 @@ time still leaves what it measured) and DIR/<stage>.log; DIR/summary.md gathers 
              q4_0 KV cache: the planner's plan, peak reserved memory against the budget, decode
              tok/s against the plan's PCIe bound at the measured pinned bandwidth, and what the
              same plan would give at PCIe 3.0 x8 / 4.0 x16 rates (4 GB laptop cards); each budget
-             with the streamed step captured in a CUDA graph (`--paged-cuda-graph`, experimental)
+             with the streamed step captured in a CUDA graph (`--paged-cuda-graph`, experimental),
+             and with the layers that do not fit computed on the CPU (`--placement cpu`, `auto`)
              and with `--no-cuda-graph`
 
 On the GPU machine (no network; torch, triton, transformers, pytest are there, `gguf` is not),
@@ -555,15 +556,18 @@ def stage_paging(st: Stage) -> None:
     h2d = (env.get("h2d_pinned_GBps") or 0) * 1e9
     models = _models(args)
     if args.dry_run:
-        runs = [(r, None, True) for r in models]
-    else:  # each budget with the captured CUDA-graph step (the default) and with ordinary launches
+        runs = [(r, None, True, "stream") for r in models]
+    else:  # each budget: streaming with the captured CUDA-graph step and with ordinary launches, then
+        # the layers that do not fit computed on the CPU, and the cost model's choice (--placement)
         budgets = ["4GiB"] if args.quick else ["4GiB", "6GiB"]
-        runs = [(r, b, g) for r in models if "smollm2" not in r for b in budgets for g in (True, False)]
+        ways = [(True, "stream"), (False, "stream"), (False, "cpu"), (False, "auto")]
+        runs = [(r, b, g, how) for r in models if "smollm2" not in r for b in budgets for g, how in ways]
     st.data["h2d_pinned_GBps"] = h2d / 1e9
     st.md = [f"## Paging under a VRAM budget (-c 4096, K/V q4_0; pinned H2D {h2d / 1e9:.1f} GB/s)", "",
-             "| model | --vram | graph | streamed layers | PCIe MiB/token | peak reserved GiB | cap GiB | prompt tok/s | decode tok/s | "
-             "predicted | achieved | at PCIe 4.0 x16 | at PCIe 3.0 x8 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for recipe, budget, graph in runs:
+             "| model | --vram | placement | graph | streamed layers | CPU layers | PCIe MiB/token | peak reserved GiB | cap GiB | "
+             "prompt tok/s | decode tok/s | predicted | achieved | at PCIe 4.0 x16 | at PCIe 3.0 x8 |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for recipe, budget, graph, how in runs:
         left = _remaining(st, t0)
         if left < 10:
             st.row({"model": recipe, "vram": budget, "skipped": "stage time used up"})
@@ -573,8 +577,9 @@ def stage_paging(st: Stage) -> None:
         if budget:
             extra += ["--vram", budget]
         extra += ["--paged-cuda-graph"] if graph else ["--no-cuda-graph"]  # paged capture: experimental
+        extra += ["--placement", how]
         r = cli_bench(st, models[recipe], extra, left)
-        r.update(model=recipe, vram=budget, graph_asked=graph)
+        r.update(model=recipe, vram=budget, graph_asked=graph, placement=how)
         plan = r.get("plan") or {}
         pcie = plan.get("pcie_bytes_per_token")
         if pcie and h2d:
@@ -584,11 +589,12 @@ def stage_paging(st: Stage) -> None:
         if plan:
             r["cap_bytes"] = plan["budget_bytes"] - plan["cuda_context_bytes"]
         if "error" in r:
-            st.md.append(f"| {recipe} | {budget} | {graph} | error: {r['error'][:150]} ||||||||||")
+            st.md.append(f"| {recipe} | {budget} | {how} | {graph} | error: {r['error'][:150]} ||||||||||||")
         else:
             at = r.get("at_rates") or {}
             st.md.append(
-                f"| {recipe} | {budget or 'none'} | {r.get('cuda_graph')} | {len(plan.get('streamed_layers', []))} | {_fmt((pcie or 0) / 2**20 or None, '.0f')} | "
+                f"| {recipe} | {budget or 'none'} | {how} | {r.get('cuda_graph')} | {len(plan.get('streamed_layers', []))} | "
+                f"{len(plan.get('cpu_layers', [])) + (plan.get('output_placement') == 'cpu')} | {_fmt((pcie or 0) / 2**20 or None, '.0f')} | "
                 f"{_fmt((r.get('peak_reserved_bytes') or 0) / 2**30 or None, '.2f')} | {_fmt((r.get('cap_bytes') or 0) / 2**30 or None, '.2f')} | "
                 f"{_fmt(r.get('prompt_tokens_per_s'))} | {_fmt(r.get('decode_tokens_per_s'), '.2f')} | "
                 f"{_fmt(r.get('predicted_decode_tps'), '.2f')} | {_fmt(r.get('achieved_fraction'), '.0%')} | "
@@ -644,8 +650,8 @@ def main(argv=None) -> int:
     for name in wanted:  # in the order asked
         full, quick = limits[name]
         limit = (quick if args.quick else full) * args.scale
-        if args.dry_run:
-            limit = max(limit, 120)
+        if args.dry_run:  # interpreted Triton: about 25 s per CLI call on 2 cores (kv4k makes 4)
+            limit = max(limit, 200)
         cmd = [sys.executable, os.path.abspath(__file__), "--stage", name, "--stage-seconds", str(limit),
                "--out", args.out, "--workdir", args.workdir] + (["--quick"] if args.quick else []) + \
               (["--dry-run"] if args.dry_run else []) + (["--test-files", args.test_files] if args.test_files else [])
