@@ -58,6 +58,7 @@ class RunConfig:
     cuda_graph: bool = True
     paged_cuda_graph: bool = False  # experimental: capture decode with streamed weights too
     n_gpu_layers: int | None = None  # -ngl: the first N layers resident, the rest streamed
+    n_seq: int = 1  # sequences decoded together, each with its own n_ctx cache (serve --parallel)
     verbose: bool = False
 
     @classmethod
@@ -83,6 +84,8 @@ class RunConfig:
             raise QkvggufError(f"--batch-size must be at least 1, got {self.n_batch}")
         if self.n_gpu_layers is not None and self.n_gpu_layers < 0:
             raise QkvggufError(f"-ngl/--n-gpu-layers must be 0 or more, got {self.n_gpu_layers}")
+        if self.n_seq < 1:
+            raise QkvggufError(f"--parallel must be at least 1, got {self.n_seq}")
         if self.n_ctx is not None and self.n_ctx < 0:
             raise QkvggufError(f"-c/--ctx-size must be positive, got {self.n_ctx}")
         for flag, t in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
@@ -197,7 +200,7 @@ class RunConfig:
         if budget is None:
             budget = free - 256 * 2**20
         p = plan(specs_of(gguf), cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
-                 n_gpu_layers=self.n_gpu_layers)
+                 n_gpu_layers=self.n_gpu_layers, n_seq=self.n_seq)
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - p.context_bytes) / total)), dev)
         return p
 

@@ -150,7 +150,7 @@ class Plan:
         }
 
 
-def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes):
+def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes, n_seq=1):
     tied = not any(t.name == "output.weight" for t in tensors)
     units: dict[int, int] = {}
     raw: dict[int, int] = {}
@@ -164,7 +164,7 @@ def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
             host.append(t.name)
         else:
             small += t.n_bytes
-    kv = kv_cache_bytes(cfg, n_ctx, type_k, type_v)
+    kv = n_seq * kv_cache_bytes(cfg, n_ctx, type_k, type_v)  # one cache per sequence (serve --parallel)
     act = activation_bytes(cfg, min(n_batch, n_ctx), act_elt)
     return units, raw, small, host, kv, act
 
@@ -181,15 +181,17 @@ def _spread(u: int) -> int:
 def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
          type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
          context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model",
-         n_gpu_layers: Optional[int] = None) -> Plan:
+         n_gpu_layers: Optional[int] = None, n_seq: int = 1) -> Plan:
     """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
     resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits.
 
     n_gpu_layers (llama.cpp's -ngl): the first N layers resident and every other layer streamed,
     the output matrix resident only when N > n_layer (as llama.cpp counts it), instead of the
-    planner's own choice; BudgetTooSmall when those do not fit."""
+    planner's own choice; BudgetTooSmall when those do not fit.
+    n_seq: sequences decoded together, each with its own n_ctx-token KV cache (`serve --parallel`)."""
     tensors = list(tensors)
-    units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                                              n_seq)
     order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
     host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
     everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
@@ -199,11 +201,12 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
     if budget is None or everything.total_bytes <= budget:
         everything.budget = budget if budget is not None else everything.total_bytes
         return everything
-    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes, n_seq)
     if budget < need:
         raise BudgetTooSmall(
             f"{source} does not fit in {format_bytes(budget)}: it needs at least {format_bytes(need)} "
-            f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens K {type_k} V {type_v}, activations "
+            f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens{f' x {n_seq} sequences' if n_seq > 1 else ''} "
+            f"K {type_k} V {type_v}, activations "
             f"{format_bytes(act)}, CUDA context {format_bytes(context_bytes)}, two slots of the largest layer)")
     best = None
     for m in sorted(set(units.values())):  # m: the largest streamed unit's size
@@ -246,9 +249,10 @@ def _forced(everything: Plan, order: list[int], small: int, host: list[str], n_g
 
 def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
                    type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
-                   context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+                   context_bytes: int = CUDA_CONTEXT_BYTES, n_seq: int = 1) -> int:
     """The smallest budget that runs at all: everything streams through two slots of the largest unit."""
-    units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                                         n_seq)
     return kv + act + context_bytes + small + 2 * max(units.values(), default=0)
 
 
