@@ -81,12 +81,22 @@ class LLM:
     """A GGUF model ready to generate; `model` None is the default model."""
 
     def __init__(self, model: str | None = None, *, parallel: int = 1, max_queue: int = 64, **run_config):
-        self.config = RunConfig(model=model, n_seq=parallel, **run_config)
-        self.model, self.tokenizer, self.n_ctx = self.config.load(log=log.info)
+        self._load(RunConfig(model=model, n_seq=parallel, **run_config), max_queue, log.info)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, max_queue: int = 64, log=log.info) -> LLM:
+        """An LLM for a RunConfig (the CLI's flags); config.n_seq is the number of sequence slots."""
+        self = cls.__new__(cls)
+        self._load(config, max_queue, log)
+        return self
+
+    def _load(self, config: RunConfig, max_queue: int, log) -> None:
+        self.config = config
+        self.model, self.tokenizer, self.n_ctx = config.load(log=log)
         self.path = self.model.gguf.path
-        self.engine = Engine(self.model, self.tokenizer, self.n_ctx, n_slots=parallel, n_batch=self.config.n_batch,
-                             type_k=self.config.type_k, type_v=self.config.type_v, max_queue=max_queue,
-                             cuda_graph=self.config.cuda_graph)
+        self.engine = Engine(self.model, self.tokenizer, self.n_ctx, n_slots=config.n_seq, n_batch=config.n_batch,
+                             type_k=config.type_k, type_v=config.type_v, max_queue=max_queue,
+                             cuda_graph=config.cuda_graph)
 
     # -- prompts --------------------------------------------------------------------------------
 
