@@ -183,7 +183,7 @@ class Engine:
     def submit(self, req: Request) -> None:
         self.check(req.prompt_ids)
         with self._cond:
-            if len(self._queue) >= self.max_queue and not self._free_slot_count():
+            if len(self._queue) >= self.max_queue and self._free_slot_count() <= 0:
                 raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queue {self.max_queue})")
             self._queue.append(req)
             self._cond.notify()
@@ -200,6 +200,7 @@ class Engine:
                     "max_queue": self.max_queue, "n_ctx": self.n_ctx, "steps": self.steps}
 
     def _free_slot_count(self) -> int:
+        """Free slots not yet claimed by a queued request (negative when requests wait)."""
         return sum(s.request is None for s in self.slots) - len(self._queue)
 
     # -- the worker -----------------------------------------------------------------------------
