@@ -50,7 +50,11 @@ class SequenceBatch:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (n_head, B, hd), k, v (n_head_kv, B, hd) -> (n_head, B, hd), row b over caches[b] only."""
-        outs = [c.attend(layer, q[:, b:b + 1], k[:, b:b + 1], v[:, b:b + 1]) for b, c in enumerate(self.caches)]
+        # each row copied out: a view at an offset into the batch's buffer is not always computed
+        # bit-identically to the fresh tensor of a one-sequence step (the rotation matmul of a q8_0/q4_0
+        # cache differed in the last bits, and the q8_0 round trip of q made that visible)
+        outs = [c.attend(layer, q[:, b:b + 1].clone(), k[:, b:b + 1].clone(), v[:, b:b + 1].clone())
+                for b, c in enumerate(self.caches)]
         return torch.cat(outs, dim=1)
 
     def advance(self, n: int) -> None:

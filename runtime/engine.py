@@ -260,6 +260,8 @@ class Engine:
         if not self._admitted:
             return False
         self.steps += 1
+        for s in [s for s in self._admitted if s.request.params.max_tokens == 0]:
+            self._finish(s, "length")  # nothing to generate: the prompt is not even run
         reading = next((s for s in self._admitted if s.todo), None)
         if reading is not None:
             self._prefill_chunk(reading)

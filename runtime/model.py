@@ -134,5 +134,7 @@ class Model:
         return ops.linear(ops.swiglu(gate, up), W, p + "ffn_down.weight")
 
 
-def load_model(path: str, cache_bytes: int = 0, device: str = "cpu", backend: str = "auto") -> Model:
+def load_model(path: str, cache_bytes: int | None = None, device: str = "cpu", backend: str = "auto") -> Model:
+    """A Model for a GGUF path; cache_bytes None: the CLI's default weights cache (weights.default_cache_bytes:
+    none where the compiled CPU kernels read the blocks, else 1 GiB). For everything else, `qkvgguf.LLM`."""
     return Model(GGUFFile(path), cache_bytes, device, backend)
