@@ -46,7 +46,7 @@ class Completion:
 def gen_params(max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                min_p: float = 0.05, seed: int | None = None, stop: str | list[str] | None = None,
                repeat_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-               repeat_last_n: int = 64, logprobs: int | None = None) -> GenParams:
+               repeat_last_n: int = 64, logprobs: int | None = None, ignore_eos: bool = False) -> GenParams:
     """Keyword arguments -> GenParams, each checked (one-line QkvggufError naming the argument)."""
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
         raise QkvggufError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
@@ -70,11 +70,14 @@ def gen_params(max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
         raise QkvggufError(f"repeat_last_n must be an integer >= 0, got {repeat_last_n!r}")
     if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
         raise QkvggufError(f"logprobs must be an integer in [0, 20], got {logprobs!r}")
+    if not isinstance(ignore_eos, bool):
+        raise QkvggufError(f"ignore_eos must be a boolean, got {ignore_eos!r}")
     sampling = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                               seed=seed)
     return GenParams(max_tokens=max_tokens, sampling=sampling, stop=tuple(x for x in stop if x),
                      repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
-                     presence_penalty=float(presence_penalty), repeat_last_n=repeat_last_n, logprobs=logprobs)
+                     presence_penalty=float(presence_penalty), repeat_last_n=repeat_last_n, logprobs=logprobs,
+                     ignore_eos=ignore_eos)
 
 
 class LLM:

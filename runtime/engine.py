@@ -67,6 +67,7 @@ class GenParams:
         count = the token's occurrences among the last `repeat_last_n` tokens
     logprobs: None = off; k >= 0: each token's log-probability and the k most likely alternatives
         (log_softmax of the logits after penalties, before temperature)
+    ignore_eos (llama.cpp's): end-of-generation tokens are never sampled (benchmarks: exact lengths)
     """
 
     max_tokens: int = 128
@@ -77,6 +78,7 @@ class GenParams:
     presence_penalty: float = 0.0
     repeat_last_n: int = 64
     logprobs: Optional[int] = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -292,6 +294,9 @@ class Engine:
     def _sample(self, s: _Slot, logits: torch.Tensor) -> None:
         req, p = s.request, s.request.params
         logits = _penalize(logits, s.history, p)
+        if p.ignore_eos:
+            logits = logits.float().clone()
+            logits[list(self.tokenizer.eog_ids)] = float("-inf")
         tok = s.sampler(logits)
         info = TokenInfo(tok, self.tokenizer.token_to_bytes(tok).decode("utf-8", errors="replace"))
         if p.logprobs is not None:

@@ -188,6 +188,17 @@ def test_logprobs_and_penalties(client, smollm2_path):
     assert repeats(extra_body={"repeat_penalty": 1.5}) < plain / 2  # llama.cpp's name, outside the SDK's
 
 
+def test_ignore_eos(client, smollm2_path):
+    model = os.path.basename(smollm2_path)
+    msgs = [{"role": "user", "content": CHAT}]
+    short = client.chat.completions.create(model=model, messages=msgs, max_tokens=24, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 24  # the model ends it
+    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=24, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 24
+    assert full.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
 # -- done-when 2: a bounded load test --------------------------------------------------------------
 
 def test_load_16_streams_and_4_disconnects(srv, client, smollm2_path):
@@ -324,10 +335,17 @@ def test_busy_queue_503(smollm2_path):
         asyncio.run(main())
 
 
-def test_refuses_open_bind_without_key(smollm2_path):
-    out = subprocess.run([sys.executable, "-m", "qkvgguf", "serve", "-m", smollm2_path, "--host", "0.0.0.0"],
+@pytest.mark.parametrize("flags, says", [
+    (["--host", "0.0.0.0"], "--api-key"),  # bound beyond this machine without a key
+    (["-np", "0"], "--parallel"),
+    (["--port", "70000"], "--port"),
+    (["--max-queue", "-1"], "--max-queue"),
+])
+def test_bad_flags_one_line(smollm2_path, flags, says):
+    out = subprocess.run([sys.executable, "-m", "qkvgguf", "serve", "-m", smollm2_path, *flags],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--api-key" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("qkvgguf: error: ")
 
 
 # -- done-when 4: the chat page in headless Chromium ------------------------------------------------

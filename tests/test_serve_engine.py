@@ -160,3 +160,19 @@ def test_prefill_is_chunked_between_decode_steps(smol):
     for _ in range(len(long_ids) // 16):  # the long prompt still reading its chunks
         engine.step()
     assert got["a"] - before >= len(long_ids) // 16 - 1  # a got a token at (almost) every step
+
+
+def test_vram_plan_counts_one_cache_per_sequence(smollm2_path):
+    """serve --parallel N: the planner reserves N KV caches (and fewer layers stay resident for it)."""
+    from qkvgguf.config import ModelConfig
+    from qkvgguf.kv_types import kv_cache_bytes
+    from qkvgguf.runtime.planner import BudgetTooSmall, plan, specs_of
+
+    gguf = GGUFFile(smollm2_path)
+    cfg = ModelConfig.from_gguf(gguf)
+    one = plan(specs_of(gguf), cfg, None, 4096, "q4g", "q4g")
+    four = plan(specs_of(gguf), cfg, None, 4096, "q4g", "q4g", n_seq=4)
+    assert four.kv_bytes == 4 * one.kv_bytes == 4 * kv_cache_bytes(cfg, 4096, "q4g", "q4g")
+    assert four.total_bytes - one.total_bytes == 3 * one.kv_bytes
+    with pytest.raises(BudgetTooSmall, match="x 4 sequences"):
+        plan(specs_of(gguf), cfg, one.total_bytes, 4096, "q4g", "q4g", n_seq=4)

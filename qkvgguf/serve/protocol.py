@@ -10,7 +10,7 @@ app turns into OpenAI's error body `{"error": {"message", "type", "param", "code
     503 server_error            the queue is full (`--max-queue`)
 
 Parameters: max_tokens (chat also max_completion_tokens), temperature, top_p, top_k, min_p, seed,
-stop, presence_penalty, frequency_penalty, repeat_penalty (llama.cpp's), repeat_last_n, logprobs
+stop, presence_penalty, frequency_penalty, llama.cpp's repeat_penalty, repeat_last_n and ignore_eos, logprobs
 (chat: a bool with top_logprobs; completions: an int), stream (with stream_options.include_usage),
 n (only 1). Unset sampling parameters take llama.cpp's defaults (temperature 0.8, top_k 40, top_p
 0.95, min_p 0.05), as `qkvgguf run` does; max_tokens defaults to the rest of the context for chat
@@ -54,7 +54,7 @@ def parse_body(raw: bytes) -> dict:
 
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-             "repeat_penalty", "repeat_last_n")
+             "repeat_penalty", "repeat_last_n", "ignore_eos")
 
 
 @dataclass
