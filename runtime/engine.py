@@ -185,8 +185,8 @@ class Engine:
     def submit(self, req: Request) -> None:
         self.check(req.prompt_ids)
         with self._cond:
-            if len(self._queue) >= self.max_queue and self._free_slot_count() <= 0:
-                raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queue {self.max_queue})")
+            if -self._free_slot_count() >= self.max_queue:  # requests that would wait for a slot
+                raise QueueFull(f"{-self._free_slot_count()} requests are already waiting (--max-queue {self.max_queue})")
             self._queue.append(req)
             self._cond.notify()
 
