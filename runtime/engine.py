@@ -35,8 +35,8 @@ import collections
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -71,13 +71,13 @@ class GenParams:
     """
 
     max_tokens: int = 128
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     repeat_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repeat_last_n: int = 64
-    logprobs: Optional[int] = None
+    logprobs: int | None = None
     ignore_eos: bool = False
 
 
@@ -85,7 +85,7 @@ class GenParams:
 class TokenInfo:
     id: int
     text: str  # the token's own bytes as text (specials rendered); "" for an end-of-generation token
-    logprob: Optional[float] = None
+    logprob: float | None = None
     top: list[tuple[str, float]] = field(default_factory=list)  # (text, logprob), most likely first
 
 
@@ -100,7 +100,7 @@ class DoneEvent:
     finish_reason: str  # "stop" (end of generation or a stop string), "length", "cancelled", "error"
     prompt_tokens: int
     completion_tokens: int
-    error: Optional[str] = None
+    error: str | None = None
 
 
 Event = TextEvent | DoneEvent
@@ -132,14 +132,14 @@ class _Slot:
 
     def __init__(self, session: Session):
         self.session = session
-        self.request: Optional[Request] = None
+        self.request: Request | None = None
 
     def take(self, req: Request, tokenizer) -> None:
         self.request = req
         self.session.cache.reset(0)
         self.session.tokens = []
         self.todo = list(req.prompt_ids)  # prompt tokens not yet run
-        self.next_token: Optional[int] = None  # sampled, not yet run
+        self.next_token: int | None = None  # sampled, not yet run
         self.sampler = Sampler(req.params.sampling)
         self.history = list(req.prompt_ids[-req.params.repeat_last_n:]) if req.params.repeat_last_n > 0 else []
         self.n_gen = 0
@@ -168,7 +168,7 @@ class Engine:
         self._queue: collections.deque[Request] = collections.deque()
         self._admitted: list[_Slot] = []  # busy slots in admission order (prefill goes first-come)
         self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
 
@@ -292,7 +292,7 @@ class Engine:
     # -- one token ------------------------------------------------------------------------------
 
     def _sample(self, s: _Slot, logits: torch.Tensor) -> None:
-        req, p = s.request, s.request.params
+        p = s.request.params
         logits = _penalize(logits, s.history, p)
         if p.ignore_eos:
             logits = logits.float().clone()
@@ -349,7 +349,7 @@ class Engine:
             infos, s.infos = s.infos, []
             s.request.on_event(TextEvent(text, infos))
 
-    def _finish(self, s: _Slot, reason: str, flush: bool = True, error: Optional[str] = None) -> None:
+    def _finish(self, s: _Slot, reason: str, flush: bool = True, error: str | None = None) -> None:
         req = s.request
         if reason in ("stop", "length"):
             text = s.held + (s.stream.flush() if flush else "")

@@ -88,7 +88,7 @@ def test_prompt_too_long(llm):
 def test_readme_snippet_runs_as_written():
     """The README's high-level snippet (between its markers), run as a user would paste it."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    m = re.search(r"<!-- llm-snippet -->\s*```python\n(.*?)```", text, re.S)
+    m = re.search(r"<!-- llm-snippet -->\s*```python\n(.*?)```", text, re.DOTALL)
     assert m, "README.md lost its LLM snippet (marked <!-- llm-snippet -->)"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

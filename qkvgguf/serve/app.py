@@ -33,7 +33,8 @@ from starlette.routing import Route
 
 from qkvgguf.errors import QkvggufError
 from qkvgguf.llm import LLM
-from qkvgguf.runtime.engine import DoneEvent, PromptTooLong, QueueFull, Request as EngineRequest, TextEvent
+from qkvgguf.runtime.engine import PromptTooLong, QueueFull, TextEvent
+from qkvgguf.runtime.engine import Request as EngineRequest
 
 from . import protocol
 from .protocol import APIError, Reply, bad_request
