@@ -384,6 +384,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# -- serve --------------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible server (qkvgguf/serve/): the flags of run, plus where to listen and how many
+    sequences decode together."""
+    import dataclasses
+
+    from .serve import check_bind, serve
+
+    check_bind(args.host, args.api_key)  # before loading anything
+    cfg = dataclasses.replace(_run_config(args), n_seq=args.parallel)
+    return serve(cfg, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue, log=_log)
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,6 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_args(p, ctx_default="-p + -n")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page (needs the server extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("-np", "--parallel", type=int, default=1,
+                   help="sequences decoded together in one batched forward pass, each with its own -c token KV "
+                        "cache (default 1); further requests wait in a queue")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; beyond, 503 (default 64)")
+    _add_model_args(p, ctx_default="min(4096, the model's), per sequence")
+    p.set_defaults(func=cmd_serve)
     return ap
 
 

@@ -59,6 +59,7 @@ class RunConfig:
     paged_cuda_graph: bool = False  # experimental: capture decode with streamed weights too
     n_gpu_layers: int | None = None  # -ngl: the first N layers resident, the rest streamed or on the CPU
     placement: str = "auto"  # units that do not fit: "stream", "cpu" or "auto" (runtime/planner.py)
+    n_seq: int = 1  # sequences decoded together, each with its own n_ctx cache (serve --parallel)
     verbose: bool = False
 
     @classmethod
@@ -89,6 +90,8 @@ class RunConfig:
             raise QkvggufError(f"--placement must be one of {', '.join(PLACEMENTS)}, got '{self.placement}'")
         if self.n_gpu_layers is not None and self.n_gpu_layers < 0:
             raise QkvggufError(f"-ngl/--n-gpu-layers must be 0 or more, got {self.n_gpu_layers}")
+        if self.n_seq < 1:
+            raise QkvggufError(f"--parallel must be at least 1, got {self.n_seq}")
         if self.n_ctx is not None and self.n_ctx < 0:
             raise QkvggufError(f"-c/--ctx-size must be positive, got {self.n_ctx}")
         for flag, t in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
@@ -204,7 +207,7 @@ class RunConfig:
             budget = free - 256 * 2**20
         specs = specs_of(gguf)
         p = plan(specs, cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
-                 n_gpu_layers=self.n_gpu_layers, placement="stream" if self.placement == "auto" else self.placement)
+                 n_gpu_layers=self.n_gpu_layers, n_seq=self.n_seq, placement="stream" if self.placement == "auto" else self.placement)
         if self.placement == "auto" and self.n_gpu_layers is None and not p.all_resident:
             from .runtime import machine  # stream or compute on the CPU, by this machine's measured costs
             from .runtime.planner import unit_of
@@ -212,7 +215,7 @@ class RunConfig:
             tied = "output.weight" not in gguf.tensors
             costs = machine.costs(dev, {t.type for t in specs if unit_of(t.name, tied) is not None}, self.threads)
             p = plan(specs, cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
-                     placement="auto", costs=costs)
+                     placement="auto", costs=costs, n_seq=self.n_seq)
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - p.context_bytes) / total)), dev)
         return p
 

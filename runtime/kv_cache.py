@@ -78,6 +78,11 @@ class KVCache:
             self.pos_t = torch.tensor([self.pos], dtype=torch.int64, device=self.device)
         return self.pos_t
 
+    def check_room(self, T: int) -> None:
+        """ValueError unless T more tokens fit after the pos already held."""
+        if self.pos + T > self.n_ctx:
+            raise ValueError(f"{T} tokens at position {self.pos} overflow the {self.n_ctx}-token context")
+
     def positions(self, T: int) -> torch.Tensor:
         """Positions [pos, pos + T) on the cache's device; one-token steps in device-position mode
         return the device counter itself (no host value baked into the step)."""

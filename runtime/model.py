@@ -80,9 +80,7 @@ class Model:
         """
         cfg, W, ops = self.config, self.weights, self.ops
         T = tokens.shape[0] if embeds is None else embeds.shape[0]
-        start = cache.pos
-        if start + T > cache.n_ctx:
-            raise ValueError(f"{T} tokens at position {start} overflow the {cache.n_ctx}-token context")
+        cache.check_room(T)  # ValueError when T more tokens do not fit
         positions = cache.positions(T)  # on the cache's device; a device counter in graph mode
         cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2) float32
         # (T, n_embd): the residual stream, float32 on every backend (fp16 overflows on outlier
@@ -136,5 +134,7 @@ class Model:
         return ops.linear(ops.swiglu(gate, up), W, p + "ffn_down.weight")
 
 
-def load_model(path: str, cache_bytes: int = 0, device: str = "cpu", backend: str = "auto") -> Model:
+def load_model(path: str, cache_bytes: int | None = None, device: str = "cpu", backend: str = "auto") -> Model:
+    """A Model for a GGUF path; cache_bytes None: the CLI's default weights cache (weights.default_cache_bytes:
+    none where the compiled CPU kernels read the blocks, else 1 GiB). For everything else, `qkvgguf.LLM`."""
     return Model(GGUFFile(path), cache_bytes, device, backend)

@@ -211,7 +211,7 @@ class Plan:
         }
 
 
-def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes):
+def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes, n_seq=1):
     tied = not any(t.name == "output.weight" for t in tensors)
     units: dict[int, int] = {}
     raw: dict[int, int] = {}
@@ -225,7 +225,7 @@ def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
             host.append(t.name)
         else:
             small += t.n_bytes
-    kv = kv_cache_bytes(cfg, n_ctx, type_k, type_v)
+    kv = n_seq * kv_cache_bytes(cfg, n_ctx, type_k, type_v)  # one cache per sequence (serve --parallel)
     act = activation_bytes(cfg, min(n_batch, n_ctx), act_elt)
     return units, raw, small, host, kv, act
 
@@ -242,7 +242,8 @@ def _spread(u: int) -> int:
 def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
          type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
          context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model",
-         n_gpu_layers: Optional[int] = None, placement: str = "stream", costs: Optional[Costs] = None) -> Plan:
+         n_gpu_layers: Optional[int] = None, placement: str = "stream", costs: Optional[Costs] = None,
+         n_seq: int = 1) -> Plan:
     """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
     resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits.
 
@@ -254,13 +255,15 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
     n_gpu_layers (llama.cpp's -ngl): the first N layers resident and every other layer streamed
     (placement "stream") or CPU-computed (placement "cpu", exactly llama.cpp's partial offload),
     the output matrix resident only when N > n_layer (as llama.cpp counts it), instead of the
-    planner's own choice; BudgetTooSmall when those do not fit."""
+    planner's own choice; BudgetTooSmall when those do not fit.
+    n_seq: sequences decoded together, each with its own n_ctx-token KV cache (`serve --parallel`)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     if placement == "auto" and costs is None:
         raise ValueError("placement 'auto' needs the machine's costs (runtime/machine.py)")
     tensors = list(tensors)
-    units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                                              n_seq)
     order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
     host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
     everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
@@ -279,27 +282,28 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
     if placement == "auto":  # the hybrid search, or plain streaming if the model predicts it faster
         best = _hybrid(everything, order, small, host, budget, placement, costs, cpu_s, source)
         try:
-            streaming = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt)
+            streaming = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt, n_seq)
         except BudgetTooSmall:
             return best
         streaming.unit_cpu_s, streaming.costs = cpu_s, costs
         return min(best, streaming, key=lambda p: p.step_seconds(costs))
-    p = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt)
+    p = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt, n_seq)
     p.unit_cpu_s, p.costs = cpu_s, costs
     return p
 
 
 def _streaming(tensors, cfg, everything: Plan, order: list[int], small: int, host: list[str], budget: int,
-               source: str, act_elt: int) -> Plan:
+               source: str, act_elt: int, n_seq: int = 1) -> Plan:
     """Placement "stream": the fewest streamed bytes within budget."""
     e = everything
     units, raw, kv, act, context_bytes = e.unit_bytes, e.unit_raw, e.kv_bytes, e.activation_bytes, e.context_bytes
     n_ctx, type_k, type_v = e.n_ctx, e.type_k, e.type_v
-    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, e.n_batch, act_elt, context_bytes)
+    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, e.n_batch, act_elt, context_bytes, n_seq)
     if budget < need:
         raise BudgetTooSmall(
             f"{source} does not fit in {format_bytes(budget)}: it needs at least {format_bytes(need)} "
-            f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens K {type_k} V {type_v}, activations "
+            f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens{f' x {n_seq} sequences' if n_seq > 1 else ''} "
+            f"K {type_k} V {type_v}, activations "
             f"{format_bytes(act)}, CUDA context {format_bytes(context_bytes)}, two slots of the largest layer)")
     best = None
     for m in sorted(set(units.values())):  # m: the largest streamed unit's size
@@ -404,9 +408,10 @@ def _hybrid(everything: Plan, order: list[int], small: int, host: list[str], bud
 
 def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
                    type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
-                   context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+                   context_bytes: int = CUDA_CONTEXT_BYTES, n_seq: int = 1) -> int:
     """The smallest budget that runs at all: everything streams through two slots of the largest unit."""
-    units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                                         n_seq)
     return kv + act + context_bytes + small + 2 * max(units.values(), default=0)
 
 
