@@ -30,6 +30,7 @@ errors of the chosen quantizer propagate, nothing falls back silently.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -232,13 +233,20 @@ def _log_once(qtype: int, message: str) -> None:
         log.info(message)
 
 
+@functools.lru_cache(maxsize=None)
 def has_reference(qtype: int) -> bool:
     """Whether gguf.quants (gguf-py's numpy port of ggml) dequantizes the type."""
     import gguf.quants
+    from gguf import GGML_QUANT_SIZES
 
-    if qtype not in T._value2member_map_:
+    if qtype not in T._value2member_map_ or T(qtype) not in GGML_QUANT_SIZES:
         return False
-    return T(qtype) in gguf.quants._type_traits
+    size = GGML_QUANT_SIZES[T(qtype)][1]
+    try:
+        gguf.quants.dequantize(np.zeros((1, size), np.uint8), T(qtype))
+    except NotImplementedError:
+        return False
+    return True
 
 
 def reference_quantize(values: np.ndarray, qtype: int) -> np.ndarray:

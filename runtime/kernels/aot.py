@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 
 import triton
-from gguf import GGMLQuantizationType as T
 
 from .dequant import LAYOUTS
 

@@ -50,10 +50,9 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf.errors import QkvggufError
-
-from ..planner import DENSE_MIN_M, DENSE_TILE_BYTES
 from qkvgguf.quants import get_format
 
+from ..planner import DENSE_MIN_M, DENSE_TILE_BYTES
 from .dequant import check_weight, dequant, layout_of
 from .launch import autotune_bench, fp32_precision, interpreting, next_pow2
 
