@@ -19,7 +19,8 @@ Block helpers (used by q4, q5, q8, kquants): `as_blocks` turns raw bytes (rows, 
 (rows, n_blocks, type_size) view without copying, `f16_at` reads an f16 field of every block as
 float32, `shifts` makes the small shift vectors for bit unpacking (on the device, no host copy), and `np_blocks`/`np_f16_bytes`
 do the same jobs for the numpy quantizers; `np_quantize_rows(_weighted)` feed a block quantizer a chunk of blocks at a
-time (with the matching importance-matrix columns).
+time (with the matching importance-matrix columns), and `codes_input` hands inspect's decoders (numpy
+blocks in) to the same torch unpack helpers the dequantizers use.
 
 Subsets of rows: every dequantizer reads only the rows it is given, so callers slice first
 (`raw[a:b]`, `raw[::2]`, `raw[ids]`); strided row views are read in place, without a copy. Inputs

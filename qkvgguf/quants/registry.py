@@ -10,10 +10,12 @@ A record holds, for one type:
                              header fields as stored): inspect's block decoder
     quantize                 numpy: float32 (rows, row_len) -> bytes, plain (bit-exact with ggml)
     quantize_weighted        numpy: (values, importance (row_len,)) -> bytes, importance-weighted
+    gguf_reference           whether gguf.quants (gguf-py's numpy port of ggml) reads the type: the
+                             tests' reference; `reference_quantize` is its quantizer where it has one
     tiling                   the Triton kernels' tiling of a block (`Tiling`: groups, bytes per group,
                              values per byte, the kernel's decode branch, autotune tiles that spill)
     outtype, file_type       the converter's `--outtype NAME` that writes every weight in this type
-    fallback                 llama.cpp's tensor_type_fallback: the type a row too short for the block takes
+    fallback                 llama.cpp's tensor_type_fallback: the type of a row that is not a multiple of the block
     auto                     a candidate of `--outtype auto` (convert/mixed.py)
 
 Every consumer reads the registry when it runs (not a copy made at import): the dequant kernels
@@ -148,12 +150,26 @@ class QuantFormat:
         return 8.0 * self.type_size / self.block_size
 
     @property
+    def gguf_reference(self) -> bool:
+        """Whether gguf.quants reads this type too (the tests' reference for its bytes)."""
+        return has_reference(self.type)
+
+    @property
     def kernel_branch(self) -> int:
         assert self.tiling is not None
         return int(self.type if self.tiling.branch is None else self.tiling.branch)
 
 
 FORMATS: dict[int, QuantFormat] = {}
+
+
+def _in_gguf_py(qtype: int) -> bool:
+    """Whether gguf-py's GGMLQuantizationType has this id."""
+    try:
+        T(qtype)
+    except ValueError:
+        return False
+    return True
 
 
 def register(fmt: QuantFormat) -> QuantFormat:
@@ -163,7 +179,7 @@ def register(fmt: QuantFormat) -> QuantFormat:
     where = f"quant format {fmt.name}"
     if fmt.type in FORMATS:
         raise ValueError(f"{where}: ggml type {int(fmt.type)} is registered already ({FORMATS[fmt.type].name})")
-    known = GGML_QUANT_SIZES.get(T(fmt.type)) if fmt.type in T._value2member_map_ else None
+    known = GGML_QUANT_SIZES.get(T(fmt.type)) if _in_gguf_py(fmt.type) else None
     if known is not None and known != (fmt.block_size, fmt.type_size):
         raise ValueError(f"{where}: (block, bytes) {(fmt.block_size, fmt.type_size)}, gguf-py says {known}")
     if fmt.layout is not None and fmt.layout.n_bytes != fmt.type_size:
@@ -191,7 +207,7 @@ def type_name(qtype: int) -> str:
     """The registered name, gguf-py's, or the number."""
     if qtype in FORMATS:
         return FORMATS[qtype].name
-    return T(qtype).name if qtype in T._value2member_map_ else str(int(qtype))
+    return T(qtype).name if _in_gguf_py(qtype) else str(int(qtype))
 
 
 def block_sizes(qtype: int) -> tuple[int, int]:
@@ -239,7 +255,7 @@ def has_reference(qtype: int) -> bool:
     import gguf.quants
     from gguf import GGML_QUANT_SIZES
 
-    if qtype not in T._value2member_map_ or T(qtype) not in GGML_QUANT_SIZES:
+    if not _in_gguf_py(qtype) or T(qtype) not in GGML_QUANT_SIZES:
         return False
     size = GGML_QUANT_SIZES[T(qtype)][1]
     try:
