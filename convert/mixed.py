@@ -9,9 +9,10 @@ squared output error over the calibration inputs is, dropping cross-column terms
 which is comparable across tensors (every tensor's error is measured in its own output space,
 and every matmul output feeds the residual stream alike). E is estimated on an evenly spaced
 sample of at most `SAMPLE_ROWS` rows, scaled to all rows, for every candidate type valid for the
-row length: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-blocks), Q4_K, Q5_K, Q6_K (256-blocks), using the
-importance-weighted quantizers where they exist (qkvgguf/quants/weighted.py; K-quants use the
-plain ggml algorithms). A tensor without statistics (never a matmul input) uses I = 1.
+row length: the registry's records marked `auto` (qkvgguf/quants/): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+IQ4_NL (32-blocks), Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS (256-blocks), each quantized by the
+registry's selector (importance-weighted where the type has a weighted quantizer and an imatrix is
+given). A tensor without statistics (never a matmul input) uses I = 1.
 
 Allocation. Choose one type per tensor minimizing sum E subject to sum bytes <= budget: every
 tensor starts at its cheapest type; each tensor's options form a lower convex hull of error
@@ -28,13 +29,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf.errors import QkvggufError
+from qkvgguf.quants import FORMATS, block_sizes, dequantize, quantize
 
-CANDIDATES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 SAMPLE_ROWS = 256
+
+
+def auto_candidates() -> list[int]:
+    """The candidate types of --outtype auto: the registry's records marked `auto`, in registry order."""
+    return [t for t, f in FORMATS.items() if f.auto]
 
 
 class BudgetError(QkvggufError):
@@ -48,28 +53,14 @@ class Option:
     error: float
 
 
-def candidates(row: int) -> list[T]:
-    return [t for t in CANDIDATES if row % GGML_QUANT_SIZES[t][0] == 0]
+def candidates(row: int) -> list[int]:
+    """The candidate types whose block fits a row of `row` elements."""
+    return [t for t in auto_candidates() if row % block_sizes(t)[0] == 0]
 
 
-def quantize(values: np.ndarray, qtype: T, imatrix: Optional[np.ndarray]) -> np.ndarray:
-    """The converter's quantizer for `qtype`: `qkvgguf.quants.quantize` (importance-weighted where the
-    format has it and an imatrix is given), gguf.quants for the types we have no quantizer for."""
-    from qkvgguf.quants import quantize as ours
-
-    try:
-        return ours(values, qtype, imatrix)
-    except QkvggufError:
-        import gguf.quants
-
-        return gguf.quants.quantize(values, qtype)
-
-
-def weighted_error(values: np.ndarray, qtype: T, imatrix: Optional[np.ndarray]) -> float:
-    """sum I_j (w - Q(w))^2 over the given rows."""
+def weighted_error(values: np.ndarray, qtype: int, imatrix: Optional[np.ndarray]) -> float:
+    """sum I_j (w - Q(w))^2 over the given rows, Q the registry's quantizer selector."""
     import torch
-
-    from qkvgguf.quants import dequantize
 
     raw = quantize(values, qtype, imatrix)
     back = dequantize(torch.from_numpy(np.ascontiguousarray(raw)), qtype).numpy()
@@ -85,7 +76,7 @@ def sensitivity(values: np.ndarray, imatrix: Optional[np.ndarray], types: Option
     scale = rows / len(pick)
     out = []
     for t in types or candidates(n):
-        block, size = GGML_QUANT_SIZES[t]
+        block, size = block_sizes(t)
         out.append(Option(t, rows * n // block * size, scale * weighted_error(sample, t, imatrix)))
     return out
 

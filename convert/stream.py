@@ -30,7 +30,6 @@ from qkvgguf import __version__
 
 from .arch import Arch
 from .checkpoint import Checkpoint, CheckpointError
-from .mixed import quantize
 from .vocab import Vocab
 from .writer import AtomicOutput, ModelFacts, OutType, encode, n_bytes, tensor_type
 
@@ -123,10 +122,7 @@ def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[Plan
         source = ckpt.load(p.hf_name)
         values = arch.transform(p.name, source.to(torch.float32)).numpy()
         importance = imatrix.mean(p.name) if imatrix is not None else None
-        if importance is not None and p.type not in (T.F32, T.F16, T.BF16):
-            data = quantize(values.reshape(-1, values.shape[-1]), p.type, importance)  # importance-weighted
-        else:
-            data = encode(values, p.type)
+        data = encode(values, p.type, importance)  # importance-weighted where the type has it
         if data.nbytes != p.n_bytes:  # a bug in an encoder, never a user error
             raise AssertionError(f"tensor '{p.name}': encoded {data.nbytes} bytes, planned {p.n_bytes} for {p.type.name}")
         w.write_tensor_data(data)

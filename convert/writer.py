@@ -23,9 +23,11 @@ Output types (`--outtype`) and what they mean, as in llama.cpp:
     iq4_nl  MOSTLY_IQ4_NL       IQ4_NL, some Q5_K             (32, 2 + 16)                  4.5 bits
     iq4_xs  MOSTLY_IQ4_XS       IQ4_XS, some Q5_K             (256, 2 + 2 + 4 + 128)        4.25 bits
   * llama.cpp has no file type for all-Q4_K (all-Q5_K) weights; the _S label is the nearest.
-Names are llama-quantize's, in any case (`Q3_K_M` = `q3_k_m`).
-Q5_0 and Q5_1 (outtypes, and the fallback of Q4_K / Q5_K) are encoded by `gguf.quants` (our
-registry has only their dequantizers); tests find its bytes equal to llama.cpp's quantizer's.
+Names are llama-quantize's, in any case (`Q3_K_M` = `q3_k_m`). The one-type outtypes (f32 .. q6_k) are
+the weight-type registry's records (`QuantFormat.outtype`, `file_type`; qkvgguf/quants/), the mixtures
+are `RECIPES` here. Q5_0 and Q5_1 (outtypes, and the fallback of Q4_K / Q5_K) are encoded by
+`gguf.quants` (the registry's selector: we have only their dequantizers and weighted quantizers);
+tests find its bytes equal to llama.cpp's quantizer's.
 
 Policy (`tensor_type`, a pure function of name, shape, outtype and a few model facts), following
 llama.cpp's quantizer (`llama_tensor_get_type` in src/llama-quant.cpp, without an imatrix):
@@ -47,7 +49,7 @@ llama.cpp's quantizer (`llama_tensor_get_type` in src/llama-quant.cpp, without a
    - everything else (token_embd with an output tensor, attn_q/k/output, ffn_gate/up, ...) gets
      the outtype's type.
 3. A row length that is not a multiple of the chosen type's block falls back as llama.cpp does
-   (`FALLBACK`: Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL;
+   (`FALLBACK`, the records' `fallback`: Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL;
    a 32-block type, or a fallback that still does not fit, -> F16), with a warning.
 
 `AtomicOutput` writes to a temporary file beside the target and renames it over the target only
@@ -66,9 +68,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as FT
+from gguf import GGMLQuantizationType as T, LlamaFileType as FT
 
 from qkvgguf.errors import QkvggufError, UnsupportedError
+from qkvgguf.quants import FORMATS, View, block_sizes, quantize, type_name
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +84,13 @@ class OutputError(QkvggufError):
 class OutType:
     name: str
     file_type: FT  # general.file_type
-    weight_type: T  # the type of 2-D weights (the base type of a mixture)
+    weight_type: int  # the ggml type of 2-D weights (the base type of a mixture)
     mixture: bool = False  # llama.cpp's per-tensor recipe for this file type (q4_k_m, q3_k_m, ...)
 
 
-OUTTYPES = {o.name: o for o in [
-    OutType("f32", FT.ALL_F32, T.F32),
-    OutType("f16", FT.MOSTLY_F16, T.F16),
-    OutType("bf16", FT.MOSTLY_BF16, T.BF16),
-    OutType("q8_0", FT.MOSTLY_Q8_0, T.Q8_0),
-    OutType("q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
-    OutType("q4_1", FT.MOSTLY_Q4_1, T.Q4_1),
-    OutType("q5_0", FT.MOSTLY_Q5_0, T.Q5_0),
-    OutType("q5_1", FT.MOSTLY_Q5_1, T.Q5_1),
-    OutType("q4_k", FT.MOSTLY_Q4_K_S, T.Q4_K),
-    OutType("q5_k", FT.MOSTLY_Q5_K_S, T.Q5_K),
-    OutType("q6_k", FT.MOSTLY_Q6_K, T.Q6_K),
+# llama.cpp's file types that mix types by tensor (the recipes of `_recipe`), and auto; the outtypes that
+# give every 2-D weight one type are the registry's records (`QuantFormat.outtype`, qkvgguf/quants/)
+RECIPES = [
     OutType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K, mixture=True),
     OutType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K, mixture=True),
     OutType("q2_k", FT.MOSTLY_Q2_K, T.Q2_K, mixture=True),
@@ -108,13 +102,23 @@ OUTTYPES = {o.name: o for o in [
     # auto: types chosen per tensor by measured sensitivity (convert/mixed.py); llama.cpp has no file
     # type for a free mixture, GUESSED ("not specified") is its label for that
     OutType("auto", FT.GUESSED, T.Q8_0),
-]}
+]
 
-FLOATS = (T.F32, T.F16, T.BF16)
+
+def _outtypes() -> dict[str, OutType]:
+    plain = [OutType(f.outtype, f.file_type, f.type) for f in FORMATS.values() if f.outtype]
+    return {o.name: o for o in plain + RECIPES}
+
+
+OUTTYPES = View(_outtypes)  # read from the registry when used: f32, f16, bf16, q8_0, ..., q6_k, then RECIPES
 
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp): a 256-block type whose block does not fit
-# the row tries a 32-block type; whatever still does not fit becomes F16.
-FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.IQ4_XS: T.IQ4_NL}
+# the row tries a 32-block type (the records' `fallback`); whatever still does not fit becomes F16.
+FALLBACK = View(lambda: {t: f.fallback for t, f in FORMATS.items() if f.fallback is not None})
+
+
+def is_float(qtype: int) -> bool:
+    return block_sizes(qtype)[0] == 1
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,8 @@ def _recipe(name: str, row: int, outtype: OutType, model: ModelFacts) -> tuple[T
     base = outtype.weight_type
     if name == "output.weight" or (name == "token_embd.weight" and not model.has_output):
         what = "output tensor" if name == "output.weight" else "tied token_embd (the output tensor)"
-        if row % GGML_QUANT_SIZES[base][0]:
-            return T.Q8_0, f"{what}, row length {row} does not fit {base.name}"
+        if row % block_sizes(base)[0]:
+            return T.Q8_0, f"{what}, row length {row} does not fit {type_name(base)}"
         return (base, None) if base == T.Q8_0 else (T.Q6_K, what)
     if not outtype.mixture:
         return base, None
@@ -204,44 +208,37 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: OutType,
     """The ggml type of one tensor (shape in PyTorch order, row length last); see the module doc."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
         return TypeChoice(T.F32)
-    if outtype.weight_type in FLOATS:
+    if is_float(outtype.weight_type):
         return TypeChoice(outtype.weight_type)
     row = shape[-1]
     qtype, rule = _recipe(gguf_name, row, outtype, model)
     wanted = qtype
-    if row % GGML_QUANT_SIZES[qtype][0]:
+    if row % block_sizes(qtype)[0]:
         qtype = FALLBACK.get(qtype, T.F16)
-        if row % GGML_QUANT_SIZES[qtype][0]:
+        if row % block_sizes(qtype)[0]:
             qtype = T.F16
-        why = f"row length {row} is not a multiple of {GGML_QUANT_SIZES[wanted][0]} for {wanted.name}"
+        why = f"row length {row} is not a multiple of {block_sizes(wanted)[0]} for {type_name(wanted)}"
         return TypeChoice(qtype, rule, why)
     return TypeChoice(qtype, rule)
 
 
-def n_bytes(shape: tuple[int, ...], qtype: T) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
+def n_bytes(shape: tuple[int, ...], qtype: int) -> int:
+    block, size = block_sizes(qtype)
     return math.prod(shape) // block * size
 
 
-def encode(values: np.ndarray, qtype: T) -> np.ndarray:
+def encode(values: np.ndarray, qtype: int, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 (..., row) -> the bytes GGUF stores for `qtype` (uint8 (rows, row_bytes), or float arrays).
 
-    The one place that picks a quantizer: ours from the registry (`qkvgguf.quants`) when it has one
-    for the type, else `gguf.quants.quantize` (the two are bit-exact where both exist).
+    F32 and F16 stay float arrays (the GGUF writer stores them as they are); every other type goes
+    through the registry's quantizer selector (`qkvgguf.quants.quantize`: ours, importance-weighted
+    with an imatrix, else gguf.quants', logged). Float types ignore the imatrix.
     """
     if qtype == T.F32:
         return np.ascontiguousarray(values, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(values.astype(np.float16))
-    rows = values.reshape(-1, values.shape[-1])
-    from qkvgguf.quants import FORMATS
-
-    fmt = FORMATS.get(qtype)
-    if fmt is not None and fmt.quantize is not None:
-        return fmt.quantize(rows)
-    import gguf.quants
-
-    return gguf.quants.quantize(rows, qtype)
+    return quantize(values.reshape(-1, values.shape[-1]), qtype, None if is_float(qtype) else imatrix)
 
 
 class AtomicOutput:

@@ -63,7 +63,8 @@ def smollm2_q8_0(smollm2_hf, tmp_path_factory):
 
 
 # a file with one tensor of every type we have a layout for (plus TQ2_0, which only gguf.quants decodes)
-ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K,
+             T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
 
 
 def _random_blocks(qtype: T, n: int, rng) -> np.ndarray:
@@ -87,8 +88,7 @@ def all_types_file(tmp_path_factory):
     for qtype in ALL_TYPES:
         x = rng.standard_normal((4, 512)).astype(np.float32)
         x[0, 3] = 40.0  # an outlier
-        fmt = quants.get_format(qtype)
-        data = fmt.quantize(x) if fmt.quantize else gguf.quants.quantize(x, qtype)  # Q5_0/Q5_1: gguf's
+        data = quants.quantize(x, qtype)  # the registry's selector: Q5_0/Q5_1 by gguf.quants
         w.add_tensor(f"t.{qtype.name.lower()}", data, raw_dtype=qtype)  # uint8 (rows, row bytes)
     w.add_tensor("t.tq2_0", _random_blocks(T.TQ2_0, 16, rng).reshape(4, -1), raw_dtype=T.TQ2_0)  # 16 x 66 bytes: no padding
     w.add_tensor("nan", np.full(8, np.nan, dtype=np.float32))
@@ -128,10 +128,11 @@ def test_types_layers_and_bytes_on_smollm2(capsys, smollm2_path):
 def test_padding_is_counted_exactly(all_types_file):
     g = GGUFFile(all_types_file)
     d = summarize(g)["data"]
-    # the writer pads each tensor to the 32-byte alignment: Q6_K's 8 x 210 bytes by 16, "odd" (20 bytes) by 12
+    # the writer pads each tensor to the 32-byte alignment: Q6_K's 8 x 210 bytes by 16, Q3_K's 8 x 110 by 16,
+    # "odd" (20 bytes) by 12
     odd = g.tensors["odd"]
     assert odd.n_bytes == 20 and d["tensor_bytes"] == g.tensor_data_bytes
-    assert d["padding_bytes"] == sum(-t.n_bytes % g.alignment for t in g.tensors.values()) == 16 + 12
+    assert d["padding_bytes"] == sum(-t.n_bytes % g.alignment for t in g.tensors.values()) == 16 + 16 + 12
     assert d["tensor_bytes"] + d["padding_bytes"] == d["region_bytes"] == g.file_size - g.data_offset
     assert d["padding_bytes"] > 0 and d["overlapping_tensors"] == 0
 
@@ -180,10 +181,13 @@ def test_fast_and_reads_no_tensor_data(capsys, monkeypatch, smollm2_path, smollm
 # -- --tensor --------------------------------------------------------------------------------------------
 
 def _check_blocks(report: dict, expected: np.ndarray) -> None:
-    """Each decoded block, rebuilt as scale * (q - zero) + bias in float32, equals gguf.quants' values."""
+    """Each decoded block, rebuilt as scale * (q - zero) + bias in float32 (scale * levels[q] + bias for a
+    non-linear type), equals gguf.quants' values."""
     block = report["layout"]["block_size"]
     for b in report["blocks"]:
         q = np.array(b["q"], dtype=np.float32) - np.float32(b["zero"])
+        if "levels" in b:
+            q = np.array(b["levels"], np.float32)[np.array(b["q"])]
         per = block // len(b["scale"])
         rebuilt = np.repeat(np.array(b["scale"], np.float32), per) * q + np.repeat(np.array(b["bias"], np.float32), per)
         want = expected.reshape(-1)[b["index"] * block:(b["index"] + 1) * block]

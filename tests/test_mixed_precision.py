@@ -141,7 +141,10 @@ def test_target_bpw(tiny, tmp_path):
     llm = llamacpp.load(str(out), n_ctx=16)
     llm.eval(ids.tolist())
     theirs = torch.tensor(llamacpp.last_logits(llm))
-    assert float((theirs - got[-1]).norm() / got[-1].norm()) < 0.01  # llama.cpp reads the same file alike
+    # llama.cpp reads the same file alike, up to its 8-bit rounding of activations in the quantized dots:
+    # measured 0.0093 choosing among Q4_0..Q8_0, 0.0124 once IQ4_NL became a candidate (3 tensors;
+    # test_convert's low-bit outtypes: 0.013 - 0.020 for the same reason)
+    assert float((theirs - got[-1]).norm() / got[-1].norm()) < 0.02
 
 
 def test_fit_within_the_planner_budget(tiny, tmp_path):

@@ -87,8 +87,23 @@ def test_layout_matches_gguf(qtype):
 def test_unsupported_type_is_named():
     with pytest.raises(UnsupportedError, match="IQ2_XXS"):
         Q.get_format(T.IQ2_XXS)
-    with pytest.raises(UnsupportedError, match="Q5_0"):
-        Q.quantize(np.zeros((1, 256), np.float32), T.Q5_0)
+    with pytest.raises(UnsupportedError, match="IQ2_XXS"):  # neither qkvgguf nor gguf.quants quantize it
+        Q.quantize(np.zeros((1, 256), np.float32), T.IQ2_XXS)
+
+
+def test_selector_falls_back_to_gguf_quants_and_says_so(caplog):
+    """Q5_0 has no quantizer of ours: the registry's selector takes gguf.quants' and logs it once."""
+    import gguf.quants
+
+    from qkvgguf.quants import registry
+
+    registry._LOGGED.clear()
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    with caplog.at_level("INFO", logger="qkvgguf.quants.registry"):
+        got = Q.quantize(x, T.Q5_0)
+        Q.quantize(x, T.Q5_0)
+    assert np.array_equal(got, gguf.quants.quantize(x, T.Q5_0))
+    assert [r.getMessage() for r in caplog.records] == ["Q5_0: no qkvgguf quantizer, quantized by gguf.quants"]
 
 
 # -- dequantization -------------------------------------------------------------------------------

@@ -1,17 +1,19 @@
 """inspect --tensor NAME: the block layout of one tensor, its first blocks decoded, value statistics,
 a histogram of its quant codes, and (with --ref) its quantization error against another copy.
 
-The block layouts are one table (`LAYOUTS`): the fields of one block in byte order, with their sizes,
-so the arithmetic is visible (`Q4_1: d 2 + m 2 + qs 16 = 20 bytes for 32 weights`). The facts are the
-ones the format modules in `quants/` document (and llama.cpp's ggml-common.h); tests check each
-layout's sizes against `gguf.GGML_QUANT_SIZES` and each decoder against `gguf.quants.dequantize`.
+The block layouts and decoders are the weight-type registry's (qkvgguf/quants: each record's
+`layout` and `decode`); `LAYOUTS` and `DECODERS` read it when used. A layout lists the fields of one
+block in byte order, with their sizes, so the arithmetic is visible (`Q4_1: d 2 + m 2 + qs 16 = 20
+bytes for 32 weights`); tests check each layout's sizes against `gguf.GGML_QUANT_SIZES` and each
+decoder against `gguf.quants.dequantize`.
 
-A decoder (`DECODERS`, numpy) turns blocks of bytes into what they store, in one form for every type:
+A decoder (numpy blocks in, `Codes` out) turns blocks of bytes into what they store, in one form for every type:
 
     q      (n, block_size)  the quant codes as stored (Q4_0: 0..15, Q8_0: -128..127, Q6_K: 0..63)
     scale  (n, n_sub)       per sub-block (Q4_K: 8 of 32, Q6_K: 16 of 16, the 32-blocks: 1)
     bias   (n, n_sub)
     x = scale * (q - zero) + bias        in float32, the same operations as gguf.quants
+                                         (IQ4_NL, IQ4_XS: scale * levels[q] + bias, a 16-level table)
 
 so `Q4_K`'s `x = (d * sc) * q - dmin * m` is scale = d * sc, bias = -(dmin * m), zero 0; `Q4_0`'s
 `x = d * (q - 8)` is scale = d, bias 0, zero 8. The values themselves come from the quant registry's
@@ -33,11 +35,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from ..errors import QkvggufError, UnsupportedError
 from ..gguf_file import GGUFFile, TensorInfo
+from ..quants import FORMATS, Codes, Field, View, block_sizes, type_name
 
 OUTLIER_STD = 6.0  # a value is an outlier when |x - mean| > OUTLIER_STD * std
 CHUNK_ELEMENTS = 1 << 22  # rows are processed about 4M values (16 MB of float32) at a time
@@ -45,19 +47,12 @@ DEFAULT_BLOCKS = 3  # blocks decoded in the text view
 FLOAT_VALUES = 16  # values shown for float types, whose blocks are single values
 
 
-# -- the block layouts ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Field:
-    name: str
-    start: int  # byte range [start, end) inside one block
-    end: int
-    what: str
-
+# -- the block layouts and decoders: the weight-type registry's -------------------------------------
 
 @dataclass(frozen=True)
 class BlockLayout:
-    type: T
+    """A registry record's `Layout` with its type and sizes (qkvgguf/quants)."""
+    type: int
     block_size: int  # elements per block
     fields: tuple[Field, ...]  # in byte order, back to back
     formula: str
@@ -73,170 +68,16 @@ class BlockLayout:
         return 8 * self.type_size / self.block_size
 
 
-def _layout(qtype: T, block_size: int, fields: list[tuple[str, int, str]], formula: str,
-            q_range: Optional[tuple[int, int]] = None, sub_block: Optional[int] = None) -> BlockLayout:
-    """Fields given as (name, bytes, meaning); their byte ranges are the running sum."""
-    out, pos = [], 0
-    for name, n, what in fields:
-        out.append(Field(name, pos, pos + n, what))
-        pos += n
-    return BlockLayout(qtype, block_size, tuple(out), formula, q_range, sub_block or block_size)
+def _layouts() -> dict[int, BlockLayout]:
+    return {t: BlockLayout(t, f.block_size, f.layout.fields, f.layout.formula, f.layout.q_range,
+                           f.layout.sub_block or f.block_size)
+            for t, f in FORMATS.items() if f.layout is not None}
 
 
-NIBBLES = "byte j: q[j] low nibble, q[j + 16] high"
-LAYOUTS: dict[T, BlockLayout] = {lay.type: lay for lay in (
-    _layout(T.F32, 1, [("x", 4, "IEEE binary32")], "x"),
-    _layout(T.F16, 1, [("x", 2, "IEEE binary16")], "x"),
-    _layout(T.BF16, 1, [("x", 2, "bfloat16: the top 16 bits of a binary32")], "x"),
-    # 32-blocks: (32 elements, bytes = the sum of the fields)
-    _layout(T.Q8_0, 32, [("d", 2, "f16 scale"), ("qs", 32, "32 x int8 q")],
-            "x = d * q", (-128, 127)),
-    _layout(T.Q4_0, 32, [("d", 2, "f16 scale"), ("qs", 16, f"32 x 4-bit q; {NIBBLES}")],
-            "x = d * (q - 8)", (0, 15)),
-    _layout(T.Q4_1, 32, [("d", 2, "f16 scale"), ("m", 2, "f16 min"), ("qs", 16, f"32 x 4-bit q; {NIBBLES}")],
-            "x = d * q + m", (0, 15)),
-    _layout(T.Q5_0, 32, [("d", 2, "f16 scale"), ("qh", 4, "u32: bit i = bit 4 of q[i]"),
-                         ("qs", 16, f"low 4 bits of 32 q; {NIBBLES}")],
-            "x = d * (q - 16)", (0, 31)),
-    _layout(T.Q5_1, 32, [("d", 2, "f16 scale"), ("m", 2, "f16 min"), ("qh", 4, "u32: bit i = bit 4 of q[i]"),
-                         ("qs", 16, f"low 4 bits of 32 q; {NIBBLES}")],
-            "x = d * q + m", (0, 31)),
-    # K-quants: super-blocks of 256 (QK_K) in sub-blocks with their own quantized scales
-    _layout(T.Q4_K, 256, [("d", 2, "f16 super-block scale"), ("dmin", 2, "f16 super-block min scale"),
-                          ("scales", 12, "8 x (6-bit sc, 6-bit m), packed"),
-                          ("qs", 128, "256 x 4-bit q; sub-block 2i+h: nibble h of bytes 32i..32i+31")],
-            "x = (d * sc[j]) * q - dmin * m[j], j = sub-block of 32", (0, 15), 32),
-    _layout(T.Q5_K, 256, [("d", 2, "f16 super-block scale"), ("dmin", 2, "f16 super-block min scale"),
-                          ("scales", 12, "8 x (6-bit sc, 6-bit m), packed"),
-                          ("qh", 32, "bit 2i+h of byte l: bit 4 of sub-block 2i+h's q[l]"),
-                          ("qs", 128, "low 4 bits of 256 q, as Q4_K")],
-            "x = (d * sc[j]) * q - dmin * m[j], j = sub-block of 32", (0, 31), 32),
-    _layout(T.Q6_K, 256, [("ql", 128, "low 4 bits of 256 q"), ("qh", 64, "high 2 bits of 256 q"),
-                          ("scales", 16, "16 x int8 sub-block scale"), ("d", 2, "f16 super-block scale")],
-            "x = (d * scale[j]) * (q - 32), j = sub-block of 16", (0, 63), 16),
-)}
-
-
-# -- decoders: bytes -> (q, scale, bias) ----------------------------------------------------------------
-
-@dataclass
-class Decoded:
-    q: np.ndarray  # (n, block_size) int16, the stored codes
-    scale: np.ndarray  # (n, n_sub) float32
-    bias: np.ndarray  # (n, n_sub) float32
-    zero: int
-    fields: dict[str, np.ndarray]  # per-block header fields, shown as stored: d, m, dmin, sc, mins, scales
-
-    def values(self) -> np.ndarray:
-        """x = scale * (q - zero) + bias, float32, (n, block_size)."""
-        rep = self.q.shape[1] // self.scale.shape[1]
-        scale = np.repeat(self.scale, rep, axis=1)
-        bias = np.repeat(self.bias, rep, axis=1)
-        return scale * (self.q - self.zero).astype(np.float32) + bias
-
-
-def _f16(b: np.ndarray, at: int) -> np.ndarray:
-    """The f16 at byte `at` of every block, as float32 (n,)."""
-    return np.ascontiguousarray(b[:, at:at + 2]).view(np.float16)[:, 0].astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """(n, 16) bytes -> (n, 32) codes: low nibbles are elements 0..15, high nibbles 16..31."""
-    return np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int16)
-
-
-def _fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """(n, 4) bytes of a little-endian u32 -> (n, 32): bit i is element i's."""
-    return (np.unpackbits(qh, axis=1, bitorder="little")).astype(np.int16)
-
-
-def _zeros(n: int) -> np.ndarray:
-    return np.zeros((n, 1), dtype=np.float32)
-
-
-def _decode_q8_0(b: np.ndarray) -> Decoded:
-    d = _f16(b, 0)
-    return Decoded(b[:, 2:34].view(np.int8).astype(np.int16), d[:, None], _zeros(len(b)), 0, {"d": d})
-
-
-def _decode_q4_0(b: np.ndarray) -> Decoded:
-    d = _f16(b, 0)
-    return Decoded(_nibbles(b[:, 2:18]), d[:, None], _zeros(len(b)), 8, {"d": d})
-
-
-def _decode_q4_1(b: np.ndarray) -> Decoded:
-    d, m = _f16(b, 0), _f16(b, 2)
-    return Decoded(_nibbles(b[:, 4:20]), d[:, None], m[:, None], 0, {"d": d, "m": m})
-
-
-def _decode_q5_0(b: np.ndarray) -> Decoded:
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 6:22]) | (_fifth_bits(b[:, 2:6]) << 4)
-    return Decoded(q, d[:, None], _zeros(len(b)), 16, {"d": d})
-
-
-def _decode_q5_1(b: np.ndarray) -> Decoded:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 8:24]) | (_fifth_bits(b[:, 4:8]) << 4)
-    return Decoded(q, d[:, None], m[:, None], 0, {"d": d, "m": m})
-
-
-def k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K's 12 scale bytes (n, 12) -> 6-bit sc (n, 8), m (n, 8). As 3 rows of 4 (a, b, c):
-    j < 4: sc = a[j] & 63, m = b[j] & 63;  j >= 4: sc = c[j-4] & 15 | (a[j-4] >> 6) << 4,
-    m = c[j-4] >> 4 | (b[j-4] >> 6) << 4."""
-    a, b, c = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
-    sc = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], axis=1)
-    m = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=1)
-    return sc, m
-
-
-def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
-    """(n, 128) -> (n, 256): sub-block 2i+h is nibble h of bytes 32i..32i+31."""
-    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    return (q & 15).reshape(-1, 256).astype(np.int16)
-
-
-def _k_scale_bias(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, m = k_scales_mins(b[:, 4:16])
-    scale = d[:, None] * sc.astype(np.float32)
-    bias = -(dmin[:, None] * m.astype(np.float32))
-    return scale, bias, {"d": d, "dmin": dmin, "sc": sc, "m": m}
-
-
-def _decode_q4_k(b: np.ndarray) -> Decoded:
-    scale, bias, fields = _k_scale_bias(b)
-    return Decoded(_k_low_nibbles(b[:, 16:144]), scale, bias, 0, fields)
-
-
-def _decode_q5_k(b: np.ndarray) -> Decoded:
-    scale, bias, fields = _k_scale_bias(b)
-    # qh byte l, bit 2i+h -> sub-block 2i+h, element l
-    high = (b[:, 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # (n, 32 l, 8 sub-blocks)
-    q = _k_low_nibbles(b[:, 48:176]) | (high.transpose(0, 2, 1).reshape(-1, 256).astype(np.int16) << 4)
-    return Decoded(q, scale, bias, 0, fields)
-
-
-def _decode_q6_k(b: np.ndarray) -> Decoded:
-    n = len(b)
-    # half k of 128 weights: weight 32s + l takes nibble s // 2 of ql byte 64k + 32(s % 2) + l
-    # and bits 2s, 2s + 1 of qh byte 32k + l
-    ql = b[:, 0:128].reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    ql = (ql & 15).reshape(n, 256)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    qh = (qh & 3).reshape(n, 256)
-    scales = b[:, 192:208].view(np.int8)
-    d = _f16(b, 208)
-    q = (ql | (qh << 4)).astype(np.int16)
-    return Decoded(q, d[:, None] * scales.astype(np.float32), np.zeros((n, 16), np.float32), 32,
-                   {"d": d, "scales": scales})
-
-
-DECODERS: dict[T, Callable[[np.ndarray], Decoded]] = {
-    T.Q8_0: _decode_q8_0, T.Q4_0: _decode_q4_0, T.Q4_1: _decode_q4_1, T.Q5_0: _decode_q5_0,
-    T.Q5_1: _decode_q5_1, T.Q4_K: _decode_q4_k, T.Q5_K: _decode_q5_k, T.Q6_K: _decode_q6_k,
-}
+# read from the registry when used: a type registered later (a test's throw-away type) shows up
+LAYOUTS = View(_layouts)
+DECODERS = View(lambda: {t: f.decode for t, f in FORMATS.items() if f.decode is not None})
+Decoded = Codes
 
 
 # -- finding tensors ----------------------------------------------------------------------------------
@@ -258,19 +99,17 @@ def dequantizer(qtype: T) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(raw rows uint8 -> float32 rows, which implementation). Ours where we have one."""
     from .. import quants
 
-    try:
-        quants.get_format(qtype)
-    except UnsupportedError:
+    if qtype not in FORMATS:
         import gguf.quants
 
         def fallback(raw: np.ndarray) -> np.ndarray:
             try:
                 return gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False)
             except NotImplementedError:
-                raise UnsupportedError(f"ggml type {qtype.name} cannot be dequantized "
+                raise UnsupportedError(f"ggml type {type_name(qtype)} cannot be dequantized "
                                        f"(neither qkvgguf nor gguf.quants implement it)") from None
 
-        return fallback, f"gguf.quants (qkvgguf has no {qtype.name} dequantizer)"
+        return fallback, f"gguf.quants (qkvgguf has no {type_name(qtype)} dequantizer)"
     import torch
 
     def run(raw: np.ndarray) -> np.ndarray:
@@ -358,15 +197,15 @@ def load_reference(ref: str, info: TensorInfo) -> tuple[Callable[[slice], np.nda
         raise QkvggufError(f"{ref}: tensor '{t.name}' has shape {t.shape}, expected {info.shape} as in the file")
     deq, _ = dequantizer(t.type)
     raw = np.asarray(other.raw(t.name))
-    return (lambda rows: deq(raw[rows])), {"ref": ref, "kind": "gguf", "tensor": t.name, "type": t.type.name}
+    return (lambda rows: deq(raw[rows])), {"ref": ref, "kind": "gguf", "tensor": t.name, "type": type_name(t.type)}
 
 
 # -- the report -----------------------------------------------------------------------------------------
 
 def _layout_dict(info: TensorInfo) -> dict:
-    block, size = GGML_QUANT_SIZES[info.type]
+    block, size = block_sizes(info.type)
     lay = LAYOUTS.get(info.type)
-    out = {"type": info.type.name, "block_size": block, "type_size": size, "bits_per_weight": 8 * size / block,
+    out = {"type": type_name(info.type), "block_size": block, "type_size": size, "bits_per_weight": 8 * size / block,
            "n_blocks": info.n_elements // block, "blocks_per_row": info.shape[-1] // block}
     if lay is not None:
         out.update(formula=lay.formula, sub_block=lay.sub_block, q_range=list(lay.q_range) if lay.q_range else None,
@@ -381,15 +220,18 @@ def _block_dict(dec: Decoded, i: int, index: int, blocks_per_row: int, block_siz
         x = v[i]
         fields[k] = x.tolist() if isinstance(x, np.ndarray) else (float(x) if np.issubdtype(v.dtype, np.floating)
                                                                   else int(x))
-    return {"index": index, "row": index // blocks_per_row, "column": index % blocks_per_row * block_size,
-            "fields": fields, "zero": dec.zero, "scale": dec.scale[i].tolist(), "bias": dec.bias[i].tolist(),
-            "q": dec.q[i].tolist(), "values": values.tolist()}
+    out = {"index": index, "row": index // blocks_per_row, "column": index % blocks_per_row * block_size,
+           "fields": fields, "zero": dec.zero, "scale": dec.scale[i].tolist(), "bias": dec.bias[i].tolist(),
+           "q": dec.q[i].tolist(), "values": values.tolist()}
+    if dec.levels is not None:  # x = scale * levels[q] + bias
+        out["levels"] = dec.levels.tolist()
+    return out
 
 
 def tensor_report(gguf: GGUFFile, name: str, n_blocks: int = DEFAULT_BLOCKS, ref: Optional[str] = None) -> dict:
     """Everything `--tensor NAME` shows, as plain data. Reads this tensor's bytes (and the reference's)."""
     info = find_tensor(gguf, name)
-    block, size = GGML_QUANT_SIZES[info.type]
+    block, size = block_sizes(info.type)
     lay = LAYOUTS.get(info.type)
     decode = DECODERS.get(info.type)
     deq, impl = dequantizer(info.type)
@@ -398,10 +240,10 @@ def tensor_report(gguf: GGUFFile, name: str, n_blocks: int = DEFAULT_BLOCKS, ref
     n_rows, row_len = raw.shape[0], info.shape[-1]
     blocks_per_row = row_len // block
 
-    report = {"name": info.name, "type": info.type.name, "shape": list(info.shape), "n_elements": info.n_elements,
+    report = {"name": info.name, "type": type_name(info.type), "shape": list(info.shape), "n_elements": info.n_elements,
               "n_bytes": info.n_bytes, "offset": info.offset, "layout": _layout_dict(info), "dequantizer": impl}
     if lay is None:
-        report["note"] = f"no block layout table for {info.type.name} (block of {block} elements in {size} bytes)"
+        report["note"] = f"no block layout table for {type_name(info.type)} (block of {block} elements in {size} bytes)"
 
     # the first blocks, decoded
     n_show = max(0, min(n_blocks if block > 1 else max(n_blocks, FLOAT_VALUES), info.n_elements // block))

@@ -19,7 +19,8 @@ Block helpers (used by q4, q5, q8, kquants): `as_blocks` turns raw bytes (rows, 
 (rows, n_blocks, type_size) view without copying, `f16_at` reads an f16 field of every block as
 float32, `shifts` makes the small shift vectors for bit unpacking (on the device, no host copy), and `np_blocks`/`np_f16_bytes`
 do the same jobs for the numpy quantizers; `np_quantize_rows(_weighted)` feed a block quantizer a chunk of blocks at a
-time (with the matching importance-matrix columns).
+time (with the matching importance-matrix columns), and `codes_input` hands inspect's decoders (numpy
+blocks in) to the same torch unpack helpers the dequantizers use.
 
 Subsets of rows: every dequantizer reads only the rows it is given, so callers slice first
 (`raw[a:b]`, `raw[::2]`, `raw[ids]`); strided row views are read in place, without a copy. Inputs
@@ -34,8 +35,9 @@ from typing import Callable
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as FT
 
-from . import QuantFormat, register
+from .registry import Layout, QuantFormat, register, type_name
 
 
 # -- shared block helpers ------------------------------------------------------------------------
@@ -47,11 +49,11 @@ def as_blocks(raw: torch.Tensor, qtype: T, type_size: int, align: int = 2) -> to
     scales, 4 for F32); a tensor that is not (an odd-offset slice of a bigger buffer) is copied once.
     """
     if raw.dtype != torch.uint8 or raw.dim() != 2:
-        raise ValueError(f"{T(qtype).name}: expected uint8 (rows, row_bytes), "
+        raise ValueError(f"{type_name(qtype)}: expected uint8 (rows, row_bytes), "
                          f"got {raw.dtype} {tuple(raw.shape)}")
     rows, row_bytes = raw.shape
     if row_bytes % type_size:
-        raise ValueError(f"{T(qtype).name}: {row_bytes:,} bytes per row is not a multiple of the "
+        raise ValueError(f"{type_name(qtype)}: {row_bytes:,} bytes per row is not a multiple of the "
                          f"{type_size}-byte block")
     if raw.stride(-1) != 1 or raw.storage_offset() % align or (rows > 1 and raw.stride(0) % align):
         raw = raw.clone(memory_format=torch.contiguous_format)
@@ -76,7 +78,7 @@ def np_blocks(values: np.ndarray, qtype: T, block_size: int) -> np.ndarray:
     """float32 (rows, row_len) -> float32 (rows, n_blocks, block_size), a view when possible."""
     values = np.asarray(values, dtype=np.float32)
     if values.ndim != 2 or values.shape[1] % block_size:
-        raise ValueError(f"{T(qtype).name}: expected (rows, row_len) with row_len a multiple of "
+        raise ValueError(f"{type_name(qtype)}: expected (rows, row_len) with row_len a multiple of "
                          f"{block_size}, got {values.shape}")
     return values.reshape(values.shape[0], values.shape[1] // block_size, block_size)
 
@@ -107,7 +109,7 @@ def np_quantize_rows_weighted(qtype: T, block_size: int, type_size: int,
         rows, nb, _ = blocks.shape
         imatrix = np.asarray(imatrix, dtype=np.float32)
         if imatrix.shape != (nb * block_size,):
-            raise ValueError(f"{qtype.name}: importance matrix has {imatrix.shape} entries, the rows have "
+            raise ValueError(f"{type_name(qtype)}: importance matrix has {imatrix.shape} entries, the rows have "
                              f"{nb * block_size}")
         per_block = imatrix.reshape(nb, block_size)  # block j of the flattened rows has columns j % nb
         flat = blocks.reshape(-1, block_size)
@@ -118,6 +120,11 @@ def np_quantize_rows_weighted(qtype: T, block_size: int, type_size: int,
             out[s:s + step] = quantize_blocks(flat[s:s + step], per_block[j % nb])
         return out.reshape(rows, nb * type_size)
     return quantize
+
+
+def codes_input(blocks: np.ndarray) -> torch.Tensor:
+    """numpy blocks (n, type_size) uint8 (often a read-only map) -> a torch copy, for the decoders."""
+    return torch.from_numpy(np.array(blocks, dtype=np.uint8))
 
 
 def np_f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -161,6 +168,9 @@ def quantize_bf16(values: np.ndarray) -> np.ndarray:
     return n.astype(np.uint16).view(np.uint8)
 
 
-register(QuantFormat(T.F32, 1, 4, dequantize_f32, quantize_f32))
-register(QuantFormat(T.F16, 1, 2, dequantize_f16, quantize_f16))
-register(QuantFormat(T.BF16, 1, 2, dequantize_bf16, quantize_bf16))
+register(QuantFormat(T.F32, 1, 4, dequantize_f32, Layout.of([("x", 4, "IEEE binary32")], "x"),
+                     quantize=quantize_f32, outtype="f32", file_type=FT.ALL_F32))
+register(QuantFormat(T.F16, 1, 2, dequantize_f16, Layout.of([("x", 2, "IEEE binary16")], "x"),
+                     quantize=quantize_f16, outtype="f16", file_type=FT.MOSTLY_F16))
+register(QuantFormat(T.BF16, 1, 2, dequantize_bf16, Layout.of([("x", 2, "bfloat16: the top 16 bits of a binary32")], "x"),
+                     quantize=quantize_bf16, outtype="bf16", file_type=FT.MOSTLY_BF16))

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from . import QuantFormat, register
-from .floats import as_blocks, f16_at, np_quantize_rows, np_quantize_rows_weighted, shifts
+from .floats import as_blocks, codes_input, f16_at, np_quantize_rows, np_quantize_rows_weighted, shifts
 from .kquants import GROUP_MAX_EPS, QK_K, _sum
-from .q4 import unpack_nibbles
+from .q4 import NIBBLES, unpack_nibbles
+from .registry import Codes, Layout, QuantFormat, Tiling, register
 
 F32 = np.float32
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -93,6 +93,23 @@ def dequantize_iq4_xs(raw: torch.Tensor) -> torch.Tensor:
     q = unpack_nibbles(blocks[..., 8:].unflatten(-1, (8, 16)))  # (rows, nsb, 8, 2, 16)
     levels = kvalues_like(blocks)[q.long()]
     return levels.mul_(dl[..., None, None]).view(rows, nsb * QK_K)
+
+
+# -- inspect's decoders: blocks (n, type_size) -> Codes (levels: KVALUES) ------------------------------
+def decode_iq4_nl(b: np.ndarray) -> Codes:
+    t = codes_input(b)
+    d = f16_at(t, 0)
+    q = unpack_nibbles(t[:, 2:]).reshape(len(b), 32).numpy().astype(np.int16)
+    return Codes(q, d[:, None].numpy(), np.zeros((len(b), 1), np.float32), 0, {"d": d.numpy()}, levels=KV)
+
+
+def decode_iq4_xs(b: np.ndarray) -> Codes:
+    t = codes_input(b)
+    d = f16_at(t, 0)
+    ls = scales_iq4_xs(t)  # (n, 8), ls - 32
+    q = unpack_nibbles(t[:, 8:].unflatten(-1, (8, 16))).reshape(len(b), QK_K).numpy().astype(np.int16)
+    return Codes(q, (d[:, None] * ls.float()).numpy(), np.zeros((len(b), 8), np.float32), 0,
+                 {"d": d.numpy(), "ls": (ls + 32).numpy()}, levels=KV)
 
 
 # -- quantizers -----------------------------------------------------------------------------------
@@ -205,7 +222,18 @@ def quantize_iq4_xs(values: np.ndarray) -> np.ndarray:
     return np_quantize_rows(values, T.IQ4_XS, QK_K, IQ4_XS_SIZE, quantize_blocks_iq4_xs, chunk_blocks=1024)
 
 
-register(QuantFormat(T.IQ4_NL, 32, 2 + 16, dequantize_iq4_nl, quantize_iq4_nl,
-                     np_quantize_rows_weighted(T.IQ4_NL, 32, IQ4_NL_SIZE, quantize_blocks_iq4_nl)))
-register(QuantFormat(T.IQ4_XS, QK_K, 2 + 2 + 4 + 128, dequantize_iq4_xs, quantize_iq4_xs,
-                     np_quantize_rows_weighted(T.IQ4_XS, QK_K, IQ4_XS_SIZE, quantize_blocks_iq4_xs)))
+IQ4_FORMULA = "x = d * KVALUES[q], KVALUES = " + " ".join(map(str, KVALUES))
+# not full outtypes: llama.cpp's iq4_nl and iq4_xs are recipes (convert/writer.py)
+register(QuantFormat(
+    T.IQ4_NL, 32, 2 + 16, dequantize_iq4_nl,
+    Layout.of([("d", 2, "f16 scale"), ("qs", 16, f"32 x 4-bit index into KVALUES; {NIBBLES}")], IQ4_FORMULA, (0, 15)),
+    decode_iq4_nl, quantize_iq4_nl, np_quantize_rows_weighted(T.IQ4_NL, 32, IQ4_NL_SIZE, quantize_blocks_iq4_nl),
+    Tiling(1, 16, 2, gemm_spills=frozenset({(128, 64)})), auto=True))
+register(QuantFormat(
+    T.IQ4_XS, QK_K, 2 + 2 + 4 + 128, dequantize_iq4_xs,
+    Layout.of([("d", 2, "f16 super-block scale"), ("scales_h", 2, "u16: bits 2j, 2j+1 = bits 4, 5 of ls[j]"),
+               ("scales_l", 4, "bits 0-3 of ls[j]: nibble j % 2 of byte j // 2"),
+               ("qs", 128, "256 x 4-bit index; sub-block j: bytes 16j..16j+15, as IQ4_NL")],
+              "x = (d * (ls[j] - 32)) * KVALUES[q], j = sub-block of 32", (0, 15), 32),
+    decode_iq4_xs, quantize_iq4_xs, np_quantize_rows_weighted(T.IQ4_XS, QK_K, IQ4_XS_SIZE, quantize_blocks_iq4_xs),
+    Tiling(8, 16, 2, gemm_spills=frozenset({(64, 64), (128, 64)})), fallback=T.IQ4_NL, auto=True))

@@ -57,15 +57,20 @@ from typing import Optional
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as FT
 
-from . import QuantFormat, register
-from .floats import as_blocks, f16_at, np_quantize_rows, shifts
+from . import weighted
+from .floats import as_blocks, codes_input, f16_at, np_quantize_rows, shifts
+from .registry import Codes, Layout, QuantFormat, Tiling, register
 
 QK_K = 256
 
 
 def scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 12 packed scale bytes (..., 12) -> 6-bit (scale, min), each uint8 (..., 8)."""
+    """The 12 packed scale bytes (..., 12) -> 6-bit (scale, min), each uint8 (..., 8).
+
+    The one copy of this unpack in Python: the dequantizer and inspect's decoder call it (the Triton
+    kernels decode one sub-block's pair in registers, runtime/kernels/dequant.py `_scale_min_k4`)."""
     a, b, c = scales.unflatten(-1, (3, 4)).unbind(-2)  # (..., 4) each
     sc = torch.cat([a & 63, (c & 15) | ((a >> 2) & 48)], dim=-1)
     mn = torch.cat([b & 63, (c >> 4) | ((b >> 2) & 48)], dim=-1)
@@ -91,6 +96,20 @@ def _nibbles_k(qs: torch.Tensor) -> torch.Tensor:
     return q.flatten(-3, -2)
 
 
+def _codes_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K blocks (..., 176) -> 5-bit q uint8 (..., 8, 32), sub-block major."""
+    qh = blocks[..., 16:48].unsqueeze(-2) >> shifts(8, 1, blocks)  # (..., 8, 32)
+    return _nibbles_k(blocks[..., 48:]) | ((qh & 1) << 4)
+
+
+def _codes_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks (..., 210) -> 6-bit q uint8 (..., 8, 32) in element order."""
+    ql = (blocks[..., 0:128].unflatten(-1, (2, 1, 64)) >> shifts(2, 4, blocks)) & 15  # (.., 2, 2, 64)
+    qh = (blocks[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts(4, 2, blocks)) & 3  # (.., 2, 4, 32)
+    lead = blocks.shape[:-1]
+    return ql.reshape(*lead, 8, 32) | (qh.reshape(*lead, 8, 32) << 4)
+
+
 def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
     blocks = as_blocks(raw, T.Q4_K, 144)  # (rows, nsb, 144)
     return _dequantize_k4(blocks, _nibbles_k(blocks[..., 16:]))
@@ -98,22 +117,41 @@ def dequantize_q4_k(raw: torch.Tensor) -> torch.Tensor:
 
 def dequantize_q5_k(raw: torch.Tensor) -> torch.Tensor:
     blocks = as_blocks(raw, T.Q5_K, 176)  # (rows, nsb, 176)
-    qh = blocks[..., 16:48].unsqueeze(-2) >> shifts(8, 1, blocks)  # (rows, nsb, 8, 32)
-    q = _nibbles_k(blocks[..., 48:]) | ((qh & 1) << 4)
-    return _dequantize_k4(blocks, q)
+    return _dequantize_k4(blocks, _codes_q5_k(blocks))
 
 
 def dequantize_q6_k(raw: torch.Tensor) -> torch.Tensor:
     blocks = as_blocks(raw, T.Q6_K, 210)  # (rows, nsb, 210)
     rows, nsb, _ = blocks.shape
-    ql = (blocks[..., 0:128].unflatten(-1, (2, 1, 64)) >> shifts(2, 4, blocks)) & 15  # (.., 2, 2, 64)
-    qh = (blocks[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts(4, 2, blocks)) & 3  # (.., 2, 4, 32)
-    q = (ql.reshape(rows, nsb, 8, 32) | (qh.reshape(rows, nsb, 8, 32) << 4)).view(torch.int8) - 32
+    q = _codes_q6_k(blocks).view(torch.int8) - 32
     d = f16_at(blocks, 208)[..., None] * blocks[..., 192:208].view(torch.int8).float()  # (rows, nsb, 16)
     out = torch.empty((rows, nsb, 16, 16), dtype=torch.float32, device=raw.device)
     out.copy_(q.view(rows, nsb, 16, 16))
     out.mul_(d[..., None])
     return out.view(rows, nsb * QK_K)
+
+
+# -- inspect's decoders: blocks (n, type_size) -> Codes -------------------------------------------------
+def decode_k4(b: np.ndarray, codes) -> Codes:
+    """Q4_K / Q5_K: x = (d * sc[j]) * q - dmin * m[j]: scale d * sc, bias -(dmin * m) per sub-block of 32."""
+    t = codes_input(b)
+    d, dmin = f16_at(t, 0), f16_at(t, 2)
+    sc, mn = scale_min_k4(t[:, 4:16])
+    scale = d[:, None] * sc.float()
+    bias = -(dmin[:, None] * mn.float())
+    q = codes(t).reshape(len(b), QK_K).numpy().astype(np.int16)
+    return Codes(q, scale.numpy(), bias.numpy(), 0,
+                 {"d": d.numpy(), "dmin": dmin.numpy(), "sc": sc.numpy(), "m": mn.numpy()})
+
+
+def decode_q6_k(b: np.ndarray) -> Codes:
+    """x = (d * scale[j]) * (q - 32), sub-blocks of 16."""
+    t = codes_input(b)
+    d = f16_at(t, 208)
+    scales = t[:, 192:208].view(torch.int8)
+    q = _codes_q6_k(t).reshape(len(b), QK_K).numpy().astype(np.int16)
+    return Codes(q, (d[:, None] * scales.float()).numpy(), np.zeros((len(b), 16), np.float32), 32,
+                 {"d": d.numpy(), "scales": scales.numpy()})
 
 
 # -- quantizers -----------------------------------------------------------------------------------
@@ -352,6 +390,28 @@ def quantize_q6_k(values: np.ndarray) -> np.ndarray:
     return np_quantize_rows(values, T.Q6_K, QK_K, 210, quantize_blocks_q6_k, chunk_blocks=1024)
 
 
-register(QuantFormat(T.Q4_K, QK_K, 2 + 2 + 12 + 128, dequantize_q4_k, quantize_q4_k))
-register(QuantFormat(T.Q5_K, QK_K, 2 + 2 + 12 + 32 + 128, dequantize_q5_k, quantize_q5_k))
-register(QuantFormat(T.Q6_K, QK_K, 128 + 64 + 16 + 2, dequantize_q6_k, quantize_q6_k))
+K4_HEAD = [("d", 2, "f16 super-block scale"), ("dmin", 2, "f16 super-block min scale"),
+           ("scales", 12, "8 x (6-bit sc, 6-bit m), packed")]
+K4_FORMULA = "x = (d * sc[j]) * q - dmin * m[j], j = sub-block of 32"
+GEMV_SPILLS_G4 = frozenset({(16, 128, 4)})  # 4 groups per block: ptxas spills 200-400 bytes (sm80, sm90)
+register(QuantFormat(
+    T.Q4_K, QK_K, 2 + 2 + 12 + 128, dequantize_q4_k,
+    Layout.of(K4_HEAD + [("qs", 128, "256 x 4-bit q; sub-block 2i+h: nibble h of bytes 32i..32i+31")],
+              K4_FORMULA, (0, 15), 32),
+    lambda b: decode_k4(b, lambda t: _nibbles_k(t[:, 16:])), quantize_q4_k,
+    weighted.blocks(T.Q4_K, quantize_blocks_q4_k), Tiling(4, 32, 2, gemv_skip=GEMV_SPILLS_G4),
+    "q4_k", FT.MOSTLY_Q4_K_S, fallback=T.Q5_0, auto=True))
+register(QuantFormat(
+    T.Q5_K, QK_K, 2 + 2 + 12 + 32 + 128, dequantize_q5_k,
+    Layout.of(K4_HEAD + [("qh", 32, "bit 2i+h of byte l: bit 4 of sub-block 2i+h's q[l]"),
+                         ("qs", 128, "low 4 bits of 256 q, as Q4_K")], K4_FORMULA, (0, 31), 32),
+    lambda b: decode_k4(b, _codes_q5_k), quantize_q5_k,
+    weighted.blocks(T.Q5_K, quantize_blocks_q5_k), Tiling(4, 32, 2, gemv_skip=GEMV_SPILLS_G4),
+    "q5_k", FT.MOSTLY_Q5_K_S, fallback=T.Q5_1, auto=True))
+register(QuantFormat(
+    T.Q6_K, QK_K, 128 + 64 + 16 + 2, dequantize_q6_k,
+    Layout.of([("ql", 128, "low 4 bits of 256 q"), ("qh", 64, "high 2 bits of 256 q"),
+               ("scales", 16, "16 x int8 sub-block scale"), ("d", 2, "f16 super-block scale")],
+              "x = (d * scale[j]) * (q - 32), j = sub-block of 16", (0, 63), 16),
+    decode_q6_k, quantize_q6_k, weighted.blocks(T.Q6_K, quantize_blocks_q6_k), Tiling(8, 16, 2),
+    "q6_k", FT.MOSTLY_Q6_K, fallback=T.Q8_0, auto=True))

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from . import QuantFormat, register
-from .floats import as_blocks, f16_at, np_quantize_rows, np_quantize_rows_weighted, shifts
+from .floats import as_blocks, codes_input, f16_at, np_quantize_rows, np_quantize_rows_weighted, shifts
 from .kquants import GROUP_MAX_EPS, QK_K, _sum, make_qkx2_quants, make_qx_quants
+from .registry import Codes, Layout, QuantFormat, Tiling, register
 
 F32 = np.float32
 Q2_K_SIZE = 16 + 64 + 2 + 2  # scales, qs, d, dmin
@@ -84,16 +84,44 @@ def scales_q3_k(scales: torch.Tensor) -> torch.Tensor:
     return (low.flatten(-2) | (high.flatten(-2) << 4)).view(torch.int8) - 32
 
 
+def _hbit_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q3_K blocks (..., 110) -> the third bit of every q, uint8 (..., 8, 32): element 32b + l."""
+    return (blocks[..., 0:32].unsqueeze(-2) >> shifts(8, 1, blocks)) & 1
+
+
 def dequantize_q3_k(raw: torch.Tensor) -> torch.Tensor:
     blocks = as_blocks(raw, T.Q3_K, Q3_K_SIZE)  # (rows, nsb, 110)
     rows, nsb, _ = blocks.shape
     dl = f16_at(blocks, 108)[..., None] * scales_q3_k(blocks[..., 96:108]).float()  # (rows, nsb, 16)
-    hbit = (blocks[..., 0:32].unsqueeze(-2) >> shifts(8, 1, blocks)) & 1  # (rows, nsb, 8, 32): e = 32b + l
+    hbit = _hbit_q3_k(blocks)  # (rows, nsb, 8, 32): e = 32b + l
     q = _low2(blocks[..., 32:96]).view(torch.int8) - ((hbit ^ 1) << 2).view(torch.int8).reshape(rows, nsb, 16, 16)
     out = torch.empty((rows, nsb, 16, 16), dtype=torch.float32, device=raw.device)
     out.copy_(q)
     out.mul_(dl[..., None])
     return out.view(rows, nsb * QK_K)
+
+
+# -- inspect's decoders: blocks (n, type_size) -> Codes -------------------------------------------------
+def decode_q2_k(b: np.ndarray) -> Codes:
+    """x = (d * (sc & 15)) * q - dmin * (sc >> 4) per sub-block of 16: scale and bias per sub-block."""
+    t = codes_input(b)
+    sc = t[:, 0:16]
+    d, dmin = f16_at(t, 80), f16_at(t, 82)
+    scale = d[:, None] * (sc & 15).float()
+    bias = -(dmin[:, None] * (sc >> 4).float())
+    q = _low2(t[:, 16:80]).reshape(len(b), QK_K).numpy().astype(np.int16)
+    return Codes(q, scale.numpy(), bias.numpy(), 0,
+                 {"d": d.numpy(), "dmin": dmin.numpy(), "sc": (sc & 15).numpy(), "m": (sc >> 4).numpy()})
+
+
+def decode_q3_k(b: np.ndarray) -> Codes:
+    """x = (d * (s - 32)) * (q - 4), q = 2 low bits | third bit << 2, per sub-block of 16."""
+    t = codes_input(b)
+    d = f16_at(t, 108)
+    s = scales_q3_k(t[:, 96:108])  # (n, 16), s - 32
+    q = _low2(t[:, 32:96]).reshape(len(b), QK_K) | (_hbit_q3_k(t).reshape(len(b), QK_K) << 2)
+    return Codes(q.numpy().astype(np.int16), (d[:, None] * s.float()).numpy(), np.zeros((len(b), 16), np.float32),
+                 4, {"d": d.numpy(), "scales": (s.int() + 32).numpy()})
 
 
 # -- quantizer helpers ----------------------------------------------------------------------------
@@ -302,7 +330,21 @@ def quantize_q3_k(values: np.ndarray) -> np.ndarray:
     return np_quantize_rows(values, T.Q3_K, QK_K, Q3_K_SIZE, quantize_blocks_q3_k, chunk_blocks=1024)
 
 
-register(QuantFormat(T.Q2_K, QK_K, 16 + 64 + 2 + 2, dequantize_q2_k, quantize_q2_k,
-                     np_quantize_rows_weighted(T.Q2_K, QK_K, Q2_K_SIZE, quantize_blocks_q2_k)))
-register(QuantFormat(T.Q3_K, QK_K, 32 + 64 + 12 + 2, dequantize_q3_k, quantize_q3_k,
-                     np_quantize_rows_weighted(T.Q3_K, QK_K, Q3_K_SIZE, quantize_blocks_q3_k)))
+# not full outtypes: llama.cpp's q2_k and q3_k_* are recipes (convert/writer.py), so no `outtype` here
+register(QuantFormat(
+    T.Q2_K, QK_K, 16 + 64 + 2 + 2, dequantize_q2_k,
+    Layout.of([("scales", 16, "16 x (4-bit sc | 4-bit m << 4)"),
+               ("qs", 64, "256 x 2-bit q; byte 32h + l, bits 2p: q[128h + 32p + l]"),
+               ("d", 2, "f16 super-block scale"), ("dmin", 2, "f16 super-block min scale")],
+              "x = (d * sc[j]) * q - dmin * m[j], j = sub-block of 16", (0, 3), 16),
+    decode_q2_k, quantize_q2_k, np_quantize_rows_weighted(T.Q2_K, QK_K, Q2_K_SIZE, quantize_blocks_q2_k),
+    Tiling(4, 16, 4, gemv_skip=frozenset({(16, 128, 4), (16, 256, 4)}), gemm_spills=frozenset({(64, 64), (128, 64)})),
+    fallback=T.Q4_0, auto=True))
+register(QuantFormat(
+    T.Q3_K, QK_K, 32 + 64 + 12 + 2, dequantize_q3_k,
+    Layout.of([("hmask", 32, "bit b of byte l: bit 2 of q[32b + l]"), ("qs", 64, "low 2 bits of 256 q, as Q2_K"),
+               ("scales", 12, "16 x 6-bit s, packed"), ("d", 2, "f16 super-block scale")],
+              "x = (d * (s[j] - 32)) * (q - 4), j = sub-block of 16", (0, 7), 16),
+    decode_q3_k, quantize_q3_k, np_quantize_rows_weighted(T.Q3_K, QK_K, Q3_K_SIZE, quantize_blocks_q3_k),
+    Tiling(4, 16, 4, gemv_skip=frozenset({(16, 128, 4)}), gemm_spills=frozenset({(64, 64), (128, 64)})),
+    fallback=T.Q4_0, auto=True))

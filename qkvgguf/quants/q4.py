@@ -30,14 +30,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as FT
 
-from . import QuantFormat, register
-from .floats import as_blocks, f16_at, np_f16_bytes, np_quantize_rows, shifts
+from . import weighted
+from .floats import as_blocks, codes_input, f16_at, np_f16_bytes, np_quantize_rows, shifts
+from .registry import Codes, Layout, QuantFormat, Tiling, register
+
+NIBBLES = "byte j: q[j] low nibble, q[j + 16] high"
 
 
 def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 16) -> uint8 (..., 2, 16): low nibbles (elements 0-15), then high (16-31)."""
     return (qs.unsqueeze(-2) >> shifts(2, 4, qs)) & 15
+
+
+def decode_nibbles(b: np.ndarray, at: int, with_min: bool, zero: int) -> Codes:
+    """Blocks of 32 with f16 d (and f16 m) and 16 nibble bytes at `at` -> Codes (inspect's decoder)."""
+    t = codes_input(b)
+    d = f16_at(t, 0).numpy()
+    q = unpack_nibbles(t[:, at:at + 16]).reshape(len(b), 32).numpy().astype(np.int16)
+    m = f16_at(t, 2).numpy() if with_min else np.zeros(len(b), np.float32)
+    return Codes(q, d[:, None], m[:, None], zero, {"d": d, "m": m} if with_min else {"d": d})
 
 
 # -- Q4_0 ----------------------------------------------------------------------------------------
@@ -112,5 +125,14 @@ def quantize_q4_1(values: np.ndarray) -> np.ndarray:
     return np_quantize_rows(values, T.Q4_1, 32, 20, quantize_blocks_q4_1)
 
 
-register(QuantFormat(T.Q4_0, 32, 2 + 16, dequantize_q4_0, quantize_q4_0))
-register(QuantFormat(T.Q4_1, 32, 2 + 2 + 16, dequantize_q4_1, quantize_q4_1))
+register(QuantFormat(
+    T.Q4_0, 32, 2 + 16, dequantize_q4_0,
+    Layout.of([("d", 2, "f16 scale"), ("qs", 16, f"32 x 4-bit q; {NIBBLES}")], "x = d * (q - 8)", (0, 15)),
+    lambda b: decode_nibbles(b, 2, False, 8), quantize_q4_0, weighted.symmetric(T.Q4_0, 8, -8, 7, bits=4, zero=8),
+    Tiling(1, 16, 2), "q4_0", FT.MOSTLY_Q4_0, auto=True))
+register(QuantFormat(
+    T.Q4_1, 32, 2 + 2 + 16, dequantize_q4_1,
+    Layout.of([("d", 2, "f16 scale"), ("m", 2, "f16 min"), ("qs", 16, f"32 x 4-bit q; {NIBBLES}")],
+              "x = d * q + m", (0, 15)),
+    lambda b: decode_nibbles(b, 4, True, 0), quantize_q4_1, weighted.asymmetric(T.Q4_1, 15, bits=4),
+    Tiling(1, 16, 2), "q4_1", FT.MOSTLY_Q4_1, auto=True))

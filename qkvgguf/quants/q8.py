@@ -25,9 +25,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as FT
 
-from . import QuantFormat, register
-from .floats import as_blocks, f16_at, np_f16_bytes, np_quantize_rows
+from . import weighted
+from .floats import as_blocks, codes_input, f16_at, np_f16_bytes, np_quantize_rows
+from .registry import Codes, Layout, QuantFormat, Tiling, register
 
 
 def dequantize_q8_0(raw: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,14 @@ def dequantize_q8_0(raw: torch.Tensor) -> torch.Tensor:
     out.copy_(blocks[..., 2:].view(torch.int8))
     out.mul_(d[..., None])
     return out.view(rows, nb * 32)
+
+
+def decode_q8_0(b: np.ndarray) -> Codes:
+    """Blocks (n, 34) -> codes int8 as stored, scale d (inspect's decoder)."""
+    t = codes_input(b)
+    d = f16_at(t, 0).numpy()
+    return Codes(t[:, 2:].view(torch.int8).numpy().astype(np.int16), d[:, None], np.zeros((len(b), 1), np.float32),
+                 0, {"d": d})
 
 
 def round_half_away(y: np.ndarray) -> np.ndarray:
@@ -79,4 +89,8 @@ def quantize_q8_0(values: np.ndarray) -> np.ndarray:
     return np_quantize_rows(values, T.Q8_0, 32, 34, quantize_blocks_q8_0)
 
 
-register(QuantFormat(T.Q8_0, 32, 2 + 32, dequantize_q8_0, quantize_q8_0))
+register(QuantFormat(
+    T.Q8_0, 32, 2 + 32, dequantize_q8_0,
+    Layout.of([("d", 2, "f16 scale"), ("qs", 32, "32 x int8 q")], "x = d * q", (-128, 127)),
+    decode_q8_0, quantize_q8_0, weighted.symmetric(T.Q8_0, 127, -127, 127, bits=8, amax=True),
+    Tiling(1, 32, 1), "q8_0", FT.MOSTLY_Q8_0, auto=True))

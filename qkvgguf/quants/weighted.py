@@ -1,4 +1,4 @@
-"""Importance-weighted rounding for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+"""Importance-weighted rounding for blocks of 32 with one scale (and min), and for K-quants' block searches.
 
 The plain quantizers (q4.py, q8.py; bit-exact with ggml) choose each block's scale from its
 largest value. With an importance matrix (imatrix[j] = mean of x_j^2 over calibration inputs of
@@ -24,19 +24,21 @@ Scales are rounded to f16 and the levels recomputed against the stored values, s
 ggml's standard layout (gguf.quants and llama.cpp read them). Finally each block keeps whichever
 of this result and the plain quantizer's has the smaller error sum_j imatrix_j (w_j - what_j)^2,
 so the importance-weighted error is never worse than the plain path's (with any imatrix).
+
+A format module builds its record's `quantize_weighted` here: `symmetric(...)` and `asymmetric(...)`
+with its levels and packing (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), `blocks(qtype, quantize_blocks)` with its
+block quantizer that takes rounding weights (Q4_K, Q5_K, Q6_K). Nothing here is keyed by type.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
-from gguf import GGMLQuantizationType as T
+
+from .registry import block_sizes, dequantize, quantize, type_name
 
 CHUNK = 8192  # blocks per step: (CHUNK, candidates, 32) float32 temporaries of ~20 MB
-
-SYMMETRIC = {T.Q4_0: (8, -8, 7), T.Q5_0: (16, -16, 15), T.Q8_0: (127, -127, 127)}
-ASYMMETRIC = {T.Q4_1: 15, T.Q5_1: 31}
-KQUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # kquants.py's searches with these rounding weights
-TYPES = tuple(SYMMETRIC) + tuple(ASYMMETRIC) + KQUANTS
 
 
 def block_weights(values: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
@@ -49,13 +51,14 @@ def _f16(x):
     return x.astype(np.float16).astype(np.float32)
 
 
-def _symmetric(x: np.ndarray, u: np.ndarray, qtype: T):
-    """x, u (B, 32) -> d (B,) f16-exact, levels (B, 32) int."""
-    n, lo, hi = SYMMETRIC[qtype]
+def _symmetric(x: np.ndarray, u: np.ndarray, n: int, lo: int, hi: int, amax: bool):
+    """x, u (B, 32) -> d (B,) f16-exact, levels (B, 32) int in lo..hi.
+
+    Candidates d_k = m / -(n + 0.1 k) (m: the signed value of largest |x|), or with `amax`
+    d_k = max|x| / (n + 0.1 k), k = -9..9."""
     k = np.arange(-9, 10, dtype=np.float32)
-    if qtype == T.Q8_0:
-        amax = np.abs(x).max(axis=1)
-        cand = amax[:, None] / (127 + 0.1 * k)[None, :]  # (B, K)
+    if amax:
+        cand = np.abs(x).max(axis=1)[:, None] / (n + 0.1 * k)[None, :]  # (B, K)
     else:
         idx = np.abs(x).argmax(axis=1)
         m = x[np.arange(len(x)), idx]
@@ -107,70 +110,54 @@ def _asymmetric(x: np.ndarray, u: np.ndarray, nmax: int):
     return d, m, np.clip(np.rint((x - m[:, None]) * inv[:, None]), 0, nmax).astype(np.int32)
 
 
-def _pack(qtype: T, d, m, lv) -> np.ndarray:
-    """ggml block bytes from f16-exact scales and integer levels; (B, type_size) uint8."""
+def pack(d, m, lv, bits: int, zero: int) -> np.ndarray:
+    """ggml block bytes of 32 from f16-exact scales d (and mins m, or None) and integer levels lv (B, 32):
+    bits 8: f16 d, int8 levels (Q8_0); bits 4: f16 d (, f16 m), nibbles of lv + zero (Q4_0, Q4_1);
+    bits 5: f16 d (, f16 m), the fifth bits as a u32, nibbles (Q5_0, Q5_1)."""
     f16 = lambda v: v.astype(np.float16).view(np.uint8).reshape(-1, 2)  # noqa: E731
-    if qtype == T.Q8_0:
+    if bits == 8:
         return np.concatenate([f16(d), lv.astype(np.int8).view(np.uint8)], axis=1)
-    q = lv + (8 if qtype == T.Q4_0 else 16 if qtype == T.Q5_0 else 0)  # stored unsigned
+    q = lv + zero  # stored unsigned
     nib = (q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)
-    head = [f16(d)] if qtype in (T.Q4_0, T.Q5_0) else [f16(d), f16(m)]
-    if qtype in (T.Q4_0, T.Q4_1):
+    head = [f16(d)] if m is None else [f16(d), f16(m)]
+    if bits == 4:
         return np.concatenate(head + [nib.astype(np.uint8)], axis=1)
-    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)  # qh bit j = bit 4 of element j
-    qh = bits.sum(axis=1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(-1, 4)
+    bits_ = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)  # qh bit j = bit 4 of element j
+    qh = bits_.sum(axis=1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(-1, 4)
     return np.concatenate(head + [qh, nib.astype(np.uint8)], axis=1)
 
 
-def _blockwise_error(values: np.ndarray, raw: np.ndarray, qtype: T, weights: np.ndarray, block: int) -> np.ndarray:
+def _blockwise_error(values: np.ndarray, raw: np.ndarray, qtype: int, weights: np.ndarray, block: int) -> np.ndarray:
     """Weighted squared error of each block of `block` elements: (rows * n / block,) float64."""
     import torch
-
-    from . import dequantize
 
     deq = dequantize(torch.from_numpy(np.ascontiguousarray(raw)), qtype).numpy()
     e = weights.astype(np.float64) * (values.astype(np.float64) - deq) ** 2
     return e.reshape(-1, block).sum(axis=1)
 
 
-def _plain(values: np.ndarray, qtype: T) -> np.ndarray:
-    """The unweighted quantizer: ours, or gguf.quants' where we have none (Q5_0, Q5_1)."""
-    from . import get_format
-
-    fmt = get_format(qtype)
-    if fmt.quantize is not None:
-        return fmt.quantize(values)
-    import gguf.quants
-
-    return gguf.quants.quantize(values, qtype)
+def _plain(values: np.ndarray, qtype: int) -> np.ndarray:
+    """The unweighted quantizer the registry's selector picks (ours, or gguf.quants' for Q5_0, Q5_1)."""
+    return quantize(values, qtype)
 
 
-def _kquant_blocks(qtype: T):
-    from . import kquants
-
-    return {T.Q4_K: kquants.quantize_blocks_q4_k, T.Q5_K: kquants.quantize_blocks_q5_k,
-            T.Q6_K: kquants.quantize_blocks_q6_k}[qtype]
-
-
-def quantize_weighted(values: np.ndarray, qtype: T, imatrix: np.ndarray) -> np.ndarray:
+def quantize_weighted(values: np.ndarray, qtype: int, imatrix: np.ndarray,
+                      search: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """float32 (rows, n) -> uint8 (rows, n / block * type_size), ggml layout, importance-weighted scales.
 
-    Each block (super-block for K-quants) keeps whichever of the weighted search and the plain
-    quantizer has the smaller error sum imatrix_j (w_j - what_j)^2, so the result is never worse
-    than the plain path in that error.
+    `search` maps blocks x (B, block) and rounding weights u (B, block) to bytes (B, type_size). Each
+    block (super-block for K-quants) keeps whichever of the weighted search and the plain quantizer has
+    the smaller error sum imatrix_j (w_j - what_j)^2, so the result is never worse than the plain path
+    in that error.
     """
-    from gguf.constants import GGML_QUANT_SIZES
-
-    if qtype not in TYPES:
-        raise ValueError(f"no importance-weighted quantizer for {T(qtype).name}")
     from .floats import np_blocks
 
-    block, size = GGML_QUANT_SIZES[qtype]
+    block, size = block_sizes(qtype)
     values = np.ascontiguousarray(np_blocks(values, qtype, block)).reshape(len(values), -1)  # checks the shape
     rows, n = values.shape
     imatrix = np.asarray(imatrix, dtype=np.float32)
     if imatrix.shape != (n,):
-        raise ValueError(f"importance matrix has {imatrix.shape} entries, the rows have {n}")
+        raise ValueError(f"{type_name(qtype)}: importance matrix has {imatrix.shape} entries, the rows have {n}")
     imatrix = np.where(np.isfinite(imatrix), np.maximum(imatrix, 0), 0)
     # a floor keeps zero-importance columns (never-seen inputs) rounded sensibly
     floor = 1e-6 * float(imatrix.mean()) if imatrix.any() else 1.0
@@ -180,15 +167,7 @@ def quantize_weighted(values: np.ndarray, qtype: T, imatrix: np.ndarray) -> np.n
     out = []
     step = CHUNK if block == 32 else 1024
     for s in range(0, len(x), step):
-        xb, ub = x[s:s + step], u[s:s + step]
-        if qtype in SYMMETRIC:
-            d, lv = _symmetric(xb, ub, qtype)
-            out.append(_pack(qtype, d, None, lv))
-        elif qtype in ASYMMETRIC:
-            d, m, lv = _asymmetric(xb, ub, ASYMMETRIC[qtype])
-            out.append(_pack(qtype, d, m, lv))
-        else:
-            out.append(_kquant_blocks(qtype)(xb, ub))
+        out.append(search(x[s:s + step], u[s:s + step]))
     weighted = np.concatenate(out).reshape(-1, size)
     plain = _plain(values, qtype).reshape(-1, size)
     wcol = np.broadcast_to(imp[None, :], values.shape)
@@ -197,6 +176,26 @@ def quantize_weighted(values: np.ndarray, qtype: T, imatrix: np.ndarray) -> np.n
     return np.where((e_w <= e_p)[:, None], weighted, plain).reshape(rows, -1)
 
 
-def quantizer(qtype: T):
-    """The (values, imatrix) -> bytes function registered on the format."""
-    return lambda values, imatrix: quantize_weighted(values, qtype, imatrix)
+# -- what a format module registers ------------------------------------------------------------------
+Weighted = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def symmetric(qtype: int, n: int, lo: int, hi: int, bits: int, zero: int = 0, amax: bool = False) -> Weighted:
+    """x = d * l, l in lo..hi stored as l + zero in `bits` bits (see `_symmetric`, `pack`)."""
+    def search(x, u):
+        d, lv = _symmetric(x, u, n, lo, hi, amax)
+        return pack(d, None, lv, bits, zero)
+    return lambda values, imatrix: quantize_weighted(values, qtype, imatrix, search)
+
+
+def asymmetric(qtype: int, nmax: int, bits: int) -> Weighted:
+    """x = d * l + m, l in 0..nmax (see `_asymmetric`, `pack`)."""
+    def search(x, u):
+        d, m, lv = _asymmetric(x, u, nmax)
+        return pack(d, m, lv, bits, 0)
+    return lambda values, imatrix: quantize_weighted(values, qtype, imatrix, search)
+
+
+def blocks(qtype: int, quantize_blocks: Callable[[np.ndarray, Optional[np.ndarray]], np.ndarray]) -> Weighted:
+    """A format's own block search given rounding weights: quantize_blocks(x (B, block), u (B, block))."""
+    return lambda values, imatrix: quantize_weighted(values, qtype, imatrix, quantize_blocks)

@@ -47,6 +47,8 @@ import logging
 
 import torch
 
+from qkvgguf.quants import type_name
+
 from . import build
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def _lib_for(qtype):
         return hit[0]
     lib = build.load()
     if lib is not None and lib.qk_block_elems(int(qtype)) == 0:
-        log.warning("the CPU kernels have no function for %s: those tensors use the torch path", qtype.name)
+        log.warning("the CPU kernels have no function for %s: those tensors use the torch path", type_name(qtype))
         lib = None
     if build.load() is not None:  # only a built library's answer is final (tests switch the build off and on)
         _by_type[qtype] = (lib,)

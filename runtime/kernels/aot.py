@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 
 import triton
-from gguf import GGMLQuantizationType as T
 
 from .dequant import LAYOUTS
 
@@ -76,23 +75,22 @@ def _specs(all_configs: bool, arch: int):
     mm = {"x_ptr": "*fp16", "w8_ptr": "*u8", "w16_ptr": "*i16", "y_ptr": "*fp16", "M": "i32", "N": "i32",
           "NBLK": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     for qtype, lay in LAYOUTS.items():
-        fmt = dict(QTYPE=int(qtype), BS=lay.block_size, TS=lay.type_size, G=lay.groups, INNER=lay.inner,
-                   PLANES=lay.planes)
+        fmt = lay.kernel_args()
         gemv = qm.gemv_configs(qtype) if all_configs else qm.gemv_configs(qtype)[:1]
         for c in gemv:
             for bm in (1, 8) if all_configs else (1,):
                 yield (qm._gemv_kernel, mm, {**fmt, **c.kwargs, "BLOCK_M": bm}, c.num_warps, c.num_stages,
-                       f"gemv {qtype.name} M<={bm} {c.kwargs} w{c.num_warps}")
+                       f"gemv {lay.name} M<={bm} {c.kwargs} w{c.num_warps}")
         gemm = qm.gemm_configs(qtype) if all_configs else qm.gemm_configs(qtype)[:1]
         for c in gemm:
             for f16 in (True, False) if all_configs else (True,):
                 sig = {**mm, "x_ptr": "*fp16" if f16 else "*fp32", "y_ptr": "*fp16" if f16 else "*fp32", "M_BUCKET": "i32"}
                 yield (qm._gemm_kernel, sig, {**fmt, **c.kwargs, "DOT_F16": f16, "PRECISION": prec},
-                       c.num_warps, c.num_stages, f"gemm {qtype.name} {'f16' if f16 else 'f32'} {c.kwargs} w{c.num_warps}")
+                       c.num_warps, c.num_stages, f"gemm {lay.name} {'f16' if f16 else 'f32'} {c.kwargs} w{c.num_warps}")
         yield (dq._dequant_rows_kernel,
                {"w8_ptr": "*u8", "w16_ptr": "*i16", "ids_ptr": "*i64", "out_ptr": "*fp32", "NBLK": "i32",
                 "stride_wn": "i32", "stride_on": "i32"},
-               {**fmt, "NB": max(1, 256 // lay.block_size)}, 4, 2, f"dequant_rows {qtype.name}")
+               {**fmt, "NB": max(1, 256 // lay.block_size)}, 4, 2, f"dequant_rows {lay.name}")
 
     yield (norm._rms_norm_kernel,
            {"x_ptr": "*fp16", "r_ptr": "*fp16", "w_ptr": "*fp32", "out_ptr": "*fp16", "h_ptr": "*fp16", "D": "i32",

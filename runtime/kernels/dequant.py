@@ -19,6 +19,11 @@ Layouts (elements, bytes per block), the facts of `gguf.quants` / llama.cpp's gg
     IQ4_NL: (32, 2 + 16)                 # f16 d, nibbles indexing KVALUES      x = d * KVALUES[q]
     IQ4_XS: (256, 2 + 2 + 4 + 128)       # d, scales_h, scales_l, nibbles; 8 x 6-bit scales
 
+The facts per type (block size, bytes, the tiling below, autotune tiles that spill) are the records
+of the weight-type registry (qkvgguf/quants, `QuantFormat.tiling`); `LAYOUTS` reads them when used.
+A new type whose bytes an existing branch decodes (`Tiling.branch`) needs nothing here; a new bit
+layout adds its branch to `_legacy` / `_kquant` and its element order to `dequant`.
+
 How a tile is addressed. Every block is cut into G groups of INNER consecutive quant bytes; each
 byte holds PLANES values (the two nibbles of a 4-bit format, one int8 for Q8_0). A tile is indexed
 by (row, block, group, inner) and `dequant(..., PLANE=p)` returns the values of plane p together
@@ -63,55 +68,67 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf.errors import QkvggufError
+from qkvgguf.quants import FORMATS, QuantFormat, View, type_name
 from qkvgguf.quants.iq4 import KVALUES_WORDS
 
 
 @dataclass(frozen=True)
 class BlockLayout:
+    """A registry record's facts the kernels use (qkvgguf/quants: `QuantFormat.tiling`)."""
+    name: str
     block_size: int  # elements per block
     type_size: int  # bytes per block
     groups: int  # G: groups of quant bytes per block
     inner: int  # INNER: consecutive quant bytes per group
     planes: int  # PLANES: values per quant byte
+    branch: int  # QTYPE: the ggml id of the decode branch below that reads these bytes
+
+    def kernel_args(self) -> dict:
+        """The format's constexpr arguments of every kernel here and in qmatmul.py."""
+        return dict(QTYPE=self.branch, BS=self.block_size, TS=self.type_size, G=self.groups, INNER=self.inner,
+                    PLANES=self.planes)
 
 
-LAYOUTS: dict[T, BlockLayout] = {
-    #                  elements, bytes per block                G  INNER PLANES
-    T.Q8_0: BlockLayout(32, 2 + 32, 1, 32, 1),
-    T.Q4_0: BlockLayout(32, 2 + 16, 1, 16, 2),
-    T.Q4_1: BlockLayout(32, 2 + 2 + 16, 1, 16, 2),
-    T.Q5_0: BlockLayout(32, 2 + 4 + 16, 1, 16, 2),
-    T.Q5_1: BlockLayout(32, 2 + 2 + 4 + 16, 1, 16, 2),
-    T.Q4_K: BlockLayout(256, 2 + 2 + 12 + 128, 4, 32, 2),
-    T.Q5_K: BlockLayout(256, 2 + 2 + 12 + 32 + 128, 4, 32, 2),
-    T.Q6_K: BlockLayout(256, 128 + 64 + 16 + 2, 8, 16, 2),
-    T.Q2_K: BlockLayout(256, 16 + 64 + 2 + 2, 4, 16, 4),
-    T.Q3_K: BlockLayout(256, 32 + 64 + 12 + 2, 4, 16, 4),
-    T.IQ4_NL: BlockLayout(32, 2 + 16, 1, 16, 2),
-    T.IQ4_XS: BlockLayout(256, 2 + 2 + 4 + 128, 8, 16, 2),
-}
-for _t, _l in LAYOUTS.items():  # the table's arithmetic: every quant byte of a block is covered
-    assert _l.groups * _l.inner * _l.planes == _l.block_size, _t
+def _layout(fmt: QuantFormat) -> BlockLayout:
+    t = fmt.tiling
+    return BlockLayout(fmt.name, fmt.block_size, fmt.type_size, t.groups, t.inner, t.planes, fmt.kernel_branch)
 
-# ggml type ids as constexprs: the kernels branch on them at compile time
+
+_CACHE: dict[int, tuple[QuantFormat, BlockLayout]] = {}
+
+
+def layout_of(qtype) -> BlockLayout | None:
+    """The kernel layout of a registered type with a tiling, else None (a dict lookup on the hot path)."""
+    fmt = FORMATS.get(qtype)
+    hit = _CACHE.get(qtype)
+    if hit is not None and hit[0] is fmt:
+        return hit[1]
+    if fmt is None or fmt.tiling is None:
+        return None
+    _CACHE[qtype] = (fmt, _layout(fmt))
+    return _CACHE[qtype][1]
+
+
+# every registered type the kernels read, read from the registry when used (a type registered later shows)
+LAYOUTS = View(lambda: {t: layout_of(t) for t, f in FORMATS.items() if f.tiling is not None})
+
+# the decode branches: ggml type ids as constexprs, the kernels branch on them at compile time
 Q4_0, Q4_1, Q5_0, Q5_1 = tl.constexpr(int(T.Q4_0)), tl.constexpr(int(T.Q4_1)), tl.constexpr(int(T.Q5_0)), tl.constexpr(int(T.Q5_1))
 Q8_0, Q4_K, Q5_K, Q6_K = tl.constexpr(int(T.Q8_0)), tl.constexpr(int(T.Q4_K)), tl.constexpr(int(T.Q5_K)), tl.constexpr(int(T.Q6_K))
 Q2_K, Q3_K, IQ4_NL, IQ4_XS = tl.constexpr(int(T.Q2_K)), tl.constexpr(int(T.Q3_K)), tl.constexpr(int(T.IQ4_NL)), tl.constexpr(int(T.IQ4_XS))
 KVALUES_LO, KVALUES_HI = tl.constexpr(KVALUES_WORDS[0]), tl.constexpr(KVALUES_WORDS[1])  # IQ4_NL's table
 
 
-def check_weight(w_raw: torch.Tensor, qtype, what: str) -> tuple[T, BlockLayout, int]:
-    """(ggml type, its layout, blocks per row) of GGUF bytes w_raw, or a QkvggufError naming the problem."""
-    try:
-        qtype = T(qtype)
-        lay = LAYOUTS[qtype]
-    except (ValueError, KeyError):
-        names = ", ".join(t.name for t in LAYOUTS)
-        raise QkvggufError(f"{what}: ggml type {qtype!r} has no Triton kernel (supported: {names})") from None
+def check_weight(w_raw: torch.Tensor, qtype, what: str) -> tuple[int, BlockLayout, int]:
+    """(ggml type, its kernel layout, blocks per row) of GGUF bytes w_raw, or a QkvggufError naming the problem."""
+    lay = layout_of(qtype)
+    if lay is None:
+        names = ", ".join(lay.name for lay in LAYOUTS.values())
+        raise QkvggufError(f"{what}: ggml type {type_name(qtype)} has no Triton kernel (supported: {names})")
     if w_raw.dim() != 2 or w_raw.dtype != torch.uint8:
         raise QkvggufError(f"{what}: w_raw must be 2-D uint8 GGUF bytes, got {tuple(w_raw.shape)} {w_raw.dtype}")
     if w_raw.shape[1] % lay.type_size:
-        raise QkvggufError(f"{what}: {qtype.name} rows are whole blocks of {lay.type_size} bytes, "
+        raise QkvggufError(f"{what}: {lay.name} rows are whole blocks of {lay.type_size} bytes, "
                            f"got {w_raw.shape[1]} bytes per row")
     if not w_raw.is_contiguous() or w_raw.storage_offset() % 2:
         raise QkvggufError(f"{what}: w_raw must be contiguous and start at an even byte offset")
@@ -300,7 +317,6 @@ def dequantize_rows(w_raw: torch.Tensor, qtype, ids: torch.Tensor | None = None,
     if ids.numel():
         _dequant_rows_kernel[(ids.numel(), triton.cdiv(nblk, nb))](
             w_raw, w_raw.view(torch.int16), ids, out, nblk, w_raw.stride(0), out.stride(0),
-            QTYPE=int(qtype), BS=lay.block_size, TS=lay.type_size, G=lay.groups, INNER=lay.inner,
-            PLANES=lay.planes, NB=nb,
+            **lay.kernel_args(), NB=nb,
         )
     return out

@@ -50,9 +50,10 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf.errors import QkvggufError
+from qkvgguf.quants import get_format
 
 from ..planner import DENSE_MIN_M, DENSE_TILE_BYTES
-from .dequant import LAYOUTS, check_weight, dequant
+from .dequant import check_weight, dequant, layout_of
 from .launch import autotune_bench, fp32_precision, interpreting, next_pow2
 
 GEMV_MAX_M = 8
@@ -163,17 +164,15 @@ def gemv_configs(qtype: T) -> list[triton.Config]:
     were the fastest tiles on an H200 at 4096 and 14336 x 4096 (Q4_K, Q4_0: 18-26% of copy bandwidth
     against 15-20% for the best 512-byte tile; benchmarks/results/gpu-2026-12-04/sweep.json).
     """
-    lay = LAYOUTS[T(qtype)]
+    lay, tiling = layout_of(qtype), get_format(qtype).tiling
     inner = lay.inner
     out = []
     for warps in (4, 8):
         for block_n in (2, 4, 8, 16):
             for k_bytes in (64, 128, 256, 512, 1024):  # quant bytes of one row per K step
                 per_thread = block_n * k_bytes // (32 * warps)
-                if lay.groups == 4 and (block_n, k_bytes, warps) == (16, 128, 4):
-                    continue  # Q4_K/Q5_K: ptxas spills 200-400 bytes (sm80, sm90)
-                if T(qtype) == T.Q2_K and (block_n, k_bytes, warps) == (16, 256, 4):
-                    continue  # ptxas spills (sm80)
+                if (block_n, k_bytes, warps) in tiling.gemv_skip:
+                    continue  # ptxas spills (the record's Tiling.gemv_skip, measured with aot.py)
                 if k_bytes >= inner and 8 <= per_thread <= 32:
                     out.append(triton.Config({"BLOCK_N": block_n, "GS": k_bytes // inner}, num_warps=warps, num_stages=2))
     return out
@@ -183,20 +182,19 @@ def gemm_configs(qtype: T) -> list[triton.Config]:
     """GEMM candidates: (BLOCK_M, BLOCK_N) tiles, GS groups per K step (32 rows of tl.dot per
     plane). ptxas (sm80, fp16) spills for 64-row K steps, 128 x 128 tiles, and 64 x 128 for the
     K-quants: those are left out."""
-    lay = LAYOUTS[T(qtype)]
+    lay, tiling = layout_of(qtype), get_format(qtype).tiling
     tiles = [(64, 64, 8), (128, 64, 8), (32, 64, 4), (16, 64, 4)]
     if lay.block_size == 32:
         tiles.append((64, 128, 8))
-    tiles = [t for t in tiles if t[:2] not in GEMM_SPILLS.get(T(qtype), ())]
+    tiles = [t for t in tiles if t[:2] not in tiling.gemm_spills]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GS": max(1, 32 // lay.inner), "GROUP_M": 8},
                           num_warps=warps, num_stages=2)
             for bm, bn, warps in tiles]
 
 
-# (BLOCK_M, BLOCK_N) tiles that spill for the newer formats (aot.py --all-configs, sm80, fp16): four
-# planes of 2-bit values (Q2_K, Q3_K) or a table decode (IQ4_*) hold more registers per tile
-GEMM_SPILLS = {T.Q2_K: {(64, 64), (128, 64)}, T.Q3_K: {(64, 64), (128, 64)}, T.IQ4_NL: {(128, 64)},
-               T.IQ4_XS: {(64, 64), (128, 64)}}
+# (BLOCK_M, BLOCK_N) tiles that spill for some formats (aot.py --all-configs, sm80, fp16) are the records'
+# Tiling.gemm_spills (qkvgguf/quants/): four planes of 2-bit values (Q2_K, Q3_K) or a table decode
+# (IQ4_*) hold more registers per tile.
 
 
 @functools.cache
@@ -251,7 +249,7 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype 
     M, K = x.shape
     N = w_raw.shape[0]
     if nblk * lay.block_size != K:
-        raise QkvggufError(f"qmatmul: x has K={K} but the {qtype.name} weight rows hold "
+        raise QkvggufError(f"qmatmul: x has K={K} but the {lay.name} weight rows hold "
                            f"{nblk * lay.block_size} elements ({w_raw.shape[1]} bytes)")
     if x.device != w_raw.device:
         raise QkvggufError(f"qmatmul: x on {x.device} but w_raw on {w_raw.device}")
@@ -262,8 +260,7 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, out_dtype: torch.dtype 
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    fmt = dict(QTYPE=int(qtype), BS=lay.block_size, TS=lay.type_size, G=lay.groups, INNER=lay.inner,
-               PLANES=lay.planes)
+    fmt = lay.kernel_args()
     args = (x, w_raw, w16, y, M, N, nblk, x.stride(0), w_raw.stride(0), y.stride(0))
     if strategy is None:
         strategy = ("gemv" if M <= GEMV_MAX_M else
@@ -308,13 +305,13 @@ def autotuning() -> bool:
 
 def untuned_config(kind: str, qtype: T) -> dict:
     """The first autotune candidate as a pinned config (QKVGGUF_AUTOTUNE=0)."""
-    c = (gemv_configs if kind == "gemv" else gemm_configs)(T(qtype))[0]
+    c = (gemv_configs if kind == "gemv" else gemm_configs)(qtype)[0]
     return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
 def interpreter_config(kind: str, qtype: T) -> dict:
     """Big tiles for TRITON_INTERPRET=1, where the cost is per program and per statement."""
-    inner = LAYOUTS[T(qtype)].inner
+    inner = layout_of(qtype).inner
     if kind == "gemv":
         return {"BLOCK_N": 64, "GS": max(1, 512 // inner)}
     return {"BLOCK_M": 32, "BLOCK_N": 64, "GS": max(1, 128 // inner), "GROUP_M": 8}
