@@ -112,7 +112,8 @@ def smollm2_hf_folder(gguf_path, out, dither: float = 0.0, seed: int = 0, rotate
     tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]
     tokenizer = {
         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": md["tokenizer.ggml.merges"]},
-        "added_tokens": [{"id": i, "content": t, "special": True} for i, (t, k) in enumerate(zip(tokens, types)) if k == 3],
+        "added_tokens": [{"id": i, "content": t, "special": True, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False} for i, (t, k) in enumerate(zip(tokens, types)) if k == 3],
     }
     (out / "tokenizer.json").write_text(json.dumps(tokenizer))
     return out
