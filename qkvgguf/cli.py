@@ -309,8 +309,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
-    else:
-        print("\n\n".join(views))
+    else:  # file-supplied names and values escaped, line by line (json.dump escapes them itself)
+        print("\n".join(escape(line) for line in "\n\n".join(views).split("\n")))
     return 0
 
 
