@@ -176,6 +176,16 @@ def _one_line(e: Exception) -> str:
     return f"line {lineno}: {text}" if lineno else text
 
 
+def check_template(template: str, where: str) -> None:
+    """Refuse a template that does not parse (the converter checks before writing one into a file)."""
+    import jinja2
+
+    try:
+        _compile(template)
+    except jinja2.TemplateError as e:
+        raise QkvggufError(f"{where} does not parse: {_one_line(e)}") from None
+
+
 def render_chat(template: str, messages: list[dict], bos_token: str, eos_token: str,
                 add_generation_prompt: bool = True, **extra) -> str:
     """Render `messages` ([{'role': ..., 'content': ...}, ...]) with a chat template.
