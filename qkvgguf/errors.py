@@ -21,7 +21,7 @@ class UnsupportedError(QkvggufError):
 
 # -- file-supplied text in messages ------------------------------------------------------------------
 
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # a backslash stays itself: escaping twice (a message, then its line) must not double it
 
 
 def _escape_char(c: str) -> str:
