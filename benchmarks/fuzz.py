@@ -288,6 +288,14 @@ def exercise_gguf(path: str) -> None:
     summary = summarize(g)
     render(summary, show_tensors=True, show_metadata=True)
     json.dumps(summary)
+    if g.tensors:  # inspect --tensor NAME on the first and last tensor (reads their bytes)
+        from qkvgguf.inspect.tensor import render_tensor, tensor_report
+
+        for name in {next(iter(g.tensors)), list(g.tensors)[-1]}:
+            render_tensor(tensor_report(g, name, n_blocks=2))
+    from qkvgguf.inspect.memory import estimate, render_memory
+
+    render_memory(estimate(g, 4 << 30, None, "f16", "f32", 512))  # inspect --vram 4GiB
     ModelConfig.from_gguf(g)
     tok = Tokenizer.from_gguf(g)
     model = Model(g, cache_bytes=0)
