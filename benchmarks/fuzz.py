@@ -360,7 +360,7 @@ def gguf_cases(n: int, seed: int):
             yield label, data
 
 
-def run_gguf(n: int, seed: int, timeout: float, folder: str, progress: bool = False) -> dict:
+def run_gguf(n: int, seed: int, timeout: float, folder: str, progress: bool = False, checkpoint=None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -379,10 +379,85 @@ def run_gguf(n: int, seed: int, timeout: float, folder: str, progress: bool = Fa
             failures.append({"case": i, "mutation": label, "outcome": outcome, "detail": detail})
         if progress and i % 500 == 0:
             print(f"  gguf {i}/{n} {counts} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return {"cases": n, "seconds": round(time.perf_counter() - t0, 1), "outcomes": counts, "failures": failures}
+        if checkpoint is not None and i % 500 == 499:
+            checkpoint({"cases": i + 1, "complete": False, "seconds": round(time.perf_counter() - t0, 1),
+                        "outcomes": counts, "failures": failures})
+    return {"cases": n, "complete": True, "seconds": round(time.perf_counter() - t0, 1), "outcomes": counts,
+            "failures": failures}
 
 
 # ---- the command line -----------------------------------------------------------------------------------
+
+def forked_cli(argv: list[str], timeout: float, extra_bytes: int) -> tuple[int | None, str, str]:
+    """`qkvgguf ARGV` in a forked child of this process: (exit status or None on a hang, stdout,
+    stderr). The child sets RLIMIT_AS to what it maps plus `extra_bytes`, swaps in strict UTF-8
+    stdout/stderr (an unencodable character raises there, as on a strict terminal), calls
+    `qkvgguf.cli.main(argv)` and prints a traceback for anything main() lets escape, as the
+    interpreter would. A fork costs milliseconds where a fresh interpreter importing torch costs
+    seconds; the code path from main() on is the command's."""
+    import io
+    import selectors
+
+    import torch  # noqa: F401  (mapped before the fork)
+
+    with open("/proc/self/statm") as f:
+        limit = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + extra_bytes
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns
+        rc = 1
+        try:
+            os.close(out_r)
+            os.close(err_r)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            sys.stdout = io.TextIOWrapper(os.fdopen(out_w, "wb"), encoding="utf-8", errors="strict")
+            sys.stderr = io.TextIOWrapper(os.fdopen(err_w, "wb"), encoding="utf-8", errors="strict")
+            sys.stdin = io.StringIO("")
+            import logging
+
+            logging.disable(logging.NOTSET)
+            from qkvgguf.cli import main
+
+            try:
+                rc = main(list(argv))
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(rc)
+    os.close(out_w)
+    os.close(err_w)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    sel = selectors.DefaultSelector()
+    for fd in chunks:
+        sel.register(fd, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    live = set(chunks)
+    hung = False
+    while live:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.kill(pid, signal.SIGKILL)
+            hung = True
+            break
+        for key, _ in sel.select(left):
+            data = os.read(key.fd, 65536)
+            if data:
+                chunks[key.fd].append(data)
+            else:
+                sel.unregister(key.fd)
+                live.discard(key.fd)
+    for fd in chunks:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    out, err = (b"".join(chunks[fd]).decode("utf-8", "replace") for fd in (out_r, err_r))
+    return (None if hung else os.waitstatus_to_exitcode(status)), out, err
+
 
 def _child_limits(limit: int):
     def apply():
@@ -391,8 +466,11 @@ def _child_limits(limit: int):
     return apply
 
 
-def run_cli(n: int, seed: int, timeout: float, folder: str, mem_limit: int, progress: bool = False) -> dict:
-    """n mutated files through `inspect`, `inspect --json` and `run` in subprocesses."""
+def run_cli(n: int, seed: int, timeout: float, folder: str, mem_limit: int, progress: bool = False,
+            fork: bool = True, checkpoint=None) -> dict:
+    """n mutated files through `inspect`, `inspect --json` and `run`: forked children (`forked_cli`,
+    RLIMIT_AS at what they map plus 3 GiB), or with fork=False fresh interpreters (`python -m
+    qkvgguf.cli`, RLIMIT_AS `mem_limit`)."""
     counts: dict[str, int] = {}
     failures = []
     env = dict(os.environ, PYTHONIOENCODING="utf-8:strict", QKVGGUF_CPU_KERNELS="0")
@@ -406,16 +484,24 @@ def run_cli(n: int, seed: int, timeout: float, folder: str, mem_limit: int, prog
         if i % 3 == 2 and label.startswith("template"):
             verb = verb[:-1] + ["--chat", "Hello"]
         try:
-            r = subprocess.run([sys.executable, "-m", "qkvgguf.cli", *verb], capture_output=True, timeout=timeout,
-                               env=env, preexec_fn=_child_limits(mem_limit), cwd=folder)
-            err = r.stderr.decode("utf-8", "replace")
+            if fork:
+                rc, _, err = forked_cli(verb, timeout, 3 << 30)
+                if rc is None:
+                    raise subprocess.TimeoutExpired(verb, timeout)
+            else:
+                r = subprocess.run([sys.executable, "-m", "qkvgguf.cli", *verb], capture_output=True,
+                                   timeout=timeout, env=env, preexec_fn=_child_limits(mem_limit), cwd=folder)
+                rc, err = r.returncode, r.stderr.decode("utf-8", "replace")
             lines = [line for line in err.splitlines() if line.strip()]
-            if r.returncode == 0 and "Traceback" not in err:
+            if rc == 0 and "Traceback" not in err:
                 outcome = "ok"
-            elif r.returncode == 2 and len(lines) == 1 and lines[0].startswith("qkvgguf: error: "):
+            elif rc == 2 and len(lines) == 1 and lines[0].startswith("qkvgguf: error: ") \
+                    and all(c.isprintable() for c in lines[0]):
                 outcome = "error"
             elif "MemoryError" in err:
                 outcome = "memory"
+            elif rc == 2:
+                outcome = "multiline"
             else:
                 outcome = "uncaught"
             detail = err[-900:]
@@ -426,7 +512,11 @@ def run_cli(n: int, seed: int, timeout: float, folder: str, mem_limit: int, prog
             failures.append({"case": i, "mutation": label, "argv": verb[:1], "outcome": outcome, "detail": detail})
         if progress and i % 25 == 0:
             print(f"  cli {i}/{n} {counts} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return {"cases": n, "seconds": round(time.perf_counter() - t0, 1), "outcomes": counts, "failures": failures}
+        if checkpoint is not None and i % 25 == 24:
+            checkpoint({"cases": i + 1, "complete": False, "seconds": round(time.perf_counter() - t0, 1),
+                        "outcomes": counts, "failures": failures})
+    return {"cases": n, "complete": True, "mode": "fork" if fork else "exec",
+            "seconds": round(time.perf_counter() - t0, 1), "outcomes": counts, "failures": failures}
 
 
 # ---- Hugging Face folders -------------------------------------------------------------------------------
@@ -608,7 +698,27 @@ def run_convert(n: int, seed: int, timeout: float, folder: str, progress: bool =
             failures.append({"case": i, "mutation": label, "outcome": outcome, "detail": detail})
         if progress and i % 25 == 0:
             print(f"  convert {i}/{n} {counts} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return {"cases": n, "seconds": round(time.perf_counter() - t0, 1), "outcomes": counts, "failures": failures}
+    return {"cases": n, "complete": True, "seconds": round(time.perf_counter() - t0, 1), "outcomes": counts,
+            "failures": failures}
+
+
+def _write_out(path: str, result: dict) -> None:
+    """Write `result`'s runs into the JSON at `path`, keeping runs of the other kinds already there
+    (one file holds the gguf, convert and cli runs, each with its command)."""
+    out = Path(path)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    kinds = [k for k in ("gguf", "convert", "cli") if k in result]
+    merged = {k: v for k, v in previous.items() if k in ("gguf", "convert", "cli") and k not in kinds}
+    commands = {k: c for k, c in previous.get("commands", {}).items() if k not in kinds}
+    commands.update({k: result["command"] for k in kinds})
+    merged.update({k: result[k] for k in kinds})
+    merged["commands"] = commands
+    merged["settings"] = {k: result[k] for k in ("seed", "timeout_s", "memory_limit_extra_gib")}
+    merged["bad"] = {k: sum(v for o, v in merged[k]["outcomes"].items() if o not in ("ok", "error"))
+                     for k in ("gguf", "convert", "cli") if k in merged}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, out)
 
 
 def main(argv=None) -> int:
@@ -619,7 +729,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds before a case counts as a hang")
     ap.add_argument("--memory", type=float, default=3.0, help="GiB an allocation may add before it counts as over the limit")
-    ap.add_argument("--out", default=None, help="JSON results (e.g. benchmarks/results/fuzz.json)")
+    ap.add_argument("--out", default=None, help="JSON results (e.g. benchmarks/results/fuzz.json); "
+                    "rewritten every 500 GGUF / 25 CLI cases while running (\"complete\": false)")
+    ap.add_argument("--cli-exec", action="store_true",
+                    help="--cli in fresh interpreters (python -m qkvgguf.cli) instead of forked children")
     args = ap.parse_args(argv)
     import logging
 
@@ -632,20 +745,27 @@ def main(argv=None) -> int:
 
         limit = limit_memory(int(args.memory * 2**30))  # this process: what torch maps plus --memory
         result["address_space_limit_bytes"] = limit
+        def saver(kind):
+            def save(partial):
+                if args.out:
+                    _write_out(args.out, {**result, kind: partial})
+            return save
+
         if args.cases:
-            result["gguf"] = run_gguf(args.cases, args.seed, args.timeout, tmp, progress=True)
+            result["gguf"] = run_gguf(args.cases, args.seed, args.timeout, tmp, progress=True, checkpoint=saver("gguf"))
         if args.convert:
             result["convert"] = run_convert(args.convert, args.seed, args.timeout * 3, tmp, progress=True)
         if args.cli:  # each child gets the same limit
             resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-            result["cli"] = run_cli(args.cli, args.seed, args.timeout * 3, tmp, limit, progress=True)
+            result["cli"] = run_cli(args.cli, args.seed, args.timeout * 3, tmp, limit, progress=True,
+                                    fork=not args.cli_exec, checkpoint=saver("cli"))
     bad = {k: sum(v for o, v in r["outcomes"].items() if o not in ("ok", "error"))
            for k, r in result.items() if isinstance(r, dict) and "outcomes" in r}
     result["bad"] = bad
     summary = {k: r["outcomes"] for k, r in result.items() if isinstance(r, dict) and "outcomes" in r}
     print(json.dumps({"outcomes": summary, "bad": bad}))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        _write_out(args.out, result)
     return 1 if any(bad.values()) else 0
 
 
