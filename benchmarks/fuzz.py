@@ -197,10 +197,10 @@ def mutate_structure(kvs: list, tensors: list, rng: random.Random) -> tuple[list
     if op == 5:  # another shape, data resized to match (so the container stays valid)
         i = rng.randrange(len(tensors))
         name, gtype, ne, _ = tensors[i]
-        block = _BLOCK[gtype][0]
+        block, size = _BLOCK.get(gtype, (1, 1))  # an unknown type (an earlier retype): one byte per element
         new = rng.choice([[ne[0]], ne + [1], [ne[0], 2], [block * 2, *ne[1:]], ne[::-1] if ne[-1] % block == 0 else ne,
                           [ne[0], ne[-1] + 1] if len(ne) > 1 else [ne[0] + block]])
-        data = bytes(math.prod(new) // block * _BLOCK[gtype][1])
+        data = bytes(math.prod(new) // block * size)
         tensors[i] = (name, gtype, new, data)
         return kvs, tensors, f"reshape {name} {ne} -> {new}"
     if op == 6:  # another type
