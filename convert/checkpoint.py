@@ -10,8 +10,11 @@ A safetensors file is validated before any tensor is read (we parse its header o
     u64 header length N | N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}} | data
 
 - N must fit in the file and the JSON must parse to an object of tensor records;
-- each record's byte count must equal prod(shape) * dtype size, and `8 + N + end` must not pass the
-  end of the file (a truncated download names the first tensor it cut).
+- each record: a known dtype, a shape of non-negative integers, integer `data_offsets` whose span
+  equals prod(shape) * dtype size; `8 + N + end` must not pass the end of the file (a truncated
+  download names the first tensor it cut);
+- the records tile the data exactly: no overlaps, no holes (the safetensors library's own rule);
+- shard names in an index are plain file names inside the folder.
 Tensor bytes are then read lazily with plain file reads into a fresh tensor, so holding a
 `Checkpoint` costs nothing and `load(name)` costs one tensor. (Not a memory map: the pages of a
 map that were read stay in the process's resident set until it is closed, so converting through
@@ -30,7 +33,7 @@ from typing import Any
 
 import torch
 
-from qkvgguf.errors import QkvggufError
+from qkvgguf.errors import QkvggufError, shown
 
 
 class CheckpointError(QkvggufError):
@@ -48,6 +51,11 @@ TORCH_DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_DIMS = 8
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,10 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 (byte {e.start:,})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -87,22 +99,43 @@ def safetensors_header(path: Path) -> dict[str, TensorRef]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
     refs = {}
+    spans = []
+    data_size = size - 8 - n
     for name, rec in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = rec["dtype"], tuple(int(d) for d in rec["shape"]), rec["data_offsets"]
-            itemsize = SAFETENSORS_DTYPES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header: bad record for tensor '{name}'") from None
-        expected = math.prod(shape) * itemsize
+        where = f"{path}: tensor {shown(name)}"
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"{where}: header record is {type(rec).__name__}, expected an object")
+        dtype, shape, offsets = rec.get("dtype"), rec.get("shape"), rec.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where}: dtype {shown(dtype)} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
+                not all(_is_int(d) and 0 <= d < 2**40 for d in shape):
+            raise CheckpointError(f"{where}: shape {shown(shape)} is not a list of at most {MAX_DIMS} "
+                                  "non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets {shown(offsets)} is not a pair of integers")
+        begin, end = offsets
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
         if end - begin != expected or begin < 0:
-            raise CheckpointError(f"{path}: tensor '{name}' spans {end - begin:,} bytes, expected {expected:,} "
-                                  f"for {dtype} {shape}")
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {8 + n + end:,} "
+            raise CheckpointError(f"{where} spans {end - begin:,} bytes, expected {expected:,} "
+                                  f"for {dtype} {tuple(shape)}")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated: tensor {shown(name)} ends at byte {8 + n + end:,} "
                                   f"but the file has {size:,} bytes")
-        refs[name] = TensorRef(name, path, shape, dtype, 8 + n + begin)
+        spans.append((begin, end, name))
+        refs[name] = TensorRef(name, path, tuple(shape), dtype, 8 + n + begin)
+    spans.sort()
+    pos = 0  # the data must be covered exactly, without overlaps or holes (as the safetensors library checks)
+    for begin, end, name in spans:
+        if begin != pos:
+            raise CheckpointError(f"{path}: tensor {shown(name)} starts at data byte {begin:,}, expected {pos:,} "
+                                  f"({'overlaps the tensor before it' if begin < pos else 'a hole before it'}): "
+                                  "corrupt header")
+        pos = end
+    if pos != data_size:
+        raise CheckpointError(f"{path}: the tensors cover {pos:,} of the {data_size:,} data bytes: corrupt header")
     return refs
 
 
@@ -133,6 +166,8 @@ class Checkpoint:
             raise CheckpointError(f"{index_path}: no 'weight_map' of tensor names to shard files")
         shards = list(dict.fromkeys(weight_map.values()))
         for shard in shards:
+            if not isinstance(shard, str) or not shard or os.path.isabs(shard) or ".." in Path(shard).parts:
+                raise CheckpointError(f"{index_path}: shard name {shown(shard)} is not a file name in the folder")
             if not (self.folder / shard).is_file():
                 raise CheckpointError(f"{self.folder / shard}: shard named in {index_name} is missing")
         return [self.folder / s for s in shards]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .writer import OUTTYPES
@@ -48,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration text for the importance matrix (default: the packaged text, "
                         "qkvgguf/data/calibration.txt)")
     p.add_argument("--calib-chunks", type=int, default=24, help="512-token chunks of calibration text (default 24)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN or infinity (refused by default, naming the tensor)")
     p.add_argument("-v", "--verbose", action="store_true", help="log one line per tensor")
 
 
@@ -71,6 +74,14 @@ def _setup_logging(verbose: bool) -> None:
         handler._qkvgguf = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a conversion: unwinds like Ctrl-C, so the temporary output is removed."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
                         n_ctx=args.ctx_size, type_k=args.cache_type_k, type_v=args.cache_type_v)
     elif args.target_bpw is not None or args.fit is not None:
         raise QkvggufError("--target-bpw and --fit need --outtype auto")
+    from qkvgguf.flags import number
+
+    number("--target-bpw", args.target_bpw, 0.0, 64.0, lo_open=True)
+    number("-c/--ctx-size", args.ctx_size, 1, 1 << 26)
     if args.calib_chunks < 1:
         raise QkvggufError(f"--calib-chunks must be at least 1, got {args.calib_chunks}")
     bars = {}
@@ -112,11 +127,14 @@ def run(args: argparse.Namespace) -> int:
             bars[name] = tqdm(total=total, desc=name, file=sys.stderr, disable=None)
         bars[name].update(done - bars[name].n)
 
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a kill cleans up as Ctrl-C does
     try:
         result = convert(args.model, args.outfile, args.outtype, force=args.force, vocab_pre=args.vocab_pre,
                          verbose=args.verbose, progress=progress, target=target, imatrix=args.imatrix,
-                         calib=args.calib, calib_chunks=args.calib_chunks, stage=stage)
+                         calib=args.calib, calib_chunks=args.calib_chunks, stage=stage,
+                         allow_nonfinite=args.allow_nonfinite)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for b in [bar, *bars.values()]:
             if b is not None:
                 b.close()

@@ -56,7 +56,8 @@ class Converted:
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16", force: bool = False,
             vocab_pre: Optional[str] = None, verbose: bool = False,
             progress: Optional[Progress] = None, target: Optional[Target] = None, imatrix=None,
-            calib: Optional[str] = None, calib_chunks: int = 24, stage: Optional[Stage] = None) -> Converted:
+            calib: Optional[str] = None, calib_chunks: int = 24, stage: Optional[Stage] = None,
+            allow_nonfinite: bool = False) -> Converted:
     """Convert a Hugging Face checkpoint folder to a GGUF file at `out_path`.
 
     outtype "auto" needs `target` (a mixed.Target: bits per weight, or a VRAM size to fit with its
@@ -64,7 +65,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     imatrix GGUF to reuse, or to write if it does not exist yet), else one collected on `calib`
     (a text file; default: the packaged text) over `calib_chunks` chunks of 512 tokens. Any outtype
     accepts `imatrix` for importance-weighted rounding. `stage(name, done, total)` reports the
-    calibration and sensitivity passes.
+    calibration and sensitivity passes. Weights holding NaN or infinity are refused unless
+    `allow_nonfinite`.
 
     Raises QkvggufError subclasses for bad input (one line, naming the file or tensor); on any
     error or interrupt no file is left at `out_path` (nor a temporary one).
@@ -83,11 +85,11 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
             if p.reason and otype.name != "auto":
                 log.warning("%s: %s, using %s", p.name, p.reason, p.type.name)
         if imatrix is not None or otype.name == "auto":
-            imatrix = get_imatrix(ckpt, arch, vocab, imatrix, calib, calib_chunks, stage)
+            imatrix = get_imatrix(ckpt, arch, vocab, imatrix, calib, calib_chunks, stage, allow_nonfinite)
         auto_meta = None
         if otype.name == "auto":
             planned, auto_meta = auto_plan(ckpt, arch, planned, imatrix, target, stage)
-        write(output, ckpt, arch, vocab, otype, planned, imatrix, auto_meta, progress, verbose)
+        write(output, ckpt, arch, vocab, otype, planned, imatrix, auto_meta, progress, verbose, allow_nonfinite)
     finally:
         ckpt.close()
     total = sum(p.n_bytes for p in planned)
@@ -96,16 +98,16 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     return Converted(Path(out_path), otype.name, planned, total, seconds)
 
 
-def f16_copy(ckpt: Checkpoint, arch: Arch, vocab: Vocab, folder: str) -> str:
+def f16_copy(ckpt: Checkpoint, arch: Arch, vocab: Vocab, folder: str, allow_nonfinite: bool = False) -> str:
     """The checkpoint as an f16 GGUF in `folder` (the runtime's input for calibration); its path."""
     f16 = get_outtype("f16")
     path = os.path.join(folder, "source-f16.gguf")
-    write(AtomicOutput(path, False), ckpt, arch, vocab, f16, plan(ckpt, arch, f16))
+    write(AtomicOutput(path, False), ckpt, arch, vocab, f16, plan(ckpt, arch, f16), allow_nonfinite=allow_nonfinite)
     return path
 
 
 def get_imatrix(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Optional[str], calib_chunks: int,
-                stage: Optional[Stage]) -> Imatrix:
+                stage: Optional[Stage], allow_nonfinite: bool = False) -> Imatrix:
     """An Imatrix: given, read from a file, or collected (and saved to the given path, if any)."""
     from qkvgguf.gguf_file import GGUFFile
     from qkvgguf.tokenizer import Tokenizer
@@ -122,7 +124,7 @@ def get_imatrix(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Opti
     else:
         name, text = default_calibration_text()
     with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
-        src = f16_copy(ckpt, arch, vocab, tmp)
+        src = f16_copy(ckpt, arch, vocab, tmp, allow_nonfinite)
         tok = Tokenizer.from_gguf(GGUFFile(src))
         ids = tok.encode(text, add_special=False)
         progress = (lambda d, t: stage("calibrating", d, t)) if stage else None

@@ -27,6 +27,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf import __version__
+from qkvgguf.errors import shown
 
 from .arch import Arch
 from .checkpoint import Checkpoint, CheckpointError
@@ -82,9 +83,46 @@ def plan(ckpt: Checkpoint, arch: Arch, outtype: OutType) -> list[PlannedTensor]:
     return planned
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "torch.float64", "torch.float32", "torch.float16", "torch.bfloat16")
+
+
+def _check_shapes(ckpt: Checkpoint, arch: Arch, planned: list[PlannedTensor]) -> None:
+    """Every tensor the runtime will read exists with the shape config.json implies (the table of
+    qkvgguf/validate.py, which checks the written file again at load), in a float dtype."""
+    from qkvgguf.config import ARCHITECTURES, ModelConfig
+    from qkvgguf.validate import expected_tensors
+
+    h, by_name = arch.hparams, {p.name: p for p in planned}
+    spec = ARCHITECTURES[arch.GGUF_ARCH]
+    if not h.tied and "output.weight" not in by_name:
+        raise CheckpointError(f"{ckpt.folder}: no 'lm_head.weight', and config.json's tie_word_embeddings is false")
+    cfg = ModelConfig(arch=arch.GGUF_ARCH, n_layer=h.n_layer, n_embd=h.n_embd, n_ff=h.n_ff, n_head=h.n_head,
+                      n_head_kv=h.n_head_kv, head_dim=h.head_dim, n_ctx_train=h.n_ctx_train, vocab_size=h.vocab_size,
+                      norm_eps=h.norm_eps, rope_base=h.rope_theta, rope_dim=h.head_dim, rope_neox=spec.rope_neox,
+                      qkv_bias=spec.qkv_bias and "blk.0.attn_q.bias" in by_name, qk_norm=spec.qk_norm,
+                      tied_embeddings="output.weight" not in by_name)
+    expected = expected_tensors(cfg)
+    for name, (shape, required) in expected.items():
+        p = by_name.get(name)
+        if p is None:
+            if required:
+                raise CheckpointError(f"{ckpt.folder}: the tensor written as {name} is missing "
+                                      "(config.json implies it)")
+            continue
+        if tuple(p.shape) != shape:
+            raise CheckpointError(f"{ckpt.folder}: tensor {shown(p.hf_name)} has shape {tuple(p.shape)}, "
+                                  f"expected {shape} from config.json")
+    for p in planned:  # (names outside the arch's table were refused by Arch.gguf_name)
+        if ckpt.tensors[p.hf_name].dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{ckpt.folder}: tensor {shown(p.hf_name)} has dtype "
+                                  f"{shown(ckpt.tensors[p.hf_name].dtype)}, expected a float type")
+
+
 def _check_complete(ckpt: Checkpoint, arch: Arch, planned: list[PlannedTensor]) -> None:
     h, by_name = arch.hparams, {p.name: p for p in planned}
     embd = by_name.get("token_embd.weight")
+    if embd is not None and len(embd.shape) == 2 and embd.shape[1] == h.n_embd:
+        _check_shapes(ckpt, arch, planned)  # (a wrong embedding gets the message below)
     if embd is None:
         raise CheckpointError(f"{ckpt.folder}: no token embedding ('model.embed_tokens.weight')")
     if embd.shape != (h.vocab_size, h.n_embd):
@@ -114,12 +152,16 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, vocab: Voca
 
 
 def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[PlannedTensor],
-            progress: Optional[Progress], verbose: bool, imatrix=None) -> None:
+            progress: Optional[Progress], verbose: bool, imatrix=None, allow_nonfinite: bool = False) -> None:
     total = sum(p.n_bytes for p in planned)
     level = logging.INFO if verbose else logging.DEBUG
     width = max(len(p.name) for p in planned)
     for p in planned:
         source = ckpt.load(p.hf_name)
+        if not allow_nonfinite and not bool(torch.isfinite(source).all()):
+            bad = int((~torch.isfinite(source)).sum())
+            raise CheckpointError(f"{ckpt.folder}: tensor {shown(p.hf_name)} holds {bad:,} NaN or infinite "
+                                  "values (--allow-nonfinite converts it anyway)")
         values = arch.transform(p.name, source.to(torch.float32)).numpy()
         importance = imatrix.mean(p.name) if imatrix is not None else None
         data = encode(values, p.type, importance)  # importance-weighted where the type has it
@@ -136,9 +178,10 @@ def _stream(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, planned: list[Plan
 
 def write(output: AtomicOutput, ckpt: Checkpoint, arch: Arch, vocab: Vocab, outtype: OutType,
           planned: list[PlannedTensor], imatrix=None, extra_metadata: Optional[dict] = None,
-          progress: Optional[Progress] = None, verbose: bool = False) -> None:
+          progress: Optional[Progress] = None, verbose: bool = False, allow_nonfinite: bool = False) -> None:
     """Write the GGUF file: metadata (plus `extra_metadata`, e.g. `auto`'s allocation), tensor infos,
-    then every planned tensor in order; `imatrix` (an Imatrix) weights the rounding."""
+    then every planned tensor in order; `imatrix` (an Imatrix) weights the rounding. A tensor holding
+    NaN or infinity is refused, naming it, unless `allow_nonfinite`."""
     with output as tmp:
         w = gguf.GGUFWriter(tmp, arch.GGUF_ARCH)
         try:
@@ -158,7 +201,7 @@ def write(output: AtomicOutput, ckpt: Checkpoint, arch: Arch, vocab: Vocab, outt
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            _stream(w, ckpt, arch, planned, progress, verbose, imatrix)
+            _stream(w, ckpt, arch, planned, progress, verbose, imatrix, allow_nonfinite)
         finally:
             w.close()
 

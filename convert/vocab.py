@@ -34,7 +34,7 @@ from typing import Any, Optional
 import gguf
 from gguf import TokenType
 
-from qkvgguf.errors import QkvggufError, UnsupportedError
+from qkvgguf.errors import QkvggufError, UnsupportedError, shown
 
 from .bpe_pre import CHECK_TEXT, HASHES, check_hash
 from .checkpoint import read_json
@@ -109,6 +109,10 @@ def _token_content(entry: Any) -> Optional[str]:
     return None
 
 
+def _is_id(v: Any, vocab_size: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < max(vocab_size, 1 << 24)
+
+
 def _check_size(path: Path, n_tokens: int, vocab_size: int) -> None:
     if n_tokens > vocab_size:
         raise VocabError(f"{path}: tokenizer has {n_tokens:,} tokens but config.json vocab_size is {vocab_size:,}")
@@ -145,9 +149,16 @@ def sentencepiece_vocab(path: Path, vocab_size: int, tok_config: dict[str, Any])
                      else TokenType.NORMAL)
     _pad(tokens, types, scores, vocab_size)
     # tokens added on top of the SentencePiece model (as llama.cpp: score -1000, control or user-defined)
-    added = {int(k): v for k, v in (tok_config.get("added_tokens_decoder") or {}).items()}
+    decoder = tok_config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict)
+                                                for k, v in decoder.items()):
+        raise VocabError(f"{path.parent / 'tokenizer_config.json'}: 'added_tokens_decoder' should map ids to "
+                         f"token objects, found {shown(decoder)}")
+    added = {int(k): v for k, v in decoder.items()}
     for key, i in (_optional_json(path.parent / "added_tokens.json")).items():
-        added.setdefault(int(i), {"content": key, "special": False})
+        if not _is_id(i, vocab_size):
+            raise VocabError(f"{path.parent / 'added_tokens.json'}: token {shown(key)} has id {shown(i)}")
+        added.setdefault(i, {"content": key, "special": False})
     for i, entry in sorted(added.items()):
         content = _token_content(entry)
         if content is None or not 0 <= i < vocab_size:
@@ -170,12 +181,15 @@ def sentencepiece_vocab(path: Path, vocab_size: int, tok_config: dict[str, Any])
 def _merges(path: Path, raw: Any) -> list[str]:
     if not isinstance(raw, list) or not raw:
         raise VocabError(f"{path}: BPE model has no merges")
-    if isinstance(raw[0], str):
+    if all(isinstance(m, str) for m in raw):
         return raw
-    if isinstance(raw[0], list) and len(raw[0]) == 2:  # newer tokenizers: [left, right]; spaces as U+0120
+    if all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in raw):
+        # newer tokenizers: [left, right]; spaces as U+0120
         return [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
                 for pair in raw]
-    raise VocabError(f"{path}: unknown merges format")
+    bad = next(m for m in raw if not isinstance(m, (str, list)) or isinstance(m, list) and (
+        len(m) != 2 or not all(isinstance(p, str) for p in m)))
+    raise VocabError(f"{path}: merges must be strings 'a b' or pairs of strings, found {shown(bad)}")
 
 
 def bpe_pre(path: Path, vocab_pre: Optional[str]) -> str:
@@ -205,10 +219,22 @@ def bpe_vocab(path: Path, vocab_size: int, vocab_pre: Optional[str]) -> Vocab:
     if model.get("byte_fallback"):
         raise UnsupportedError(f"{path}: SentencePiece-style BPE (byte_fallback) without tokenizer.model "
                                "is not supported yet")
-    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
-    added = {int(a["id"]): a for a in data.get("added_tokens") or [] if isinstance(a, dict) and "id" in a}
-    for i, a in added.items():
-        by_id[i] = a["content"]
+    by_id: dict[int, str] = {}
+    for t, i in model["vocab"].items():
+        if not _is_id(i, vocab_size):
+            raise VocabError(f"{path}: model.vocab gives token {shown(t)} the id {shown(i)}, expected an integer "
+                             f"in [0, {vocab_size:,})")
+        by_id[i] = t
+    added_list = data.get("added_tokens") or []
+    if not isinstance(added_list, list):
+        raise VocabError(f"{path}: 'added_tokens' should be a list, found {shown(added_list)}")
+    added = {}
+    for a in added_list:
+        if not isinstance(a, dict) or not _is_id(a.get("id"), vocab_size) or not isinstance(a.get("content"), str):
+            raise VocabError(f"{path}: added token {shown(a)} needs an integer 'id' in [0, {vocab_size:,}) "
+                             "and a string 'content'")
+        added[a["id"]] = a
+        by_id[a["id"]] = a["content"]
     n = max(by_id) + 1 if by_id else 0
     _check_size(path, n, vocab_size)
     tokens, types = [], []
@@ -231,8 +257,15 @@ def bpe_vocab(path: Path, vocab_size: int, vocab_pre: Optional[str]) -> Vocab:
 def _post_processor_adds(tokenizer_json: dict[str, Any], special_text: dict[str, str]) -> dict[str, bool]:
     """add_bos/add_eos implied by tokenizer.json's post-processor (llama.cpp lets it win)."""
     found: dict[str, bool] = {}
-    post = tokenizer_json.get("post_processor") or {}
-    for proc in post.get("processors", [post]):
+    post = tokenizer_json.get("post_processor") or {} if isinstance(tokenizer_json, dict) else {}
+    procs = post.get("processors", [post]) if isinstance(post, dict) else None
+    if not isinstance(procs, list) or not all(isinstance(p, dict) for p in procs):
+        raise VocabError(f"tokenizer.json: malformed 'post_processor' {shown(post)}")
+    for proc in procs:
+        single = proc.get("single") or []
+        if proc.get("type") == "TemplateProcessing" and (not isinstance(single, list) or not all(
+                isinstance(x, dict) and isinstance(x.get("SpecialToken", {}), dict) for x in single)):
+            raise VocabError(f"tokenizer.json: malformed TemplateProcessing 'single' {shown(single)}")
         if proc.get("type") == "ByteLevel":
             found.setdefault("bos", False)
             found.setdefault("eos", False)
@@ -299,8 +332,15 @@ def load_vocab(folder: Path, vocab_size: int, vocab_pre: Optional[str] = None) -
     if template is None:
         template = _optional_json(folder / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # named templates: llama.cpp's default slot
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise VocabError(f"{folder}: chat_template should be a string (or a list of named templates), "
+                         f"found {shown(template)}")
     if isinstance(template, str):
+        from qkvgguf.tokenizer.chat import check_template
+
+        check_template(template, f"{folder}: chat_template")  # one that does not parse is refused here
         vocab.chat_template = template
     log.info("vocab: %s, %d tokens, pre %s, special %s", vocab.model, len(vocab.tokens), vocab.pre, vocab.special)
     return vocab

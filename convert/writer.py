@@ -53,7 +53,9 @@ llama.cpp's quantizer (`llama_tensor_get_type` in src/llama-quant.cpp, without a
    a 32-block type, or a fallback that still does not fit, -> F16), with a warning.
 
 `AtomicOutput` writes to a temporary file beside the target and renames it over the target only
-when the file is complete; an error or Ctrl-C removes the temporary file.
+when the file is complete; an error, Ctrl-C or SIGTERM removes the temporary file. A run killed
+outright (SIGKILL) cannot clean up: its file's name carries its process id, and the next run on
+the same output removes it once that process is gone.
 """
 
 from __future__ import annotations
@@ -257,9 +259,31 @@ class AtomicOutput:
         if self.path.exists() and not self.force:
             raise OutputError(f"{self.path}: already exists (use --force to overwrite)")
 
-    def __enter__(self) -> Path:
+    def stale_temps(self) -> list[Path]:
+        """Temporary files of earlier runs on this output whose process is gone (killed: SIGKILL, a
+        power cut). Their names carry the writer's process id: `.NAME.qkvgguf-PID-XXXXXXXX.tmp`."""
+        pattern = re.compile(rf"^\.{re.escape(self.path.name)}\.qkvgguf-(\d+)-[A-Za-z0-9_]+\.tmp$")
+        out = []
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            entries = list(os.scandir(self.path.parent))
+        except OSError:
+            return out
+        for entry in entries:
+            m = pattern.match(entry.name)
+            if m and not _alive(int(m[1])) and entry.is_file(follow_symlinks=False):
+                out.append(Path(entry.path))
+        return out
+
+    def __enter__(self) -> Path:
+        for stale in self.stale_temps():
+            log.warning("removing %s, left by an interrupted conversion", stale)
+            try:
+                stale.unlink()
+            except OSError as e:
+                log.warning("cannot remove %s (%s)", stale, e.strerror)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.qkvgguf-{os.getpid()}-", suffix=".tmp",
+                                        dir=self.path.parent)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create a file in {self.path.parent} ({e.strerror})") from None
         os.close(fd)
@@ -276,3 +300,16 @@ class AtomicOutput:
             if self.tmp.exists():
                 self.tmp.unlink()
         return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (a process we may not signal exists too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True

@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import QkvggufError
+from .errors import QkvggufError, escape
 from .run_config import DEFAULT_CPU_CACHE
 from .units import format_bytes
 
@@ -90,6 +90,7 @@ def _memory_report(model) -> str | None:
 # -- run ----------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
+    from .flags import check_sampling
     from .runtime.generate import Sampler, SamplingParams, Stats
 
     prompt = args.prompt_opt if args.prompt_opt is not None else " ".join(args.prompt)
@@ -97,6 +98,7 @@ def cmd_run(args) -> int:
         raise QkvggufError('empty prompt: give one as an argument or with -p "..." (or use --chat)')
     if args.n_predict < 0:
         raise QkvggufError(f"-n/--n-predict must be 0 or more, got {args.n_predict}")
+    check_sampling(args.temp, args.top_k, args.top_p, args.min_p, args.seed)
     cfg = _run_config(args)
     model, tok, n_ctx = _load(cfg)
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
@@ -275,9 +277,11 @@ def cmd_inspect(args) -> int:
         raise QkvggufError(f"--blocks must be 0 or more, got {args.blocks}")
     plot_size = None
     if args.plot is not None:
+        from .flags import check_output_path
         from .inspect.plot import parse_plot_size
 
         plot_size = parse_plot_size(args.plot_size)
+        check_output_path("--plot", args.plot)
     vram = parse_size(args.vram) if args.vram is not None else None
     gguf = GGUFFile(args.file)
     other = GGUFFile(args.diff) if args.diff is not None else None
@@ -309,8 +313,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
-    else:
-        print("\n\n".join(views))
+    else:  # file-supplied names and values escaped, line by line (json.dump escapes them itself)
+        print("\n".join(escape(line) for line in "\n\n".join(views).split("\n")))
     return 0
 
 
@@ -400,8 +404,16 @@ def cmd_serve(args) -> int:
 
 # -- main ---------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `qkvgguf: error: MESSAGE (see: qkvgguf VERB --help)`, exit 2."""
+
+    def error(self, message: str):
+        _log(f"error: {escape(message, 500)} (see: {self.prog} --help)")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Run, make and inspect GGUF LLMs.")
+    ap = _Parser(prog=PROG, description="Run, make and inspect GGUF LLMs.")
     ap.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -494,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except QkvggufError as e:
-        _log(f"error: {e}")
+        _log(f"error: {escape(str(e), 2000)}")  # one line, whatever a file put into the message
         return 2
     except KeyboardInterrupt:
         _log("interrupted")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import GGUFError, UnsupportedError
+from .errors import GGUFError, UnsupportedError, shown
+from .validate import check_hparams, check_tensors
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,14 @@ class ModelConfig:
         arch = md.get("general.architecture")
         if arch is None:
             raise GGUFError(f"{path}: required metadata key 'general.architecture' is missing")
+        if not isinstance(arch, str):
+            raise GGUFError(f"{path}: metadata key 'general.architecture' should be a string, found {shown(arch)}")
         if arch not in ARCHITECTURES:
             raise UnsupportedError(
-                f"{path}: architecture '{arch}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+                f"{path}: architecture {shown(arch)} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
             )
         spec = ARCHITECTURES[arch]
+        check_hparams(gguf, arch)  # types, finiteness, ranges: before any arithmetic on them
 
         def req(key: str, kind=int):
             full = f"{arch}.{key}"
@@ -105,7 +109,8 @@ class ModelConfig:
         if "token_embd.weight" not in gguf.tensors:
             raise GGUFError(f"{path}: required tensor 'token_embd.weight' is missing")
         vocab_size = gguf.tensors["token_embd.weight"].shape[0]
-        n_tokens = len(md.get("tokenizer.ggml.tokens", []) or [])
+        tokens = md.get("tokenizer.ggml.tokens")
+        n_tokens = len(tokens) if isinstance(tokens, list) else 0
         if n_tokens and n_tokens > vocab_size:
             raise GGUFError(f"{path}: vocabulary has {n_tokens} tokens but token_embd.weight has {vocab_size} rows")
 
@@ -114,14 +119,14 @@ class ModelConfig:
         if scaling == "linear":
             scale = float(md.get(f"{arch}.rope.scaling.factor", 1.0))
         elif scaling not in ("none", None):
-            raise UnsupportedError(f"{path}: rope scaling '{scaling}' is not supported (supported: none, linear)")
+            raise UnsupportedError(f"{path}: rope scaling {shown(scaling)} is not supported (supported: none, linear)")
         if "rope_freqs.weight" in gguf.tensors:
             scaling = "freqs" if scaling in ("none", None) else scaling
 
         rope_dim = opt("rope.dimension_count", head_dim)
         if rope_dim != head_dim:
             raise UnsupportedError(f"{path}: partial rope ({rope_dim} of {head_dim} dims) is not supported")
-        return cls(
+        cfg = cls(
             arch=arch,
             n_layer=req("block_count"),
             n_embd=n_embd,
@@ -141,3 +146,5 @@ class ModelConfig:
             qk_norm=spec.qk_norm,
             tied_embeddings="output.weight" not in gguf.tensors,
         )
+        check_tensors(gguf, cfg)  # every tensor the forward pass reads, with the shape cfg implies
+        return cfg

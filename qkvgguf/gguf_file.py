@@ -21,7 +21,9 @@ Shapes follow PyTorch/numpy order (rows first, row length last): ggml's `[576, 4
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
-from .errors import GGUFError
+from .errors import GGUFError, shown
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -146,18 +148,18 @@ def _parse(buf, path: str):
     types: dict[str, list[GGUFValueType]] = {}
     for i in range(n_kv):
         key = c.string(f"metadata key #{i}")
-        vtype = c.value_type(f"metadata key '{key}'")
+        vtype = c.value_type(f"metadata key {shown(key)}")
         if key in metadata:
-            raise GGUFError(f"{path}: metadata key '{key}' appears twice")
+            raise GGUFError(f"{path}: metadata key {shown(key)} appears twice")
         start = c.pos
-        metadata[key] = c.value(vtype, f"metadata key '{key}'")
+        metadata[key] = c.value(vtype, f"metadata key {shown(key)}")
         types[key] = [vtype]
         if vtype == GGUFValueType.ARRAY:
             types[key].append(GGUFValueType(struct.unpack_from("<I", buf, start)[0]))
     records = []
     for i in range(n_tensors):
         name = c.string(f"tensor record #{i}")
-        where = f"{path}: tensor '{name}'"
+        where = f"{path}: tensor {shown(name)}"
         n_dims = c.scalar("<I", 4, where)
         if n_dims == 0 or n_dims > MAX_DIMS:
             raise GGUFError(f"{where} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
@@ -170,14 +172,14 @@ def _parse(buf, path: str):
     alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if types.get("general.alignment", [GGUFValueType.UINT32]) != [GGUFValueType.UINT32] \
             or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{path}: metadata key 'general.alignment' must be a power-of-two uint32, found {alignment!r}")
+        raise GGUFError(f"{path}: metadata key 'general.alignment' must be a power-of-two uint32, found {shown(alignment)}")
     data_offset = -(-c.pos // alignment) * alignment
     return version, metadata, types, records, alignment, data_offset
 
 
 def _check_tensor(path: str, record, alignment: int, data_offset: int, file_size: int) -> "TensorInfo":
     name, ne, raw_type, rel = record
-    where = f"{path}: tensor '{name}'"
+    where = f"{path}: tensor {shown(name)}"
     try:
         qtype = GGMLQuantizationType(raw_type)
     except ValueError:
@@ -207,22 +209,31 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise GGUFError(f"{self.path}: no such file")
-        if os.path.getsize(self.path) < HEADER_BYTES:
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise GGUFError(f"{self.path}: {'no such file' if e.errno == errno.ENOENT else e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise GGUFError(f"{self.path}: is a directory, not a GGUF file")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, a device (/dev/zero), a socket: nothing to map
+            raise GGUFError(f"{self.path}: not a regular file")
+        try:
             with open(self.path, "rb") as f:
                 head = f.read(4)
-            if head != GGUF_MAGIC:
-                raise GGUFError(f"{self.path}: not a GGUF file (magic {head!r}, expected {GGUF_MAGIC!r})")
-            raise GGUFError(f"{self.path}: truncated GGUF header ({os.path.getsize(self.path)} bytes)")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            if st.st_size < HEADER_BYTES:
+                if head != GGUF_MAGIC:
+                    raise GGUFError(f"{self.path}: not a GGUF file (magic {head!r}, expected {GGUF_MAGIC!r})")
+                raise GGUFError(f"{self.path}: truncated GGUF header ({st.st_size} bytes)")
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except OSError as e:
+            raise GGUFError(f"{self.path}: cannot read ({e.strerror or type(e).__name__})") from None
         self.file_size = len(self._map)
         (self.version, self.metadata, self.metadata_types, records,
          self.alignment, self.data_offset) = _parse(memoryview(self._map), self.path)
         self.tensors: dict[str, TensorInfo] = {}
         for record in records:
             if record[0] in self.tensors:
-                raise GGUFError(f"{self.path}: tensor '{record[0]}' appears twice")
+                raise GGUFError(f"{self.path}: tensor {shown(record[0])} appears twice")
             self.tensors[record[0]] = _check_tensor(self.path, record, self.alignment, self.data_offset, self.file_size)
 
     # -- metadata -------------------------------------------------------------------------------
@@ -235,13 +246,13 @@ class GGUFFile:
 
     def require(self, key: str) -> Any:
         if key not in self.metadata:
-            raise GGUFError(f"{self.path}: required metadata key '{key}' is missing")
+            raise GGUFError(f"{self.path}: required metadata key {shown(key)} is missing")
         return self.metadata[key]
 
     # -- tensors --------------------------------------------------------------------------------
     def tensor(self, name: str) -> TensorInfo:
         if name not in self.tensors:
-            raise GGUFError(f"{self.path}: tensor '{name}' not found")
+            raise GGUFError(f"{self.path}: tensor {shown(name)} not found")
         return self.tensors[name]
 
     def raw(self, name: str) -> np.ndarray:

@@ -78,10 +78,10 @@ class RunConfig:
 
     def validate(self) -> None:
         """One-line errors for flags that cannot work, before any file is read."""
+        from .flags import MAX_CTX, check_threads, number
         from .kv_types import cache_type
 
-        if self.threads is not None and self.threads < 1:
-            raise QkvggufError(f"--threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
         if self.n_batch < 1:
             raise QkvggufError(f"--batch-size must be at least 1, got {self.n_batch}")
         from .runtime.planner import PLACEMENTS
@@ -94,6 +94,7 @@ class RunConfig:
             raise QkvggufError(f"--parallel must be at least 1, got {self.n_seq}")
         if self.n_ctx is not None and self.n_ctx < 0:
             raise QkvggufError(f"-c/--ctx-size must be positive, got {self.n_ctx}")
+        number("-c/--ctx-size", self.n_ctx, hi=MAX_CTX)
         for flag, t in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
             try:
                 cache_type(t)
@@ -136,8 +137,10 @@ class RunConfig:
         from .config import ModelConfig
         from .default_model import default_model_path
         from .gguf_file import GGUFFile
+        from .kv_types import kv_cache_bytes
         from .runtime.model import Model
         from .tokenizer import Tokenizer
+        from .validate import check_allocation
 
         self.validate()
         device = self.resolved_device()
@@ -158,6 +161,8 @@ class RunConfig:
         gguf = GGUFFile(path)
         cfg = ModelConfig.from_gguf(gguf)
         n_ctx = self.resolve_n_ctx(cfg.n_ctx_train, path)
+        check_allocation(f"{path}: a {self.type_k}/{self.type_v} KV cache of {n_ctx:,} tokens",
+                         kv_cache_bytes(cfg, n_ctx, self.type_k, self.type_v))  # a Python int: no overflow
         vram_plan = self.plan_vram(gguf, cfg, device, n_ctx, path, log)  # before any allocation
         model = Model(gguf, cache_bytes=self.cpu_cache_bytes(), device=device, backend=self.backend,
                       plan=vram_plan)

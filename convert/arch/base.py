@@ -10,6 +10,7 @@ families differ by a few table rows and flags.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
@@ -17,7 +18,8 @@ from typing import Any, ClassVar, Optional
 import gguf
 import torch
 
-from qkvgguf.errors import QkvggufError, UnsupportedError
+from qkvgguf.errors import QkvggufError, UnsupportedError, shown
+from qkvgguf.validate import INT_KEYS
 
 
 class ConfigError(QkvggufError):
@@ -50,6 +52,13 @@ QK_NORMS = {
 }
 # Checkpoint entries that are not weights (buffers some exports include).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+
+MAX_INT_HPARAM = 1 << 26  # above every count and width of a real model
+# config.json key -> the GGUF key whose bound (qkvgguf/validate.py, what the runtime loads) applies
+GGUF_KEYS = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+             "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+             "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+             "max_position_embeddings": "context_length", "vocab_size": "vocab_size"}
 
 _LAYER = re.compile(r"^(model\.layers)\.(\d+)\.(.+)$")
 
@@ -84,33 +93,55 @@ class Arch:
 
     # -- config.json -----------------------------------------------------------------------------
 
-    def _get(self, key: str, kind=int, default: Any = ...) -> Any:
-        value = self.config.get(key)
+    def _get(self, key: str, kind=int, default: Any = ..., source: Optional[dict] = None) -> Any:
+        """A number from config.json: the right kind, finite, positive and within the GGUF reader's
+        bounds (qkvgguf/validate.py), so that the file we write is one we will load."""
+        value = (self.config if source is None else source).get(key)
         if value is None:
             if default is ...:
                 raise ConfigError(f"{self.config_path}: required key '{key}' is missing")
             return default
-        if kind is not bool and isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{self.config_path}: '{key}' should be a number, found {value!r}")
-        if kind is int and value != int(value):
-            raise ConfigError(f"{self.config_path}: '{key}' should be an integer, found {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self.config_path}: '{key}' should be a number, found {shown(value)}")
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{self.config_path}: '{key}' should be a positive finite number, found {shown(value)}")
+        if kind is int:
+            if value != int(value):
+                raise ConfigError(f"{self.config_path}: '{key}' should be an integer, found {shown(value)}")
+            hi = INT_KEYS[GGUF_KEYS[key]][1] if key in GGUF_KEYS else MAX_INT_HPARAM
+            if value > hi:
+                raise ConfigError(f"{self.config_path}: '{key}' = {int(value):,} is larger than {hi:,}")
         return kind(value)
 
     def _rope(self) -> tuple[float, Optional[tuple[str, float]]]:
         """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4.x)."""
+        for key in ("rope_parameters", "rope_scaling"):
+            if self.config.get(key) is not None and not isinstance(self.config[key], dict):
+                raise ConfigError(f"{self.config_path}: '{key}' should be an object, found {shown(self.config[key])}")
         params = self.config.get("rope_parameters") or {}
         scaling = self.config.get("rope_scaling") or params
-        theta = params.get("rope_theta", self.config.get("rope_theta", 10000.0))
-        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
+        theta = self._get("rope_theta", float, default=10000.0,
+                          source=params if "rope_theta" in params else self.config)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind in ("default", None):
-            return float(theta), None
+            return theta, None
         if kind == "linear":
-            return float(theta), ("linear", float(scaling["factor"]))
-        raise UnsupportedError(f"{self.config_path}: rope scaling '{kind}' is not supported (supported: linear)")
+            return theta, ("linear", self._get("factor", float, source=scaling))
+        raise UnsupportedError(f"{self.config_path}: rope scaling {shown(kind)} is not supported (supported: linear)")
 
     def read_hparams(self) -> Hparams:
         n_embd, n_head = self._get("hidden_size"), self._get("num_attention_heads")
+        n_head_kv = self._get("num_key_value_heads", default=n_head)
         head_dim = self._get("head_dim", default=None)
+        if n_head % n_head_kv:
+            raise ConfigError(f"{self.config_path}: num_attention_heads {n_head} is not a multiple of "
+                              f"num_key_value_heads {n_head_kv}")
+        if head_dim is None and n_embd % n_head:
+            raise ConfigError(f"{self.config_path}: hidden_size {n_embd} is not a multiple of "
+                              f"num_attention_heads {n_head} (and no head_dim is given)")
+        tied = self.config.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ConfigError(f"{self.config_path}: 'tie_word_embeddings' should be true or false, found {shown(tied)}")
         theta, scaling = self._rope()
         return Hparams(
             n_layer=self._get("num_hidden_layers"),
@@ -118,15 +149,20 @@ class Arch:
             n_embd=n_embd,
             n_ff=self._get("intermediate_size"),
             n_head=n_head,
-            n_head_kv=self._get("num_key_value_heads", default=n_head),
+            n_head_kv=n_head_kv,
             head_dim=head_dim or n_embd // n_head,
             head_dim_explicit=head_dim is not None,
-            norm_eps=self._get("rms_norm_eps", float),
+            norm_eps=self._check_eps(self._get("rms_norm_eps", float)),
             rope_theta=theta,
             rope_scaling=scaling,
             vocab_size=self._get("vocab_size"),
-            tied=bool(self.config.get("tie_word_embeddings", False)),
+            tied=tied,
         )
+
+    def _check_eps(self, eps: float) -> float:
+        if eps >= 1.0:
+            raise ConfigError(f"{self.config_path}: 'rms_norm_eps' = {eps} should be below 1")
+        return eps
 
     # -- hooks -----------------------------------------------------------------------------------
 

@@ -240,6 +240,16 @@ def fmt_value(value: Any, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v: Any, spec: str) -> str:
+    """A metadata number in a format spec; a value of another type (a hostile or careless file: a
+    string, an array) is shown as it is instead of breaking the view."""
+    return format(v, spec) if _is_number(v) else fmt_value(v, 40)
+
+
 def _model_lines(summary: dict) -> list[str]:
     m = summary["model"]
     out = []
@@ -258,16 +268,16 @@ def _model_lines(summary: dict) -> list[str]:
                 heads += f" x {m['head_dim']}"
             parts.append(heads)
         if m["n_ctx_train"] is not None:
-            parts.append(f"context {m['n_ctx_train']:,}")
+            parts.append(f"context {_num(m['n_ctx_train'], ',')}")
         out.append("  model: " + ", ".join(parts))
         line = []
         if m["vocab_size"] is not None:
             tok = "/".join(str(x) for x in (m["tokenizer"], m["tokenizer_pre"]) if x)
-            line.append(f"vocab {m['vocab_size']:,}" + (f" ({tok})" if tok else ""))
+            line.append(f"vocab {_num(m['vocab_size'], ',')}" + (f" ({tok})" if tok else ""))
         if m["tied_embeddings"]:
             line.append("tied embeddings")
         if m["rope_freq_base"] is not None:
-            line.append(f"rope base {m['rope_freq_base']:g}")
+            line.append(f"rope base {_num(m['rope_freq_base'], 'g')}")
         if line:
             out.append("         " + ", ".join(line))
     p = summary["plan"]
@@ -285,11 +295,11 @@ def _model_lines(summary: dict) -> list[str]:
                        + ("; ..." if n_bad > len(bad) else ""))
         a = p.get("auto")
         if a:
-            out.append(f"        auto: target {a.get('target')}, {a.get('bpw', float('nan')):.3f} bits per weight, "
-                       f"weighted error {a.get('weighted_error', float('nan')):.4g}")
+            out.append(f"        auto: target {a.get('target')}, {_num(a.get('bpw'), '.3f')} bits per weight, "
+                       f"weighted error {_num(a.get('weighted_error'), '.4g')}")
             out.append(f"        calibration: {a.get('calibration')} ({a.get('calibration_chunks')} chunks)")
-            if a.get("layer_bpw"):
-                lb = a["layer_bpw"]
+            lb = a.get("layer_bpw")
+            if isinstance(lb, list) and lb and all(_is_number(x) for x in lb):
                 out.append(f"        bits per weight by layer: min {min(lb):.2f}, max {max(lb):.2f} "
                            "(per layer table below)")
     return out

@@ -34,6 +34,11 @@ from .spm import SPACE, SPMModel
 
 log = logging.getLogger(__name__)
 
+# Token texts are read with surrogateescape (qkvgguf/gguf_file.py): a token whose bytes are not
+# UTF-8 keeps them, and encoding with the same handler gives them back, as llama.cpp's pieces do
+# (its token text is raw bytes); decode() then turns invalid UTF-8 into U+FFFD.
+RAW = "surrogateescape"
+
 __all__ = ["Tokenizer", "StreamDecoder", "TokenAttr", "render_chat", "SUPPORTED_MODELS"]
 
 SUPPORTED_MODELS = ("gpt2", "llama")
@@ -149,7 +154,7 @@ class Tokenizer:
         self.eog_ids = frozenset(eog_ids)
         self.chat_template = chat_template
         special = [i for i, a in enumerate(attrs) if a & _SPECIAL]
-        special.sort(key=lambda i: -len(tokens[i].encode("utf-8")))  # longest first (stable: lower id first)
+        special.sort(key=lambda i: -len(tokens[i].encode("utf-8", RAW)))  # longest first (stable: lower id first)
         self._special = special
         self._pieces: dict[tuple[int, bool], bytes] = {}
 
@@ -339,10 +344,10 @@ class Tokenizer:
         if attr & _CONTROL_OR_UNKNOWN and not special:
             return b""
         if attr & (_CONTROL_OR_UNKNOWN | TokenAttr.USER_DEFINED):
-            return text.encode("utf-8")
+            return text.encode("utf-8", RAW)
         if attr & TokenAttr.NORMAL:
             if self.model_name == "llama":
-                return text.replace(SPACE, " ").encode("utf-8")
+                return text.replace(SPACE, " ").encode("utf-8", RAW)
             return byte_decode(text)
         if attr & TokenAttr.BYTE:
             return bytes([_hex_byte(text)])

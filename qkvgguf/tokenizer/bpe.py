@@ -360,7 +360,7 @@ _LATIN1_TO_BYTE_CHARS = {b: c for b, c in enumerate(BYTE_CHARS)}
 
 
 def byte_encode(word: str) -> str:
-    return word.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_BYTE_CHARS)
+    return word.encode("utf-8", "surrogateescape").decode("latin-1").translate(_LATIN1_TO_BYTE_CHARS)
 
 
 def byte_decode(token_text: str) -> bytes:
@@ -374,7 +374,8 @@ def byte_decode(token_text: str) -> bytes:
         if c in CHAR_BYTES:
             out.append(CHAR_BYTES[c])
         else:  # llama.cpp writes the unknown character's UTF-8 in hex, then the whole token text
-            out += ("[UNK_BYTE_0x" + c.encode("utf-8").hex() + token_text + "]").encode("utf-8")
+            out += ("[UNK_BYTE_0x" + c.encode("utf-8", "surrogateescape").hex() + token_text + "]").encode(
+                "utf-8", "surrogateescape")
     return bytes(out)
 
 

@@ -94,6 +94,6 @@ class SPMModel:
             if tid is not None:
                 out.append(tid)
             else:
-                out.extend(self._byte_token(b) for b in piece.encode("utf-8"))
+                out.extend(self._byte_token(b) for b in piece.encode("utf-8", "surrogateescape"))
             i = nxt[i]
         return out
