@@ -244,6 +244,12 @@ def encode(values: np.ndarray, qtype: T) -> np.ndarray:
     return gguf.quants.quantize(rows, qtype)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 class AtomicOutput:
     """`with AtomicOutput(path, force) as tmp:` write to `tmp`; renamed to `path` on success only."""
 
@@ -274,6 +280,7 @@ class AtomicOutput:
         try:
             if exc_type is None:
                 self.check()  # something may have appeared at the target meanwhile
+                os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp made it 0600; an output follows the umask
                 os.replace(self.tmp, self.path)
         finally:
             if self.tmp.exists():
