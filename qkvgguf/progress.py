@@ -82,7 +82,7 @@ class Progress:
         if elapsed > 0 and self.done:
             rate = self.done / elapsed
             text += (f", {format_bytes(int(rate))}/s" if self.unit == "bytes"
-                     else f", {rate:,.1f} {self.unit or "it"}/s")
+                     else f", {rate:,.1f} {self.unit or 'it'}/s")
         text += f", {elapsed:.1f} s"
         if self.postfix:
             text += f", {self.postfix}"
