@@ -86,80 +86,9 @@ def _memory_report(model) -> str | None:
 # -- run ----------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from .runtime.generate import Sampler, SamplingParams, Stats
+    from .cli_run import cmd_run as run  # the run verb (and chat_repl.py for --chat)
 
-    prompt = args.prompt_opt if args.prompt_opt is not None else " ".join(args.prompt)
-    if not args.chat and not prompt.strip():
-        raise QkvggufError('empty prompt: give one as an argument or with -p "..." (or use --chat)')
-    if args.n_predict < 0:
-        raise QkvggufError(f"-n/--n-predict must be 0 or more, got {args.n_predict}")
-    cfg = _run_config(args)
-    model, tok, n_ctx = _load(cfg)
-    params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    session = cfg.new_session(model, n_ctx)
-    sampler = Sampler(params)
-    if args.chat:
-        return _chat(args, session, tok, sampler, prompt)
-    ids = tok.encode(prompt, add_special=True, parse_special=True)
-    if len(ids) >= n_ctx:
-        raise QkvggufError(f"the prompt has {len(ids)} tokens, more than the {n_ctx}-token context (-c)")
-    stats = Stats()
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    stream = tok.stream()
-    for t in session.generate(ids, args.n_predict, sampler, tok.is_eog, stats):
-        sys.stdout.write(stream.feed(t))
-        sys.stdout.flush()
-    sys.stdout.write(stream.flush() + "\n")
-    sys.stdout.flush()
-    if args.verbose or args.stats:
-        _log(stats.summary())
-    if args.verbose and _memory_report(model):
-        _log(_memory_report(model))
-    return 0
-
-
-def _chat(args, session, tok, sampler, first: str) -> int:
-    from .runtime.generate import Stats
-
-    if not tok.chat_template:
-        raise QkvggufError(f"{args.model or 'the model'} has no tokenizer.chat_template: --chat needs one")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
-    pending = first.strip() or None
-    while True:
-        if pending is None:
-            try:
-                pending = input("> " if interactive else "")
-            except EOFError:
-                break
-            if not pending.strip():
-                pending = None
-                continue
-        messages.append({"role": "user", "content": pending})
-        pending = None
-        text = tok.render_chat(messages, add_generation_prompt=True)
-        ids = tok.encode(text, add_special=True, parse_special=True)
-        if len(ids) >= session.n_ctx:
-            raise QkvggufError(f"the conversation has {len(ids)} tokens, more than the {session.n_ctx}-token context")
-        stats = Stats()
-        stream = tok.stream()
-        reply = []
-        for t in session.generate(ids, args.n_predict, sampler, tok.is_eog, stats):
-            piece = stream.feed(t)
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        tail = stream.flush()
-        reply.append(tail)
-        sys.stdout.write(tail + "\n")
-        sys.stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        if args.verbose or args.stats:
-            _log(stats.summary())
-        if not interactive and first.strip() and not args.chat_stdin:
-            break
-    return 0
+    return run(args, _run_config, _load, _memory_report)
 
 
 # -- perplexity ---------------------------------------------------------------------------------
@@ -313,71 +242,10 @@ def cmd_inspect(args) -> int:
 # -- bench --------------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    """Prompt and decode speed on random tokens, like llama-bench: -p prompt tokens, -n generated."""
-    import statistics
+    """Prompt and decode speed on random tokens, printed as llama-bench does (qkvgguf/cli_bench.py)."""
+    from .cli_bench import cmd_bench as bench
 
-    import torch
-
-    if args.n_prompt < 1 or args.n_gen < 0 or args.repetitions < 1:
-        raise QkvggufError("bench: -p must be at least 1, -n at least 0, -r at least 1")
-    cfg = _run_config(args, n_ctx=args.n_prompt + args.n_gen)
-    model, _, n_ctx = _load(cfg)
-    if args.n_prompt + args.n_gen > n_ctx:
-        raise QkvggufError(f"bench: -p {args.n_prompt} + -n {args.n_gen} exceed the {n_ctx}-token context (-c)")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (args.n_prompt,), generator=g).tolist()
-
-    def sync():
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-
-    session = cfg.new_session(model, n_ctx)
-    t0 = time.perf_counter()  # warm-up: compiles and autotunes the kernels, captures the decode graph
-    logits = session.feed(ids[:min(cfg.n_batch, len(ids))])
-    for _ in range(min(2, args.n_gen, n_ctx - session.cache.pos)):
-        logits = session.decode(int(logits.argmax()))
-    sync()
-    warmup_s = time.perf_counter() - t0
-    prompt_s, decode_s = [], []
-    for _ in range(args.repetitions):
-        session.cache.reset()
-        session.tokens = []
-        sync()
-        t0 = time.perf_counter()
-        logits = session.feed(ids)
-        sync()
-        prompt_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(args.n_gen):
-            logits = session.decode(int(logits.argmax()))
-        sync()
-        decode_s.append(time.perf_counter() - t0)
-    p_tps = args.n_prompt / statistics.median(prompt_s)
-    d_tps = args.n_gen / statistics.median(decode_s) if args.n_gen else None
-    res = {"model": model.gguf.path, "device": str(model.device), "backend": model.backend,
-           "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
-           "n_ctx": n_ctx, "n_batch": session.n_batch, "threads": torch.get_num_threads(),
-           "type_k": session.cache.type_k, "type_v": session.cache.type_v,  # from the cache itself, not the flags
-           "kv_bytes": session.cache.n_bytes, "prompt_tokens_per_s": p_tps,
-           "decode_tokens_per_s": d_tps, "cuda_graph": session._graph is not None, "warmup_s": warmup_s,
-           "load_s": getattr(model, "load_seconds", None),
-           "plan": model.plan.summary() if model.plan is not None else None}
-    if model.device.type == "cuda":
-        res["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(model.device)
-        res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(model.device)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"{os.path.basename(model.gguf.path)} on {model.device} ({model.backend}), K {res['type_k']} V {res['type_v']} "
-          f"({format_bytes(res['kv_bytes'])} KV cache for {n_ctx} tokens)")
-    print(f"  prompt  {args.n_prompt:>6} tokens  {p_tps:10.1f} tok/s")
-    if d_tps is not None:
-        print(f"  decode  {args.n_gen:>6} tokens  {d_tps:10.1f} tok/s{'  (CUDA graph)' if res['cuda_graph'] else ''}")
-    if _memory_report(model):
-        print("  " + _memory_report(model))
-    if model.plan is not None and not model.plan.all_resident:
-        print(f"  streaming {format_bytes(model.plan.pcie_bytes_per_token)} per token from host memory")
-    return 0
+    return bench(args, _run_config, _load, _memory_report)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -389,15 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("run", help="generate text from a prompt (or chat with --chat)")
-    p.add_argument("prompt", nargs="*", help="the prompt (or use -p)")
+    p.add_argument("prompt", nargs="*", help="the prompt (or use -p or -f)")
     p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, help="the prompt")
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from this UTF-8 file")
+    p.add_argument("-n", "--n-predict", type=int, default=128,
+                   help="tokens to generate (default 128; -1 = until end of generation or a full context)")
+    p.add_argument("-r", "--reverse-prompt", action="append", metavar="TEXT",
+                   help="stop when the text produces TEXT (repeatable; \\n and \\t understood)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="same as -r: a stop string (repeatable)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="penalize repeated tokens: logit / P if positive, * P if not (default 1.0 = off)")
+    p.add_argument("--repeat-last-n", type=int, default=64,
+                   help="tokens the repeat penalty looks back over (default 64; 0 = off, -1 = the context)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never sample an end-of-generation token (generate exactly -n tokens)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, tokens, timings, seed, stop reason) instead of streaming")
     p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling; 0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling; 1.0 = off (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling; 0 = off (default 0.05)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    p.add_argument("--chat", action="store_true", help="chat using the file's chat template")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (default or -1: a random one, printed so the sample can be repeated)")
+    p.add_argument("--chat", action="store_true",
+                   help="chat using the file's chat template (/exit or Ctrl-D leaves; Ctrl-C stops a reply)")
+    p.add_argument("--chat-template-file", metavar="FILE", default=None,
+                   help="with --chat: a Jinja chat template to use instead of the file's")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--chat-stdin", action="store_true", help="with --chat and a prompt, keep reading turns from stdin")
     p.add_argument("--stats", action="store_true", help="print prompt/decode speed at the end")
@@ -451,11 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=convert_cli.run)
 
     p = sub.add_parser("bench", help="prompt and decode speed on random tokens (like llama-bench)")
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
-    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
-    p.add_argument("-r", "--repetitions", type=int, default=1, help="repetitions; medians are reported (default 1)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_model_args(p, ctx_default="-p + -n")
+    from .cli_bench import FORMATS, int_list
+
+    p.add_argument("-p", "--n-prompt", type=int_list, default=[512],
+                   help="prompt tokens, comma-separated for a sweep (default 512)")
+    p.add_argument("-n", "--n-gen", type=int_list, default=[128],
+                   help="tokens decoded after the prompt, comma-separated for a sweep (default 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=5,
+                   help="repetitions; the table shows mean ± standard deviation (default 5, as llama-bench)")
+    p.add_argument("-o", "--output", choices=FORMATS, default="md",
+                   help="md: a markdown table (default); csv: one row per test; json: one object per line")
+    p.add_argument("--json", action="store_true", help="same as -o json")
+    p.add_argument("--csv", action="store_true", help="same as -o csv")
+    _add_model_args(p, ctx_default="the largest -p + -n")
+    p.epilog = "-ctk and -ctv take comma-separated lists too (a sweep over cache types)."
     p.set_defaults(func=cmd_bench)
     return ap
 
