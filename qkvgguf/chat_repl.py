@@ -25,8 +25,7 @@ def _say(text: str) -> None:
 
 
 def chat(args, session, tok, sampler, first: str, stops: list[str]) -> int:
-    from .cli_run import stream_reply
-    from .runtime.generate import Stats
+    from .runtime.generate import Stats, generate_text
 
     if args.chat_template_file is not None:
         with open(args.chat_template_file, encoding="utf-8") as f:
@@ -77,7 +76,7 @@ def chat(args, session, tok, sampler, first: str, stops: list[str]) -> int:
             _say(piece)
 
         try:
-            stream_reply(session, ids, args.n_predict, sampler, tok, stops, args.ignore_eos, write, stats)
+            generate_text(session, ids, args.n_predict, sampler, tok, stops, args.ignore_eos, write, stats)
             _say("\n")
         except KeyboardInterrupt:  # stop this reply only; what was said stays in the conversation
             _say("\n")

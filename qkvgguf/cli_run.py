@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import sys
-from typing import Callable, Optional
 
 from .errors import QkvggufError
 
@@ -64,41 +63,8 @@ def stop_strings(args) -> list[str]:
     return out
 
 
-def stream_reply(session, ids: list[int], n_predict: int, sampler, tok, stops: list[str], ignore_eos: bool,
-                 write: Optional[Callable[[str], None]], stats) -> tuple[str, list[int], Optional[str]]:
-    """Generate after `ids`, writing the text as it comes (held back where a stop string may begin).
-    Returns (text, generated token ids, the stop string that ended it or None); stats.stop names why
-    it ended ("stop" for a stop string).
-    Ctrl-C propagates after what was generated is recorded in `stats`."""
-    from .runtime.generate import StopStrings
-
-    stream, stopper = tok.stream(), StopStrings(stops)
-    text, out_ids = [], []
-    gen = session.generate(ids, n_predict, sampler, (lambda _: False) if ignore_eos else tok.is_eog, stats)
-
-    def emit(piece: str) -> None:
-        if piece:
-            text.append(piece)
-            if write is not None:
-                write(piece)
-
-    try:
-        for t in gen:
-            out_ids.append(t)
-            emit(stopper.feed(stream.feed(t)))
-            if stopper.stopped is not None:
-                stats.stop = "stop"
-                break
-    finally:
-        gen.close()
-    if stopper.stopped is None:
-        emit(stopper.feed(stream.flush()))
-        emit(stopper.flush())
-    return "".join(text), out_ids, stopper.stopped
-
-
 def cmd_run(args, run_config, load, memory_report) -> int:
-    from .runtime.generate import Sampler, Stats
+    from .runtime.generate import Sampler, Stats, generate_text
 
     prompt = read_prompt(args)
     if not args.chat and not prompt.strip():
@@ -129,7 +95,7 @@ def cmd_run(args, run_config, load, memory_report) -> int:
 
     if not args.json:
         write(prompt)
-    text, out_ids, stopped = stream_reply(session, ids, args.n_predict, sampler, tok, stops, args.ignore_eos,
+    text, out_ids, stopped = generate_text(session, ids, args.n_predict, sampler, tok, stops, args.ignore_eos,
                                  None if args.json else write, stats)
     if args.json:
         print(json.dumps({"model": model.gguf.path, "prompt": prompt, "text": text, "prompt_tokens": ids,

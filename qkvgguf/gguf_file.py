@@ -207,6 +207,11 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
+        if os.path.isdir(self.path):
+            hf = os.path.isfile(os.path.join(self.path, "config.json"))
+            raise GGUFError(f"{self.path}: is a folder, not a GGUF file" + (
+                f" (a Hugging Face checkpoint: convert it with `qkvgguf convert {self.path}`, or describe it "
+                f"with `qkvgguf inspect {self.path}`)" if hf else ""))
         if not os.path.isfile(self.path):
             raise GGUFError(f"{self.path}: no such file")
         if os.path.getsize(self.path) < HEADER_BYTES:

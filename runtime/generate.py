@@ -239,3 +239,37 @@ class StopStrings:
     def flush(self) -> str:
         out, self.held = self.held, ""
         return out
+
+
+def generate_text(session: Session, ids: list[int], n_predict: int, sampler: Sampler, tok, stops: Sequence[str],
+                  ignore_eos: bool, write: Optional[Callable[[str], None]],
+                  stats: Stats) -> tuple[str, list[int], Optional[str]]:
+    """Generate after `ids` as text: `tok`'s streaming decoder, then the stop strings; `write` gets
+    the text as it comes (held back where a stop string may begin). ignore_eos: end-of-generation
+    tokens do not stop it (ban them in the sampler too, SamplingParams.banned).
+    Returns (text, generated token ids, the stop string that ended it or None); stats.stop names why
+    it ended ("stop" for a stop string).
+    Ctrl-C propagates after what was generated is recorded in `stats`."""
+    stream, stopper = tok.stream(), StopStrings(stops)
+    text, out_ids = [], []
+    gen = session.generate(ids, n_predict, sampler, (lambda _: False) if ignore_eos else tok.is_eog, stats)
+
+    def emit(piece: str) -> None:
+        if piece:
+            text.append(piece)
+            if write is not None:
+                write(piece)
+
+    try:
+        for t in gen:
+            out_ids.append(t)
+            emit(stopper.feed(stream.feed(t)))
+            if stopper.stopped is not None:
+                stats.stop = "stop"
+                break
+    finally:
+        gen.close()
+    if stopper.stopped is None:
+        emit(stopper.feed(stream.flush()))
+        emit(stopper.flush())
+    return "".join(text), out_ids, stopper.stopped

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"qkvgguf": "qkvgguf", "convert": "qkvgguf.convert", "runtime": "qkvgguf.runtime"}
 LAYERS = {"qkvgguf.runtime": 1, "qkvgguf.convert": 2, "qkvgguf.cli": 3, "qkvgguf.__main__": 3,
-          "qkvgguf.run_config": 3, "qkvgguf.inspect": 3}  # anything else under qkvgguf: 0, the core
+          "qkvgguf.run_config": 3, "qkvgguf.inspect": 3, "qkvgguf.cli_run": 3, "qkvgguf.chat_repl": 3,
+          "qkvgguf.cli_bench": 3}  # anything else under qkvgguf: 0, the core
 
 
 def modules() -> dict[str, Path]:
