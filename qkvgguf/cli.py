@@ -204,6 +204,10 @@ def cmd_inspect(args) -> int:
 
         plot_size = parse_plot_size(args.plot_size)
     vram = parse_size(args.vram) if args.vram is not None else None
+    from .inspect.hf import is_hf_folder
+
+    if is_hf_folder(args.file):  # a Hugging Face checkpoint: what it holds and what convert would write
+        return _inspect_hf(args)
     gguf = GGUFFile(args.file)
     other = GGUFFile(args.diff) if args.diff is not None else None
     summary = summarize(gguf, full_arrays=args.json and args.full)
@@ -236,6 +240,23 @@ def cmd_inspect(args) -> int:
         sys.stdout.write("\n")
     else:
         print("\n\n".join(views))
+    return 0
+
+
+def _inspect_hf(args) -> int:
+    from .inspect.hf import describe_hf, render_hf
+
+    for flag, value in (("--tensor", args.tensor), ("--diff", args.diff), ("--plot", args.plot),
+                        ("--vram", args.vram), ("--metadata", args.metadata or None)):
+        if value is not None:
+            raise QkvggufError(f"{args.file}: {flag} reads GGUF files; convert the folder first "
+                               f"(qkvgguf convert {args.file})")
+    summary = describe_hf(args.file)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(render_hf(summary, show_tensors=args.tensors))
     return 0
 
 
@@ -303,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, ctx_default="512, the window length")
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("inspect", help="show a GGUF file: types, layers, one tensor's blocks, memory, diffs, plots")
-    p.add_argument("file", help="GGUF file")
+    p = sub.add_parser("inspect", help="show a GGUF file (types, layers, one tensor's blocks, memory, diffs, plots) "
+                                       "or a Hugging Face folder (tensors, dtypes, what each outtype would write)")
+    p.add_argument("file", help="GGUF file, or a Hugging Face model folder")
     p.add_argument("--json", action="store_true", help="machine-readable output (everything the text shows, and more)")
     p.add_argument("--full", action="store_true", help="with --json: include whole metadata arrays (vocabulary)")
     p.add_argument("--tensors", action="store_true", help="add the full tensor table (name, type, shape, bytes, offset)")
