@@ -94,10 +94,9 @@ def cmd_run(args) -> int:
 # -- perplexity ---------------------------------------------------------------------------------
 
 def cmd_perplexity(args) -> int:
-    """Perplexity +/- its standard error; --save-logits / --kl-divergence as llama-perplexity's
+    """Perplexity ± its standard error; --save-logits / --kl-divergence as llama-perplexity's
     --kl-divergence-base / --kl-divergence (formulas and file format: runtime/perplexity.py)."""
-    from tqdm import tqdm
-
+    from .progress import Progress
     from .runtime.perplexity import (
         KLDivergence,
         LogprobWriter,
@@ -137,11 +136,11 @@ def cmd_perplexity(args) -> int:
         for sink in sinks:
             sink(logprobs, targets)
 
-    bar = tqdm(total=n_windows, unit="window", file=sys.stderr, disable=not sys.stderr.isatty() and not args.verbose)
+    bar = Progress("perplexity", n_windows, unit="window")  # a bar on a terminal, lines every few s when piped
 
     def progress(done, ppl):
-        bar.update(1)
-        bar.set_postfix(ppl=f"{ppl:.4f}")
+        bar.set_postfix(f"ppl {ppl:.4f}")
+        bar.set_done(done)
 
     t0 = time.perf_counter()
     try:
@@ -170,18 +169,18 @@ def cmd_perplexity(args) -> int:
             out["kl_divergence"] = {"base_file": args.kl_divergence, **cmp.as_dict()}
         print(json.dumps(out))
     else:
-        print(f"PPL = {res.ppl:.4f} +/- {res.ppl_stderr:.5f}  (mean NLL {res.nll:.6f} +/- {res.nll_stderr:.6f} "
+        print(f"PPL = {res.ppl:.4f} ± {res.ppl_stderr:.5f}  (mean NLL {res.nll:.6f} ± {res.nll_stderr:.6f} "
               f"over {res.n_scored:,} tokens, {res.n_windows} windows of {n_ctx}, K {cfg.type_k} V {cfg.type_v}, "
               f"{seconds:.1f} s)")
         if writer is not None:
             print(f"saved log-probabilities of {res.n_scored:,} tokens to {args.save_logits}")
         if cmp is not None:
-            print(f"base PPL = {cmp.base_ppl:.4f} +/- {cmp.base_ppl_stderr:.5f}  ({args.kl_divergence})")
+            print(f"base PPL = {cmp.base_ppl:.4f} ± {cmp.base_ppl_stderr:.5f}  ({args.kl_divergence})")
             print(f"PPL ratio = {res.ppl / cmp.base_ppl:.6f}")
-            print(f"mean KLD = {cmp.kld_mean:.6f} +/- {cmp.kld_stderr:.6f}")
+            print(f"mean KLD = {cmp.kld_mean:.6f} ± {cmp.kld_stderr:.6f}")
             print(f"median KLD = {cmp.kld_median:.6f}, 99th percentile KLD = {cmp.kld_p99:.6f}, "
                   f"max KLD = {cmp.kld_max:.6f}")
-            print(f"same top token = {cmp.same_top_pct:.3f} +/- {cmp.same_top_stderr_pct:.3f} %")
+            print(f"same top token = {cmp.same_top_pct:.3f} ± {cmp.same_top_stderr_pct:.3f} %")
     if args.verbose and _memory_report(model):
         _log(_memory_report(model))
     return 0
@@ -319,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save every scored token's log-probabilities (float16, full vocabulary; .npz) and the token "
                         "ids, as the base of a later --kl-divergence run (2 bytes x vocab per token)")
     p.add_argument("--kl-divergence", metavar="FILE", default=None,
-                   help="compare with a --save-logits FILE of the same text and -c: mean KLD +/- stderr, median, "
+                   help="compare with a --save-logits FILE of the same text and -c: mean KLD ± stderr, median, "
                         "99th percentile, same top token %%, and the PPL of both")
     _add_model_args(p, ctx_default="512, the window length")
     p.set_defaults(func=cmd_perplexity)
