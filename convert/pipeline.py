@@ -97,11 +97,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
 
 def warn_fallbacks(planned: list[PlannedTensor]) -> None:
     """One warning per kind of fallback (the type wanted and the type used), with how many tensors,
-    their row lengths and the first few names; each tensor's own line at INFO (-v)."""
+    their row lengths and the first few names."""
     kinds: dict[tuple[str, str], list[PlannedTensor]] = {}
     for p in planned:
-        if p.reason:
-            log.info("%s: %s, using %s", p.name, p.reason, p.type.name)
+        if p.reason:  # (-v logs each tensor with its reason as it is written: stream.py)
             # reason: "row length R is not a multiple of B for TYPE" (writer.tensor_type)
             kinds.setdefault((p.reason.partition(" is not ")[2] or p.reason, p.type.name), []).append(p)
     for (why, tname), ps in kinds.items():

@@ -53,10 +53,10 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            if unit == "bytes":
-                self.bar = tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
-                                file=self.file, leave=True)
-                self.bar.unit = "iB"  # with the 1024 divisor: KiB, MiB, GiB (tqdm would print MB)
+            if unit == "bytes":  # counted in MiB: tqdm's own scaling would print kB, MB (or kiB)
+                self.bar = tqdm(total=total / 2**20 if total else None, desc=name, unit="MiB", file=self.file,
+                                leave=True, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} MiB "
+                                                       "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
             else:
                 self.bar = tqdm(total=total, desc=name, unit=unit or "it", file=self.file, leave=True)
 
@@ -102,7 +102,7 @@ class Progress:
         step = done - self.done
         self.done = done
         if self.bar is not None:
-            self.bar.update(step)
+            self.bar.update(step / 2**20 if self.unit == "bytes" else step)
             return
         now = time.perf_counter()
         if now >= self.next_line:
