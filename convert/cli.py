@@ -1,4 +1,4 @@
-"""`qkvgguf convert HF_DIR -o OUT.gguf --outtype TYPE`: a thin layer over `convert()`.
+"""`qkvgguf convert HF_DIR [-o OUT.gguf] --outtype TYPE`: a thin layer over `convert()`.
 
 Wiring (in qkvgguf/cli.py):
 
@@ -8,7 +8,11 @@ Wiring (in qkvgguf/cli.py):
 
 `run` returns 0; user errors raise `QkvggufError` (the main CLI prints one line and exits 2).
 Flag names follow llama.cpp's convert_hf_to_gguf.py where the concept is the same
-(`--outfile`, `--outtype`); `-o` is a short form.
+(`--outfile`, `--outtype`); `-o` is a short form, and without it the file goes where llama.cpp puts
+it: HF_DIR/NAME-OUTTYPE.gguf. Fallback warnings come once per kind (pipeline.warn_fallbacks); each
+stage (an f16 copy and calibration for an importance matrix, measuring for `auto`, writing) is
+announced as it starts and its bar closed when it ends (qkvgguf/progress.py, which also prints a
+line every few seconds when stderr is not a terminal).
 """
 
 from __future__ import annotations

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling; 0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling; 1.0 = off (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling; 0 = off (default 0.05)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("-s", "--seed", type=int, default=None,
                    help="random seed (default or -1: a random one, printed so the sample can be repeated)")
     p.add_argument("--chat", action="store_true",
                    help="chat using the file's chat template (/exit or Ctrl-D leaves; Ctrl-C stops a reply)")
