@@ -542,7 +542,8 @@ def stage_kv4k(st: Stage) -> None:
         if left < 10:
             st.row({"type": t, "skipped": "stage time used up"})
             continue
-        r = cli_bench(st, models[recipe], ["-p", ctx, "-n", n, "-c", str(int(ctx) + int(n) + 8), "-ctk", t, "-ctv", t], left)
+        r = cli_bench(st, models[recipe], ["-p", ctx, "-n", n, "-r", "1", "-c", str(int(ctx) + int(n) + 8), "-ctk", t,
+                                           "-ctv", t], left)
         r.update(type=t, model=recipe)
         st.md.append(f"| {t} | {_fmt(r.get('decode_tokens_per_s'))} | {_fmt(r.get('prompt_tokens_per_s'))} | "
                      f"{r.get('cuda_graph', '-')} | {_fmt((r.get('peak_reserved_bytes') or 0) / 2**30 or None, '.2f')} |"
@@ -573,7 +574,8 @@ def stage_paging(st: Stage) -> None:
             st.row({"model": recipe, "vram": budget, "skipped": "stage time used up"})
             continue
         extra = (["-p", "8", "-n", "2", "-c", "64"] if args.dry_run else
-                 ["-p", "512", "-n", "16" if args.quick else "32", "-c", "4096"]) + ["-ctk", "q4_0", "-ctv", "q4_0"]
+                 ["-p", "512", "-n", "16" if args.quick else "32", "-c", "4096"]) + ["-ctk", "q4_0", "-ctv", "q4_0",
+                                                                                       "-r", "1"]
         if budget:
             extra += ["--vram", budget]
         extra += ["--paged-cuda-graph"] if graph else ["--no-cuda-graph"]  # paged capture: experimental

@@ -1,4 +1,4 @@
-"""`qkvgguf convert HF_DIR -o OUT.gguf --outtype TYPE`: a thin layer over `convert()`.
+"""`qkvgguf convert HF_DIR [-o OUT.gguf] --outtype TYPE`: a thin layer over `convert()`.
 
 Wiring (in qkvgguf/cli.py):
 
@@ -8,13 +8,19 @@ Wiring (in qkvgguf/cli.py):
 
 `run` returns 0; user errors raise `QkvggufError` (the main CLI prints one line and exits 2).
 Flag names follow llama.cpp's convert_hf_to_gguf.py where the concept is the same
-(`--outfile`, `--outtype`); `-o` is a short form.
+(`--outfile`, `--outtype`); `-o` is a short form, and without it the file goes where llama.cpp puts
+it: HF_DIR/NAME-OUTTYPE.gguf. Fallback warnings come once per kind (pipeline.warn_fallbacks); each
+stage (an f16 copy and calibration for an importance matrix, measuring for `auto`, writing) is
+announced as it starts and its bar closed when it ends (qkvgguf/progress.py, which also prints a
+line every few seconds when stderr is not a terminal).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import signal
 import sys
 
@@ -25,7 +31,8 @@ LOGGER = "qkvgguf.convert"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="HF_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)")
-    p.add_argument("-o", "--outfile", required=True, help="GGUF file to write")
+    p.add_argument("-o", "--outfile", default=None,
+                   help="GGUF file to write (default, as llama.cpp: HF_DIR/NAME-OUTTYPE.gguf, NAME the folder's name)")
     p.add_argument("--outtype", default="f16", choices=list(OUTTYPES), type=str.lower, metavar="TYPE",
                    help=f"type of 2-D weights, as llama-quantize names them, in any case: {', '.join(OUTTYPES)} "
                         "(q2_k, q3_k_s/m/l, q4_k_m, q5_k_m, iq4_nl, iq4_xs: llama.cpp's per-tensor recipes); "
@@ -84,26 +91,29 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
+def default_outfile(hf_dir: str, outtype: str) -> str:
+    """llama.cpp's default name: the file goes into the model folder as NAME-OUTTYPE.gguf."""
+    folder = os.path.abspath(hf_dir)
+    return os.path.join(folder, f"{os.path.basename(folder)}-{outtype.upper()}.gguf")
+
+
+STAGES = {  # what each stage of pipeline.convert does, for its announcement
+    "f16 copy": "a temporary f16 copy of the weights for the calibration runs",
+    "calibrating": "importance matrix: the model over {calib} chunks of 512 calibration tokens",
+    "measuring": "each tensor's weighted error at each candidate type",
+    "converting": "writing {out}",
+}
+
+
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .pipeline import convert
-
-    _setup_logging(args.verbose)
-    bar = None
-
-    def progress(n: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
-                       file=sys.stderr, disable=None)  # None: off when stderr is not a terminal
-        bar.update(n)
-
     from qkvgguf.errors import QkvggufError
+    from qkvgguf.progress import Progress, Stages
     from qkvgguf.units import parse_size
 
     from .mixed import Target
+    from .pipeline import convert
 
+    _setup_logging(args.verbose)
     target = None
     if args.target_bpw is not None and args.fit is not None:
         raise QkvggufError("give one of --target-bpw and --fit, not both")
@@ -120,26 +130,52 @@ def run(args: argparse.Namespace) -> int:
     number("-c/--ctx-size", args.ctx_size, 1, 1 << 26)
     if args.calib_chunks < 1:
         raise QkvggufError(f"--calib-chunks must be at least 1, got {args.calib_chunks}")
-    bars = {}
+    outfile = args.outfile
+    if outfile is None:
+        if not os.path.isdir(args.model):
+            raise QkvggufError(f"{args.model}: not a directory")
+        outfile = default_outfile(args.model, args.outtype)
+    # the stages this run goes through, announced as they start ("stage 2/4: calibrating: ...")
+    names = []
+    if args.outtype == "auto" or args.imatrix is not None:
+        if args.imatrix is None or not os.path.exists(args.imatrix):
+            names += ["f16 copy", "calibrating"]
+    if args.outtype == "auto":
+        names.append("measuring")
+    names.append("converting")
 
-    def stage(name: str, done: int, total: int) -> None:
-        if name not in bars:
-            bars[name] = tqdm(total=total, desc=name, file=sys.stderr, disable=None)
-        bars[name].update(done - bars[name].n)
+    def announce(name: str, total: int) -> None:
+        if len(names) > 1:
+            k = names.index(name) + 1 if name in names else 0
+            what = STAGES.get(name, name).format(calib=args.calib_chunks, out=outfile)
+            print(f"qkvgguf: stage {k}/{len(names)}: {name}: {what}", file=sys.stderr, flush=True)
+
+    stages = Stages(announce, {"f16 copy": "bytes", "calibrating": "chunk", "measuring": "tensor"})
+    bar = None
+
+    def progress(n: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            stages.close()
+            announce("converting", total)
+            bar = Progress("converting", total, unit="bytes")
+        bar.update(n)
 
     previous = signal.signal(signal.SIGTERM, _terminated)  # a kill cleans up as Ctrl-C does
     try:
-        result = convert(args.model, args.outfile, args.outtype, force=args.force, vocab_pre=args.vocab_pre,
+        result = convert(args.model, outfile, args.outtype, force=args.force, vocab_pre=args.vocab_pre,
                          verbose=args.verbose, progress=progress, target=target, imatrix=args.imatrix,
-                         calib=args.calib, calib_chunks=args.calib_chunks, stage=stage,
+                         calib=args.calib, calib_chunks=args.calib_chunks, stage=stages,
                          allow_nonfinite=args.allow_nonfinite)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for b in [bar, *bars.values()]:
-            if b is not None:
-                b.close()
+        stages.close()
+        if bar is not None:
+            bar.close()
     n_fallback = sum(1 for t in result.tensors if t.reason)
+    n_elements = sum(math.prod(t.shape) for t in result.tensors)
+    bpw = 8 * result.n_bytes / n_elements if n_elements else 0.0
     print(f"qkvgguf: wrote {result.path} ({result.outtype}, {len(result.tensors)} tensors, "
-          f"{result.n_bytes / 2**20:.1f} MiB of weights, {result.seconds:.1f} s"
+          f"{result.n_bytes / 2**20:.1f} MiB of weights, {bpw:.2f} bits per weight, {result.seconds:.1f} s"
           + (f", {n_fallback} tensors fell back" if n_fallback else "") + ")", file=sys.stderr)
     return 0

@@ -81,9 +81,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
         arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
         vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
         planned = plan(ckpt, arch, otype)
-        for p in planned:
-            if p.reason and otype.name != "auto":
-                log.warning("%s: %s, using %s", p.name, p.reason, p.type.name)
+        if otype.name != "auto":
+            warn_fallbacks(planned)
         if imatrix is not None or otype.name == "auto":
             imatrix = get_imatrix(ckpt, arch, vocab, imatrix, calib, calib_chunks, stage, allow_nonfinite)
         auto_meta = None
@@ -98,11 +97,36 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     return Converted(Path(out_path), otype.name, planned, total, seconds)
 
 
-def f16_copy(ckpt: Checkpoint, arch: Arch, vocab: Vocab, folder: str, allow_nonfinite: bool = False) -> str:
-    """The checkpoint as an f16 GGUF in `folder` (the runtime's input for calibration); its path."""
+def warn_fallbacks(planned: list[PlannedTensor]) -> None:
+    """One warning per kind of fallback (the type wanted and the type used), with how many tensors,
+    their row lengths and the first few names."""
+    kinds: dict[tuple[str, str], list[PlannedTensor]] = {}
+    for p in planned:
+        if p.reason:  # (-v logs each tensor with its reason as it is written: stream.py)
+            # reason: "row length R is not a multiple of B for TYPE" (writer.tensor_type)
+            kinds.setdefault((p.reason.partition(" is not ")[2] or p.reason, p.type.name), []).append(p)
+    for (why, tname), ps in kinds.items():
+        rows = sorted({p.shape[-1] for p in ps})
+        names = ", ".join(p.name for p in ps[:3]) + (", ..." if len(ps) > 3 else "")
+        log.warning("%d tensor%s with rows of %s (%s) use %s: not %s (-v lists each)", len(ps),
+                    "" if len(ps) == 1 else "s", ", ".join(map(str, rows)), names, tname, why)
+
+
+def f16_copy(ckpt: Checkpoint, arch: Arch, vocab: Vocab, folder: str, stage: Optional[Stage] = None,
+             allow_nonfinite: bool = False) -> str:
+    """The checkpoint as an f16 GGUF in `folder` (the runtime's input for calibration); its path.
+    `stage("f16 copy", bytes written, total)` reports it."""
     f16 = get_outtype("f16")
     path = os.path.join(folder, "source-f16.gguf")
-    write(AtomicOutput(path, False), ckpt, arch, vocab, f16, plan(ckpt, arch, f16), allow_nonfinite=allow_nonfinite)
+    done = 0
+
+    def progress(n: int, total: int) -> None:
+        nonlocal done
+        done += n
+        stage("f16 copy", done, total)
+
+    write(AtomicOutput(path, False), ckpt, arch, vocab, f16, plan(ckpt, arch, f16),
+          progress=progress if stage is not None else None, allow_nonfinite=allow_nonfinite)
     return path
 
 
@@ -124,7 +148,7 @@ def get_imatrix(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Opti
     else:
         name, text = default_calibration_text()
     with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
-        src = f16_copy(ckpt, arch, vocab, tmp, allow_nonfinite)
+        src = f16_copy(ckpt, arch, vocab, tmp, stage, allow_nonfinite)
         tok = Tokenizer.from_gguf(GGUFFile(src))
         ids = tok.encode(text, add_special=False)
         progress = (lambda d, t: stage("calibrating", d, t)) if stage else None

@@ -243,6 +243,12 @@ def encode(values: np.ndarray, qtype: int, imatrix: Optional[np.ndarray] = None)
     return quantize(values.reshape(-1, values.shape[-1]), qtype, None if is_float(qtype) else imatrix)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 class AtomicOutput:
     """`with AtomicOutput(path, force) as tmp:` write to `tmp`; renamed to `path` on success only."""
 
@@ -295,6 +301,7 @@ class AtomicOutput:
         try:
             if exc_type is None:
                 self.check()  # something may have appeared at the target meanwhile
+                os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp made it 0600; an output follows the umask
                 os.replace(self.tmp, self.path)
         finally:
             if self.tmp.exists():

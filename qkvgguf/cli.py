@@ -90,91 +90,17 @@ def _memory_report(model) -> str | None:
 # -- run ----------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from .flags import check_sampling
-    from .runtime.generate import Sampler, SamplingParams, Stats
+    from .cli_run import cmd_run as run  # the run verb (and chat_repl.py for --chat)
 
-    prompt = args.prompt_opt if args.prompt_opt is not None else " ".join(args.prompt)
-    if not args.chat and not prompt.strip():
-        raise QkvggufError('empty prompt: give one as an argument or with -p "..." (or use --chat)')
-    if args.n_predict < 0:
-        raise QkvggufError(f"-n/--n-predict must be 0 or more, got {args.n_predict}")
-    check_sampling(args.temp, args.top_k, args.top_p, args.min_p, args.seed)
-    cfg = _run_config(args)
-    model, tok, n_ctx = _load(cfg)
-    params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    session = cfg.new_session(model, n_ctx)
-    sampler = Sampler(params)
-    if args.chat:
-        return _chat(args, session, tok, sampler, prompt)
-    ids = tok.encode(prompt, add_special=True, parse_special=True)
-    if len(ids) >= n_ctx:
-        raise QkvggufError(f"the prompt has {len(ids)} tokens, more than the {n_ctx}-token context (-c)")
-    stats = Stats()
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    stream = tok.stream()
-    for t in session.generate(ids, args.n_predict, sampler, tok.is_eog, stats):
-        sys.stdout.write(stream.feed(t))
-        sys.stdout.flush()
-    sys.stdout.write(stream.flush() + "\n")
-    sys.stdout.flush()
-    if args.verbose or args.stats:
-        _log(stats.summary())
-    if args.verbose and _memory_report(model):
-        _log(_memory_report(model))
-    return 0
-
-
-def _chat(args, session, tok, sampler, first: str) -> int:
-    from .runtime.generate import Stats
-
-    if not tok.chat_template:
-        raise QkvggufError(f"{args.model or 'the model'} has no tokenizer.chat_template: --chat needs one")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
-    pending = first.strip() or None
-    while True:
-        if pending is None:
-            try:
-                pending = input("> " if interactive else "")
-            except EOFError:
-                break
-            if not pending.strip():
-                pending = None
-                continue
-        messages.append({"role": "user", "content": pending})
-        pending = None
-        text = tok.render_chat(messages, add_generation_prompt=True)
-        ids = tok.encode(text, add_special=True, parse_special=True)
-        if len(ids) >= session.n_ctx:
-            raise QkvggufError(f"the conversation has {len(ids)} tokens, more than the {session.n_ctx}-token context")
-        stats = Stats()
-        stream = tok.stream()
-        reply = []
-        for t in session.generate(ids, args.n_predict, sampler, tok.is_eog, stats):
-            piece = stream.feed(t)
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        tail = stream.flush()
-        reply.append(tail)
-        sys.stdout.write(tail + "\n")
-        sys.stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        if args.verbose or args.stats:
-            _log(stats.summary())
-        if not interactive and first.strip() and not args.chat_stdin:
-            break
-    return 0
+    return run(args, _run_config, _load, _memory_report)
 
 
 # -- perplexity ---------------------------------------------------------------------------------
 
 def cmd_perplexity(args) -> int:
-    """Perplexity +/- its standard error; --save-logits / --kl-divergence as llama-perplexity's
+    """Perplexity ± its standard error; --save-logits / --kl-divergence as llama-perplexity's
     --kl-divergence-base / --kl-divergence (formulas and file format: runtime/perplexity.py)."""
-    from tqdm import tqdm
-
+    from .progress import Progress
     from .runtime.perplexity import (
         KLDivergence,
         LogprobWriter,
@@ -214,11 +140,11 @@ def cmd_perplexity(args) -> int:
         for sink in sinks:
             sink(logprobs, targets)
 
-    bar = tqdm(total=n_windows, unit="window", file=sys.stderr, disable=not sys.stderr.isatty() and not args.verbose)
+    bar = Progress("perplexity", n_windows, unit="window")  # a bar on a terminal, lines every few s when piped
 
     def progress(done, ppl):
-        bar.update(1)
-        bar.set_postfix(ppl=f"{ppl:.4f}")
+        bar.set_postfix(f"ppl {ppl:.4f}")
+        bar.set_done(done)
 
     t0 = time.perf_counter()
     try:
@@ -247,18 +173,18 @@ def cmd_perplexity(args) -> int:
             out["kl_divergence"] = {"base_file": args.kl_divergence, **cmp.as_dict()}
         print(json.dumps(out))
     else:
-        print(f"PPL = {res.ppl:.4f} +/- {res.ppl_stderr:.5f}  (mean NLL {res.nll:.6f} +/- {res.nll_stderr:.6f} "
+        print(f"PPL = {res.ppl:.4f} ± {res.ppl_stderr:.5f}  (mean NLL {res.nll:.6f} ± {res.nll_stderr:.6f} "
               f"over {res.n_scored:,} tokens, {res.n_windows} windows of {n_ctx}, K {cfg.type_k} V {cfg.type_v}, "
               f"{seconds:.1f} s)")
         if writer is not None:
             print(f"saved log-probabilities of {res.n_scored:,} tokens to {args.save_logits}")
         if cmp is not None:
-            print(f"base PPL = {cmp.base_ppl:.4f} +/- {cmp.base_ppl_stderr:.5f}  ({args.kl_divergence})")
+            print(f"base PPL = {cmp.base_ppl:.4f} ± {cmp.base_ppl_stderr:.5f}  ({args.kl_divergence})")
             print(f"PPL ratio = {res.ppl / cmp.base_ppl:.6f}")
-            print(f"mean KLD = {cmp.kld_mean:.6f} +/- {cmp.kld_stderr:.6f}")
+            print(f"mean KLD = {cmp.kld_mean:.6f} ± {cmp.kld_stderr:.6f}")
             print(f"median KLD = {cmp.kld_median:.6f}, 99th percentile KLD = {cmp.kld_p99:.6f}, "
                   f"max KLD = {cmp.kld_max:.6f}")
-            print(f"same top token = {cmp.same_top_pct:.3f} +/- {cmp.same_top_stderr_pct:.3f} %")
+            print(f"same top token = {cmp.same_top_pct:.3f} ± {cmp.same_top_stderr_pct:.3f} %")
     if args.verbose and _memory_report(model):
         _log(_memory_report(model))
     return 0
@@ -283,6 +209,10 @@ def cmd_inspect(args) -> int:
         plot_size = parse_plot_size(args.plot_size)
         check_output_path("--plot", args.plot)
     vram = parse_size(args.vram) if args.vram is not None else None
+    from .inspect.hf import is_hf_folder
+
+    if is_hf_folder(args.file):  # a Hugging Face checkpoint: what it holds and what convert would write
+        return _inspect_hf(args)
     gguf = GGUFFile(args.file)
     other = GGUFFile(args.diff) if args.diff is not None else None
     summary = summarize(gguf, full_arrays=args.json and args.full)
@@ -318,74 +248,30 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _inspect_hf(args) -> int:
+    from .inspect.hf import describe_hf, render_hf
+
+    for flag, value in (("--tensor", args.tensor), ("--diff", args.diff), ("--plot", args.plot),
+                        ("--vram", args.vram), ("--metadata", args.metadata or None)):
+        if value is not None:
+            raise QkvggufError(f"{args.file}: {flag} reads GGUF files; convert the folder first "
+                               f"(qkvgguf convert {args.file})")
+    summary = describe_hf(args.file)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(render_hf(summary, show_tensors=args.tensors))
+    return 0
+
+
 # -- bench --------------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    """Prompt and decode speed on random tokens, like llama-bench: -p prompt tokens, -n generated."""
-    import statistics
+    """Prompt and decode speed on random tokens, printed as llama-bench does (qkvgguf/cli_bench.py)."""
+    from .cli_bench import cmd_bench as bench
 
-    import torch
-
-    if args.n_prompt < 1 or args.n_gen < 0 or args.repetitions < 1:
-        raise QkvggufError("bench: -p must be at least 1, -n at least 0, -r at least 1")
-    cfg = _run_config(args, n_ctx=args.n_prompt + args.n_gen)
-    model, _, n_ctx = _load(cfg)
-    if args.n_prompt + args.n_gen > n_ctx:
-        raise QkvggufError(f"bench: -p {args.n_prompt} + -n {args.n_gen} exceed the {n_ctx}-token context (-c)")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (args.n_prompt,), generator=g).tolist()
-
-    def sync():
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-
-    session = cfg.new_session(model, n_ctx)
-    t0 = time.perf_counter()  # warm-up: compiles and autotunes the kernels, captures the decode graph
-    logits = session.feed(ids[:min(cfg.n_batch, len(ids))])
-    for _ in range(min(2, args.n_gen, n_ctx - session.cache.pos)):
-        logits = session.decode(int(logits.argmax()))
-    sync()
-    warmup_s = time.perf_counter() - t0
-    prompt_s, decode_s = [], []
-    for _ in range(args.repetitions):
-        session.cache.reset()
-        session.tokens = []
-        sync()
-        t0 = time.perf_counter()
-        logits = session.feed(ids)
-        sync()
-        prompt_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(args.n_gen):
-            logits = session.decode(int(logits.argmax()))
-        sync()
-        decode_s.append(time.perf_counter() - t0)
-    p_tps = args.n_prompt / statistics.median(prompt_s)
-    d_tps = args.n_gen / statistics.median(decode_s) if args.n_gen else None
-    res = {"model": model.gguf.path, "device": str(model.device), "backend": model.backend,
-           "n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.repetitions,
-           "n_ctx": n_ctx, "n_batch": session.n_batch, "threads": torch.get_num_threads(),
-           "type_k": session.cache.type_k, "type_v": session.cache.type_v,  # from the cache itself, not the flags
-           "kv_bytes": session.cache.n_bytes, "prompt_tokens_per_s": p_tps,
-           "decode_tokens_per_s": d_tps, "cuda_graph": session._graph is not None, "warmup_s": warmup_s,
-           "load_s": getattr(model, "load_seconds", None),
-           "plan": model.plan.summary() if model.plan is not None else None}
-    if model.device.type == "cuda":
-        res["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(model.device)
-        res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(model.device)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"{os.path.basename(model.gguf.path)} on {model.device} ({model.backend}), K {res['type_k']} V {res['type_v']} "
-          f"({format_bytes(res['kv_bytes'])} KV cache for {n_ctx} tokens)")
-    print(f"  prompt  {args.n_prompt:>6} tokens  {p_tps:10.1f} tok/s")
-    if d_tps is not None:
-        print(f"  decode  {args.n_gen:>6} tokens  {d_tps:10.1f} tok/s{'  (CUDA graph)' if res['cuda_graph'] else ''}")
-    if _memory_report(model):
-        print("  " + _memory_report(model))
-    if model.plan is not None and not model.plan.all_resident:
-        print(f"  streaming {format_bytes(model.plan.pcie_bytes_per_token)} per token from host memory")
-    return 0
+    return bench(args, _run_config, _load, _memory_report)
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -419,15 +305,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("run", help="generate text from a prompt (or chat with --chat)")
-    p.add_argument("prompt", nargs="*", help="the prompt (or use -p)")
+    p.add_argument("prompt", nargs="*", help="the prompt (or use -p or -f)")
     p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, help="the prompt")
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from this UTF-8 file")
+    p.add_argument("-n", "--n-predict", type=int, default=128,
+                   help="tokens to generate (default 128; -1 = until end of generation or a full context)")
+    p.add_argument("-r", "--reverse-prompt", action="append", metavar="TEXT",
+                   help="stop when the text produces TEXT (repeatable; \\n and \\t understood)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="same as -r: a stop string (repeatable)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="penalize repeated tokens: logit / P if positive, * P if not (default 1.0 = off)")
+    p.add_argument("--repeat-last-n", type=int, default=64,
+                   help="tokens the repeat penalty looks back over (default 64; 0 = off, -1 = the context)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never sample an end-of-generation token (generate exactly -n tokens)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, tokens, timings, seed, stop reason) instead of streaming")
     p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling; 0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling; 1.0 = off (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling; 0 = off (default 0.05)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    p.add_argument("--chat", action="store_true", help="chat using the file's chat template")
+    p.add_argument("-s", "--seed", type=int, default=None,
+                   help="random seed (default or -1: a random one, printed so the sample can be repeated)")
+    p.add_argument("--chat", action="store_true",
+                   help="chat using the file's chat template (/exit or Ctrl-D leaves; Ctrl-C stops a reply)")
+    p.add_argument("--chat-template-file", metavar="FILE", default=None,
+                   help="with --chat: a Jinja chat template to use instead of the file's")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--chat-stdin", action="store_true", help="with --chat and a prompt, keep reading turns from stdin")
     p.add_argument("--stats", action="store_true", help="print prompt/decode speed at the end")
@@ -443,13 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save every scored token's log-probabilities (float16, full vocabulary; .npz) and the token "
                         "ids, as the base of a later --kl-divergence run (2 bytes x vocab per token)")
     p.add_argument("--kl-divergence", metavar="FILE", default=None,
-                   help="compare with a --save-logits FILE of the same text and -c: mean KLD +/- stderr, median, "
+                   help="compare with a --save-logits FILE of the same text and -c: mean KLD ± stderr, median, "
                         "99th percentile, same top token %%, and the PPL of both")
     _add_model_args(p, ctx_default="512, the window length")
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("inspect", help="show a GGUF file: types, layers, one tensor's blocks, memory, diffs, plots")
-    p.add_argument("file", help="GGUF file")
+    p = sub.add_parser("inspect", help="show a GGUF file (types, layers, one tensor's blocks, memory, diffs, plots) "
+                                       "or a Hugging Face folder (tensors, dtypes, what each outtype would write)")
+    p.add_argument("file", help="GGUF file, or a Hugging Face model folder")
     p.add_argument("--json", action="store_true", help="machine-readable output (everything the text shows, and more)")
     p.add_argument("--full", action="store_true", help="with --json: include whole metadata arrays (vocabulary)")
     p.add_argument("--tensors", action="store_true", help="add the full tensor table (name, type, shape, bytes, offset)")
@@ -481,11 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=convert_cli.run)
 
     p = sub.add_parser("bench", help="prompt and decode speed on random tokens (like llama-bench)")
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
-    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
-    p.add_argument("-r", "--repetitions", type=int, default=1, help="repetitions; medians are reported (default 1)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_model_args(p, ctx_default="-p + -n")
+    from .cli_bench import FORMATS, int_list
+
+    p.add_argument("-p", "--n-prompt", type=int_list, default=[512],
+                   help="prompt tokens, comma-separated for a sweep (default 512)")
+    p.add_argument("-n", "--n-gen", type=int_list, default=[128],
+                   help="tokens decoded after the prompt, comma-separated for a sweep (default 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=5,
+                   help="repetitions; the table shows mean ± standard deviation (default 5, as llama-bench)")
+    p.add_argument("-o", "--output", choices=FORMATS, default="md",
+                   help="md: a markdown table (default); csv: one row per test; json: one object per line")
+    p.add_argument("--json", action="store_true", help="same as -o json")
+    p.add_argument("--csv", action="store_true", help="same as -o csv")
+    _add_model_args(p, ctx_default="the largest -p + -n")
+    p.epilog = "-ctk and -ctv take comma-separated lists too (a sweep over cache types)."
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page (needs the server extra)")

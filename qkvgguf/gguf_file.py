@@ -214,7 +214,10 @@ class GGUFFile:
         except OSError as e:
             raise GGUFError(f"{self.path}: {'no such file' if e.errno == errno.ENOENT else e.strerror}") from None
         if stat.S_ISDIR(st.st_mode):
-            raise GGUFError(f"{self.path}: is a directory, not a GGUF file")
+            hf = os.path.isfile(os.path.join(self.path, "config.json"))
+            raise GGUFError(f"{self.path}: is a folder, not a GGUF file" + (
+                f" (a Hugging Face checkpoint: convert it with `qkvgguf convert {self.path}`, or describe it "
+                f"with `qkvgguf inspect {self.path}`)" if hf else ""))
         if not stat.S_ISREG(st.st_mode):  # a FIFO, a device (/dev/zero), a socket: nothing to map
             raise GGUFError(f"{self.path}: not a regular file")
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -30,6 +30,9 @@ class SamplingParams:
     top_p: float = 0.95  # 1.0 = off
     min_p: float = 0.05  # 0.0 = off; keeps tokens with p >= min_p * p_max
     seed: Optional[int] = None
+    repeat_penalty: float = 1.0  # 1.0 = off; llama.cpp's: a repeated token's logit / p if > 0, else * p
+    repeat_last_n: int = 64  # the tokens the penalty looks back over (prompt included), as llama.cpp
+    banned: frozenset[int] = frozenset()  # never sampled (--ignore-eos bans the end-of-generation tokens)
 
 
 class Sampler:
@@ -48,9 +51,17 @@ class Sampler:
                 self.generator.seed()
         return self.generator
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits (vocab,) float32 -> token id."""
+    def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """logits (vocab,) float32 -> token id; `history`: the tokens before it (for the repeat penalty)."""
         p = self.params
+        if p.banned or (p.repeat_penalty != 1.0 and p.repeat_last_n and history):
+            logits = logits.float().clone()
+            if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
+                seen = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long, device=logits.device)
+                x = logits[seen]
+                logits[seen] = torch.where(x > 0, x / p.repeat_penalty, x * p.repeat_penalty)
+            if p.banned:
+                logits[torch.tensor(sorted(p.banned), dtype=torch.long, device=logits.device)] = float("-inf")
         if p.temperature <= 0:
             return int(torch.argmax(logits))
         logits = logits.float()
@@ -77,6 +88,14 @@ class Stats:
     prompt_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    stop: str = ""  # why generation ended: "eog", "length" (n_predict), "context" (full); the caller may set others
+
+    def as_dict(self) -> dict:
+        """The numbers as JSON-ready data (run --json's "timings")."""
+        return {"prompt_tokens": self.prompt_tokens, "prompt_seconds": self.prompt_seconds,
+                "prompt_tokens_per_s": self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else None,
+                "decode_tokens": self.decode_tokens, "decode_seconds": self.decode_seconds,
+                "decode_tokens_per_s": self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else None}
 
     def summary(self) -> str:
         def rate(n, s):
@@ -157,20 +176,100 @@ class Session:
         is_eog: Callable[[int], bool] = lambda _: False,
         stats: Optional[Stats] = None,
     ) -> Iterator[int]:
-        """Yield up to n_predict sampled tokens (stops at end-of-generation or a full context)."""
+        """Yield up to n_predict sampled tokens (n_predict < 0: no limit) until end-of-generation or a
+        full context; `stats.stop` says which. The sampler sees the cached tokens as its history."""
         stats = stats if stats is not None else Stats()
         t0 = time.perf_counter()
         logits = self.feed(prompt)
         stats.prompt_tokens += self.n_fed
         stats.prompt_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        for i in range(n_predict):
-            tok = sampler(logits)
-            if is_eog(tok):
+        stats.stop = "length"
+        try:
+            i = 0
+            while n_predict < 0 or i < n_predict:
+                tok = sampler(logits, self.tokens)
+                if is_eog(tok):
+                    stats.stop = "eog"
+                    break
+                stats.decode_tokens += 1
+                i += 1
+                yield tok
+                if i == n_predict:
+                    break
+                if len(self.tokens) >= self.n_ctx:
+                    stats.stop = "context"
+                    break
+                logits = self.decode(tok)
+        finally:  # also when the caller stops early (a stop string, Ctrl-C)
+            stats.decode_seconds += time.perf_counter() - t0
+
+
+class StopStrings:
+    """Text stop strings (llama.cpp's -r/--reverse-prompt, --stop) over streamed text pieces.
+
+    `feed(piece)` returns the text that is safe to show: text that could still be the start of a
+    stop string is held back until it cannot. Once a stop string appears, `stopped` is True and the
+    text before it is returned; the string itself and anything after it are dropped.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped: Optional[str] = None
+
+    def feed(self, piece: str) -> str:
+        if self.stopped is not None:
+            return ""
+        text = self.held + piece
+        hits = [(text.find(s), s) for s in self.stops if s in text]
+        if hits:
+            at, self.stopped = min(hits)
+            self.held = ""
+            return text[:at]
+        keep = 0  # the longest tail of text that begins some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def generate_text(session: Session, ids: list[int], n_predict: int, sampler: Sampler, tok, stops: Sequence[str],
+                  ignore_eos: bool, write: Optional[Callable[[str], None]],
+                  stats: Stats) -> tuple[str, list[int], Optional[str]]:
+    """Generate after `ids` as text: `tok`'s streaming decoder, then the stop strings; `write` gets
+    the text as it comes (held back where a stop string may begin). ignore_eos: end-of-generation
+    tokens do not stop it (ban them in the sampler too, SamplingParams.banned).
+    Returns (text, generated token ids, the stop string that ended it or None); stats.stop names why
+    it ended ("stop" for a stop string).
+    Ctrl-C propagates after what was generated is recorded in `stats`."""
+    stream, stopper = tok.stream(), StopStrings(stops)
+    text, out_ids = [], []
+    gen = session.generate(ids, n_predict, sampler, (lambda _: False) if ignore_eos else tok.is_eog, stats)
+
+    def emit(piece: str) -> None:
+        if piece:
+            text.append(piece)
+            if write is not None:
+                write(piece)
+
+    try:
+        for t in gen:
+            out_ids.append(t)
+            emit(stopper.feed(stream.feed(t)))
+            if stopper.stopped is not None:
+                stats.stop = "stop"
                 break
-            stats.decode_tokens += 1
-            yield tok
-            if i + 1 == n_predict or len(self.tokens) >= self.n_ctx:
-                break
-            logits = self.decode(tok)
-        stats.decode_seconds += time.perf_counter() - t0
+    finally:
+        gen.close()
+    if stopper.stopped is None:
+        emit(stopper.feed(stream.flush()))
+        emit(stopper.flush())
+    return "".join(text), out_ids, stopper.stopped

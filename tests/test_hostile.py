@@ -280,7 +280,7 @@ def test_chat_template_limits(tmp_path, case):
 def test_model_paths_that_are_not_files(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    for path, words in ((tmp_path, "is a directory"), (fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+    for path, words in ((tmp_path, "is a folder, not a GGUF file"), (fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
                         (tmp_path / "nope.gguf", "no such file")):
         rc, out, err = cli(*RUN, "-m", str(path), "Hello", timeout=30)
         one_line_error(rc, err, words)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"qkvgguf": "qkvgguf", "convert": "qkvgguf.convert", "runtime": "qkvgguf.runtime"}
 LAYERS = {"qkvgguf.runtime": 1, "qkvgguf.convert": 2, "qkvgguf.cli": 3, "qkvgguf.__main__": 3,
           "qkvgguf.run_config": 3, "qkvgguf.inspect": 3, "qkvgguf.llm": 3,
-          "qkvgguf.serve": 3}  # anything else under qkvgguf: 0, the core
+          "qkvgguf.serve": 3, "qkvgguf.cli_run": 3, "qkvgguf.chat_repl": 3, "qkvgguf.cli_bench": 3}  # anything else under qkvgguf: 0, the core
 # The package's own facade: `from qkvgguf import LLM` is the documented entry point, so the package
 # __init__ (layer 0) names the layer-3 class, lazily (module __getattr__: `import qkvgguf` loads no
 # runtime). This one edge is allowed; anything else from the core upward still fails.

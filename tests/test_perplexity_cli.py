@@ -192,7 +192,7 @@ def test_stderr_matches_a_direct_computation(smollm2_path, text_file, ppl, api_m
     assert res["ppl_stderr"] == pytest.approx(math.exp(mean) * se, rel=1e-4)
     rc, out, err = _main("perplexity", "-m", smollm2_path, "-f", text_file, "-c", N_CTX, "--chunks", CHUNKS)
     assert rc == 0, err
-    assert out.startswith(f"PPL = {res['ppl']:.4f} +/- {res['ppl_stderr']:.5f}"), out
+    assert out.startswith(f"PPL = {res['ppl']:.4f} ± {res['ppl_stderr']:.5f}"), out
 
 
 # -- KL divergence -------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_kld_text_output(smollm2_path, text_file, base_file):
     rc, out, err = _main("perplexity", "-m", smollm2_path, "-f", text_file, "-c", N_CTX, "--chunks", CHUNKS,
                          "--kl-divergence", path)
     assert rc == 0, err
-    for needle in ("base PPL = ", "mean KLD = 0.000000 +/- 0.000000", "99th percentile KLD = ",
+    for needle in ("base PPL = ", "mean KLD = 0.000000 ± 0.000000", "99th percentile KLD = ",
                    "median KLD = ", "same top token = 100.000"):
         assert needle in out, out
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..gguf_file import GGUFFile
 from ..units import format_bytes
-from .views import fmt_value, metadata_preview
+from .views import fmt_value, ggml_shape, metadata_preview
 
 
 def _first_difference(a: list, b: list) -> int:
@@ -69,7 +69,7 @@ def diff(a: GGUFFile, b: GGUFFile) -> dict:
 
 
 def _shape(s: list) -> str:
-    return "x".join(str(d) for d in s)
+    return ggml_shape(s)
 
 
 def render_diff(d: dict) -> str:

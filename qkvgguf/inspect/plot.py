@@ -1,7 +1,8 @@
 """inspect --plot OUT.png: bits per weight as a layer x tensor-kind heat map, beside bytes by layer.
 
-Left: one row per block, one column per tensor kind, colour = bits per weight, each cell labelled
-with its ggml type. Right: the block's bytes as a bar stacked by kind, on the same rows. The
+Left (a): one row per block, one column per tensor kind, colour = bits per weight over the range of
+the quantized tensors (float tensors, the norms, in their own grey), each cell labelled with its
+ggml type. Right (b): the block's bytes as a bar stacked by kind, on the same rows. The
 tensors outside the blocks (token_embd, output) are listed under the title.
 
 matplotlib is optional (`pip install matplotlib`, or the `plot` extra). We draw on a `Figure` with
@@ -19,6 +20,7 @@ from ..units import format_bytes
 DPI = 100
 DEFAULT_SIZE = (1200, 800)  # pixels
 FLOAT_BITS = 16  # cells at or above this are float tensors (F16, BF16, F32)
+FLOAT_COLOUR = "#c8c8c8"  # their own colour, outside the quantized scale
 
 
 def parse_plot_size(text: str) -> tuple[int, int]:
@@ -33,7 +35,8 @@ def parse_plot_size(text: str) -> tuple[int, int]:
 
 
 def plot(summary: dict, path: str, size: tuple[int, int] = DEFAULT_SIZE) -> dict:
-    """Write the PNG; returns {"path", "width", "height"} (the pixel size written)."""
+    """Write the PNG; returns {"path", "width", "height"} (the pixel size written), the bits-per-weight
+    range the colour scale spans ("scale_bits"), each type's colour, and the panel titles."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -55,43 +58,63 @@ def plot(summary: dict, path: str, size: tuple[int, int] = DEFAULT_SIZE) -> dict
     width, height = size
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(1, 2, width_ratios=[3, 2], wspace=0.08, left=0.07, right=0.97, top=0.88, bottom=0.16)
+    grid = fig.add_gridspec(1, 2, width_ratios=[3, 2], wspace=0.25, left=0.07, right=0.97, top=0.88, bottom=0.16)
     heat = fig.add_subplot(grid[0, 0])
     bars = fig.add_subplot(grid[0, 1], sharey=heat)
 
-    # colour over the quantized range: float tensors (16+ bits) would flatten 4.5 vs 8.5 to one shade;
-    # they take the top colour and the colour bar says so
+    # colour over the quantized cells only: float tensors (16+ bits, the norms) would stretch the scale
+    # until every quantized cell is one shade; they get their own colour (FLOAT_COLOUR), blank cells white
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize, to_hex, to_rgba
+
+    cmap = colormaps["viridis"]
     quantized = bpw[bpw < FLOAT_BITS]
-    lo = float(np.nanmin(bpw))
-    hi = float(quantized.max()) if quantized.size and quantized.max() > lo else float(np.nanmax(bpw))
-    clipped = bool(np.nanmax(bpw) > hi)
-    image = heat.imshow(bpw, aspect="auto", cmap="viridis", interpolation="nearest", vmin=lo, vmax=hi)
+    if quantized.size:
+        lo, hi = float(quantized.min()), float(quantized.max())
+    else:
+        lo, hi = float(np.nanmin(bpw)), float(np.nanmax(bpw))
+    if hi - lo < 1.0:  # one type (a uniform file): a range around it, so its colour is mid-scale
+        mid = (lo + hi) / 2
+        lo, hi = mid - 1.0, mid + 1.0
+    norm = Normalize(vmin=lo, vmax=hi)
+    rgba = np.ones((len(layers), len(kinds), 4))
+    colours: dict[str, str] = {}
+    for i, row in enumerate(layers):
+        for j, k in enumerate(kinds):
+            if np.isnan(bpw[i, j]):
+                continue
+            c = to_rgba(FLOAT_COLOUR) if bpw[i, j] >= FLOAT_BITS else cmap(norm(bpw[i, j]))
+            rgba[i, j] = c
+            colours.setdefault(row["types"][k], to_hex(c))
+    heat.imshow(rgba, aspect="auto", interpolation="nearest")
     heat.set_xticks(range(len(kinds)), labels, rotation=45, ha="right", fontsize=8)
     step = max(1, math.ceil(len(layers) / 40))
     heat.set_yticks(range(0, len(layers), step), [str(r["layer"]) for r in layers][::step], fontsize=7)
     heat.set_ylabel("block")
-    heat.set_title("bits per weight (cell: ggml type)", fontsize=10)
+    panels = [f"(a) bits per weight of each tensor (cell: ggml type; grey: float, {FLOAT_BITS}+ bits)",
+              "(b) bytes by block, stacked by tensor kind"]
+    heat.set_title(panels[0], fontsize=10)
     cells = len(layers) * len(kinds)
     if cells <= 1200:
         font = max(4.0, min(8.0, 0.9 * height / max(len(layers), 1) / 1.6))
         for i, row in enumerate(layers):
             for j, k in enumerate(kinds):
                 if k in row["types"]:
-                    light = hi > lo and (min(bpw[i, j], hi) - lo) / (hi - lo) > 0.6
+                    light = bpw[i, j] >= FLOAT_BITS or norm(bpw[i, j]) > 0.6
                     heat.text(j, i, row["types"][k], ha="center", va="center", fontsize=font,
                               color="black" if light else "white")
-    fig.colorbar(image, ax=heat, fraction=0.04, pad=0.01, extend="max" if clipped else "neither")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=heat, fraction=0.04, pad=0.01)
+    bar.set_label("bits per weight (quantized tensors)", fontsize=8)
 
     left = np.zeros(len(layers))
-    from matplotlib import colormaps
-
     colors = [colormaps["tab20"](j % 20) for j in range(len(kinds))]
     for j, k in enumerate(kinds):
         mib = np.array([row["kind_bytes"].get(k, 0) / 2**20 for row in layers])
         bars.barh(range(len(layers)), mib, left=left, color=colors[j], label=labels[j], height=0.8)
         left += mib
     bars.set_xlabel("MiB per block")
-    bars.set_title("bytes by layer", fontsize=10)
+    bars.set_title(panels[1], fontsize=10)
     bars.tick_params(axis="y", labelleft=False)
     bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=4, frameon=False)
 
@@ -102,4 +125,5 @@ def plot(summary: dict, path: str, size: tuple[int, int] = DEFAULT_SIZE) -> dict
     if other:
         fig.text(0.5, 0.925, f"outside the blocks: {other}", ha="center", fontsize=8)
     fig.savefig(path, dpi=DPI, format="png")
-    return {"path": path, "width": width, "height": height}
+    return {"path": path, "width": width, "height": height, "scale_bits": [lo, hi], "colours": colours,
+            "float_colour": to_hex(FLOAT_COLOUR), "panels": panels}

@@ -40,6 +40,7 @@ from gguf import GGMLQuantizationType as T
 from ..errors import QkvggufError, UnsupportedError
 from ..gguf_file import GGUFFile, TensorInfo
 from ..quants import FORMATS, Codes, Field, View, block_sizes, type_name
+from .views import ggml_shape
 
 OUTLIER_STD = 6.0  # a value is an outlier when |x - mean| > OUTLIER_STD * std
 CHUNK_ELEMENTS = 1 << 22  # rows are processed about 4M values (16 MB of float32) at a time
@@ -326,7 +327,7 @@ def _histogram_lines(hist: dict, width: int = 40, max_rows: int = 16) -> list[st
 
 def render_tensor(report: dict) -> str:
     lay = report["layout"]
-    shape = "x".join(str(d) for d in report["shape"])
+    shape = f"[{ggml_shape(report['shape'])}]"
     out = [f"{report['name']}: {report['type']} {shape}, {report['n_elements']:,} values, {report['n_bytes']:,} bytes "
            f"at offset {report['offset']:,}"]
     out.append(f"  {lay['n_blocks']:,} blocks of {lay['block_size']} values in {lay['type_size']} bytes "

@@ -36,6 +36,19 @@ SUFFIX_ORDER = ("weight", "bias")
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
+def ggml_shape(shape) -> str:
+    """numpy order (rows, row length) -> ggml's order, as gguf-dump prints it: '576, 49152'."""
+    return ", ".join(str(d) for d in reversed(list(shape)))
+
+
+def metadata_type(types: list) -> str:
+    """GGUFFile.metadata_types[key] -> 'uint32', 'string', 'array[string]' (gguf's value type names)."""
+    names = [t.name.lower() for t in types]
+    if not names:
+        return "?"
+    return f"array[{names[1]}]" if names[0] == "array" and len(names) > 1 else names[0]
+
+
 def metadata_preview(value: Any) -> Any:
     if isinstance(value, list) and len(value) > ARRAY_PREVIEW:
         return {"array_length": len(value), "head": value[:ARRAY_PREVIEW]}
@@ -187,7 +200,8 @@ def summarize(gguf: GGUFFile, full_arrays: bool = False) -> dict:
     by_type: dict[str, dict] = {}
     for t in gguf.tensors.values():
         tensors.append({
-            "name": t.name, "type": t.type.name, "shape": list(t.shape), "n_elements": t.n_elements,
+            "name": t.name, "type": t.type.name, "shape": list(t.shape), "ne": list(t.shape)[::-1],
+            "n_elements": t.n_elements,
             "n_bytes": t.n_bytes, "bits_per_weight": round(t.bits_per_weight, 4), "offset": t.offset,
         })
         s = by_type.setdefault(t.type.name, {"type": t.type.name, "n_tensors": 0, "n_elements": 0, "n_bytes": 0})
@@ -201,6 +215,7 @@ def summarize(gguf: GGUFFile, full_arrays: bool = False) -> dict:
         s["share"] = round(s["n_bytes"] / n_bytes, 6) if n_bytes else 0.0
         s["bits_per_weight"] = round(8 * s["n_bytes"] / s["n_elements"], 4)
     metadata = {k: (v if full_arrays else metadata_preview(v)) for k, v in gguf.metadata.items()}
+    metadata_types = {k: metadata_type(gguf.metadata_types.get(k, [])) for k in gguf.metadata}
     return {
         "file": gguf.path,
         "file_size": gguf.file_size,
@@ -213,6 +228,7 @@ def summarize(gguf: GGUFFile, full_arrays: bool = False) -> dict:
         "plan": plan_summary(gguf),
         "data": data_region(gguf),
         "metadata": metadata,
+        "metadata_types": metadata_types,  # key -> gguf value type: uint32, float32, string, array[string], ...
         "types": types,
         "layers": layer_table(gguf),
         "tensors": tensors,
@@ -317,6 +333,7 @@ def _layer_lines(layers: dict) -> list[str]:
         groups.append(group if sep else "")
         labels.append(rest if sep else label)
     widths = [max(len(lab), *(len(r["types"].get(k, "-")) for r in rows)) for k, lab in zip(kinds, labels)]
+    # (a row for a run of blocks is labelled first-last: up to 9 characters)
     top, prev = [], None
     for g, w in zip(groups, widths):
         top.append(f"{(g if g != prev else ''):<{w}}")
@@ -324,9 +341,24 @@ def _layer_lines(layers: dict) -> list[str]:
     out = ["per layer (type of each tensor):", ("  " + f"{'':>5} " + " ".join(top)).rstrip(),
            "  " + f"{'blk':>5} " + " ".join(f"{lab:<{w}}" for lab, w in zip(labels, widths))
            + f" {'bytes':>10} {'bpw':>6}"]
-    for r in rows:
+    for first, last, r in collapse_layers(rows):
         cells = " ".join(f"{r['types'].get(k, '-'):<{w}}" for k, w in zip(kinds, widths))
-        out.append(f"  {r['layer']:>5} {cells} {format_bytes(r['n_bytes']):>10} {r['bits_per_weight']:>6.2f}")
+        label = str(first) if first == last else f"{first}-{last}"
+        out.append(f"  {label:>5} {cells} {format_bytes(r['n_bytes']):>10} {r['bits_per_weight']:>6.2f}")
+    return out
+
+
+def collapse_layers(rows: list[dict]) -> list[tuple[int, int, dict]]:
+    """Runs of consecutive blocks with the same types and bytes as (first, last, row): 30 identical
+    blocks print as one row `0-29`."""
+    out: list[tuple[int, int, dict]] = []
+    for r in rows:
+        if out:
+            first, last, prev = out[-1]
+            if (r["layer"] == last + 1 and r["types"] == prev["types"] and r["kind_bytes"] == prev["kind_bytes"]):
+                out[-1] = (first, r["layer"], prev)
+                continue
+        out.append((r["layer"], r["layer"], r))
     return out
 
 
@@ -344,8 +376,12 @@ def render(summary: dict, show_tensors: bool = False, show_metadata: bool = Fals
         out.append("")
         out.append("metadata:")
         width = max((len(k) for k in summary["metadata"]), default=0)
+        types = summary.get("metadata_types", {})
+        tw = max((len(types.get(k, "")) for k in summary["metadata"]), default=0)
         for k, v in summary["metadata"].items():
-            out.append(f"  {k:<{width}}  {fmt_value(v)}")
+            n = v["array_length"] if isinstance(v, dict) and "array_length" in v else len(v) if isinstance(v, list) else 0
+            vtype = types.get(k, "") + (f" x {n:,}" if types.get(k, "").startswith("array") else "")
+            out.append(f"  {k:<{width}}  {vtype:<{tw + 10}}  {fmt_value(v)}")
     out.append("")
     out.append("types:")
     out.append(f"  {'type':<6} {'tensors':>8} {'parameters':>14} {'bytes':>14} {'share':>7} {'bpw':>7}")
@@ -365,9 +401,9 @@ def render(summary: dict, show_tensors: bool = False, show_metadata: bool = Fals
         out.append("")
         out.append("tensors:")
         nw = max((len(t["name"]) for t in summary["tensors"]), default=4)
-        out.append(f"  {'name':<{nw}} {'type':<6} {'shape':<16} {'bytes':>12} {'bpw':>7} {'offset':>14}")
+        out.append(f"  {'name':<{nw}} {'type':<6} {'shape (ne)':<16} {'bytes':>12} {'bpw':>7} {'offset':>14}")
         for t in summary["tensors"]:
-            shape = "x".join(str(d) for d in t["shape"])
+            shape = ggml_shape(t["shape"])
             out.append(f"  {t['name']:<{nw}} {t['type']:<6} {shape:<16} {t['n_bytes']:>12,} "
                        f"{t['bits_per_weight']:>7.3f} {t['offset']:>14,}")
     out.append("")
