@@ -6,6 +6,9 @@ imports only run down the layers:
     1  qkvgguf.runtime                                    (GGUF -> tokens)
     0  the core: gguf_file, quants, tokenizer, config, errors, units, default_model
 
+Two thin public faces sit on the layer of what they expose: qkvgguf.torch (runtime/nn.py's modules:
+layer 1) and qkvgguf.hf (transformers models over GGUF files, saved through the converter: layer 3).
+
 Folders map to their installed names (pyproject.toml's package-dir): qkvgguf/ -> qkvgguf,
 convert/ -> qkvgguf.convert, runtime/ -> qkvgguf.runtime. Every import counts, module-level or
 inside a function: a lazy import hides a cycle from the interpreter, not from the reader.
@@ -21,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"qkvgguf": "qkvgguf", "convert": "qkvgguf.convert", "runtime": "qkvgguf.runtime"}
 LAYERS = {"qkvgguf.runtime": 1, "qkvgguf.convert": 2, "qkvgguf.cli": 3, "qkvgguf.__main__": 3,
-          "qkvgguf.run_config": 3, "qkvgguf.inspect": 3}  # anything else under qkvgguf: 0, the core
+          "qkvgguf.run_config": 3, "qkvgguf.inspect": 3, "qkvgguf.torch": 1, "qkvgguf.hf": 3}  # anything else under qkvgguf: 0, the core
 
 
 def modules() -> dict[str, Path]:
