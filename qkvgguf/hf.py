@@ -57,7 +57,7 @@ from qkvgguf.convert.writer import AtomicOutput, OUTTYPES, OutType, encode, get_
 from qkvgguf.errors import QkvggufError, UnsupportedError
 from qkvgguf.gguf_file import GGUFFile
 from qkvgguf.quants import dequantize
-from qkvgguf.runtime.nn import GGUFEmbedding, GGUFLinear, as_qtype
+from qkvgguf.runtime.nn import GGUFEmbedding, GGUFLinear, _torch_from_numpy, as_qtype
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,10 @@ def from_gguf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype
     def raw(name: str) -> torch.Tensor:
         if name not in gf.tensors:
             raise HFInteropError(f"{path}: tensor '{name}' is missing")
-        from qkvgguf.runtime.nn import _torch_from_numpy
-
-        return _torch_from_numpy(gf.raw(name))
+        return _torch_from_numpy(gf.raw(name))  # a view of the map: nothing read yet
 
     def dense(name: str, shape) -> torch.Tensor:
-        info = gf.tensor(name)
-        values = dequantize(raw(name), info.type).reshape(shape).to(dtype)
-        return values
+        return dequantize(raw(name), gf.tensor(name).type).reshape(shape).to(dtype)
 
     embed_name = model.get_input_embeddings()
     embed_path = next(n for n, m in model.named_modules() if m is embed_name)
@@ -296,11 +292,8 @@ def quantize(model: torch.nn.Module, qtype="q8_0", imatrix=None, backend: str = 
         if isinstance(module, torch.nn.Linear):
             new = GGUFLinear.from_linear(module, choice.type, importance, backend=backend)
         else:
-            lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            lin.weight = torch.nn.Parameter(weight, requires_grad=False)
-            q = GGUFLinear.from_linear(lin, choice.type, importance)
-            embed_blocks = q.qweight, choice.type
-            new = GGUFEmbedding.from_raw(q.qweight, choice.type, dtype=weight.dtype)
+            new = GGUFEmbedding.from_embedding(module, choice.type, importance)
+            embed_blocks = new.qweight, choice.type
         _set(model, qualified, new)
     if tied and embed_blocks is not None:
         head = model.get_output_embeddings()
@@ -352,7 +345,7 @@ def _tensors(model: torch.nn.Module, arch: Arch, outtype: OutType):
         if kind == "blocks":
             qtype, data = module.weight_type, module.qweight.detach().cpu()
             perm = arch.transform(name, torch.arange(data.shape[0]))
-            yield hf_name, name, qtype, data[perm].numpy(), (data.shape[0], module._row_len)
+            yield hf_name, name, qtype, data[perm].numpy(), module.weight_shape
         else:
             values = getattr(module, leaf).detach().to("cpu", torch.float32)
             qtype = tensor_type(name, tuple(values.shape), outtype, facts).type
@@ -378,7 +371,12 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, outtyp
     "f16"; norms stay F32). vocab_pre: as convert's --vocab-pre. The file appears only complete."""
     import gguf
 
-    otype = get_outtype(outtype) if outtype else getattr(model, "_qkvgguf_outtype", None) or get_outtype("f16")
+    otype = get_outtype(outtype) if outtype else getattr(model, "_qkvgguf_outtype", None)
+    if otype is None:  # not from quantize: float tensors f16; a file of blocks from elsewhere says "mixed"
+        from gguf import LlamaFileType as FT
+
+        mixed = any(isinstance(m, (GGUFLinear, GGUFEmbedding)) for m in model.modules())
+        otype = OutType("mixed", FT.GUESSED, T.F16) if mixed else get_outtype("f16")
     arch = _arch_for(model.config, str(path), type(model).__name__)
     config = {**model.config.to_dict(), "architectures": [arch.hf_arch]}
     output = AtomicOutput(path, force)

@@ -5,6 +5,7 @@
     y = q(x)                                                          # Triton on CUDA, C++ on the CPU
 """
 
-from qkvgguf.runtime.nn import GGUFEmbedding, GGUFLinear, as_qtype, gguf_modules, qmatmul, row_bytes
+from qkvgguf.runtime.nn import (GGUFEmbedding, GGUFLinear, as_qtype, gguf_modules, qmatmul, quantize_weight,
+                                row_bytes)
 
-__all__ = ["GGUFEmbedding", "GGUFLinear", "as_qtype", "gguf_modules", "qmatmul", "row_bytes"]
+__all__ = ["GGUFEmbedding", "GGUFLinear", "as_qtype", "gguf_modules", "qmatmul", "quantize_weight", "row_bytes"]

@@ -79,6 +79,26 @@ def _torch_from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def quantize_weight(weight: torch.Tensor, qtype, imatrix=None) -> torch.Tensor:
+    """float (rows, row_len) -> GGUF blocks (rows, row_bytes) uint8 on weight's device: qkvgguf.quants
+    (importance-weighted with imatrix (row_len,)), gguf.quants for types our registry only decodes."""
+    qtype = as_qtype(qtype)
+    weight = weight.detach()
+    row_bytes(weight.shape[1], qtype)  # the clear error before any work
+    if imatrix is not None:
+        imatrix = np.asarray(torch.as_tensor(imatrix).detach().cpu(), dtype=np.float32)
+        if imatrix.shape != (weight.shape[1],):
+            raise QkvggufError(f"imatrix has shape {imatrix.shape}, expected ({weight.shape[1]},): one per input column")
+    values = np.ascontiguousarray(weight.to("cpu", torch.float32).numpy())
+    if get_format(qtype).quantize is None and imatrix is None:  # Q5_0, Q5_1
+        import gguf.quants
+
+        data = gguf.quants.quantize(values, qtype)
+    else:
+        data = quantize(values, qtype, imatrix)
+    return torch.from_numpy(np.ascontiguousarray(data)).to(weight.device)
+
+
 def _fallback(qtype: T, where: str) -> None:
     if (qtype, where) not in _fallbacks_logged:
         _fallbacks_logged.add((qtype, where))
@@ -137,6 +157,11 @@ class _GGUFModule(torch.nn.Module):
     @property
     def weight_type(self) -> T:
         return self._type
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """(rows, row length) of the weight the blocks encode: nn.Linear's (out, in)."""
+        return self.qweight.shape[0], self._row_len
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 (rows, row_len): for checks and exports, not for the forward pass."""
@@ -215,20 +240,7 @@ class GGUFLinear(_GGUFModule):
         """Quantize an nn.Linear (qkvgguf.quants.quantize: bit-exact with gguf.quants without an imatrix;
         importance-weighted rounding with one: imatrix (in_features,), mean x_j^2 per input column)."""
         qtype = as_qtype(qtype)
-        w = linear.weight.detach()
-        row_bytes(w.shape[1], qtype)  # the clear error before any work
-        if imatrix is not None:
-            imatrix = np.asarray(torch.as_tensor(imatrix).detach().cpu(), dtype=np.float32)
-            if imatrix.shape != (w.shape[1],):
-                raise QkvggufError(f"imatrix has shape {imatrix.shape}, expected ({w.shape[1]},) for in_features")
-        values = np.ascontiguousarray(w.to("cpu", torch.float32).numpy())
-        if get_format(qtype).quantize is None and imatrix is None:  # our registry decodes it only (Q5_0, Q5_1)
-            import gguf.quants
-
-            data = gguf.quants.quantize(values, qtype)
-        else:
-            data = quantize(values, qtype, imatrix)
-        raw = torch.from_numpy(np.ascontiguousarray(data)).to(w.device)
+        raw = quantize_weight(linear.weight, qtype, imatrix)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls.from_raw(raw, qtype, bias, backend=backend)
 
@@ -267,6 +279,12 @@ class GGUFEmbedding(_GGUFModule):
         fmt = get_format(qtype)
         return cls(raw.shape[0], raw.shape[1] // fmt.type_size * fmt.block_size, qtype, raw=raw, dtype=dtype)
 
+    @classmethod
+    def from_embedding(cls, embedding: torch.nn.Embedding, qtype, imatrix=None) -> "GGUFEmbedding":
+        """Quantize an nn.Embedding (rows = tokens); lookups return embedding's dtype."""
+        raw = quantize_weight(embedding.weight, qtype, imatrix)
+        return cls.from_raw(raw, qtype, dtype=embedding.weight.dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: (...) int -> (..., embedding_dim)
         rows = dequantize(self.qweight[ids.reshape(-1).to(self.qweight.device)], self.weight_type)
@@ -281,4 +299,4 @@ def gguf_modules(model: torch.nn.Module) -> dict[str, _GGUFModule]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _GGUFModule)}
 
 
-__all__ = ["GGUFEmbedding", "GGUFLinear", "as_qtype", "gguf_modules", "qmatmul", "row_bytes"]
+__all__ = ["GGUFEmbedding", "GGUFLinear", "as_qtype", "gguf_modules", "qmatmul", "quantize_weight", "row_bytes"]
