@@ -238,9 +238,6 @@ def _outtype(qtype) -> OutType:
     from gguf import LlamaFileType as FT
 
     if isinstance(qtype, str) and qtype.lower() in OUTTYPES:
-        if qtype.lower() == "auto":
-            raise UnsupportedError("quantize: 'auto' is not available for in-memory models yet "
-                                   "(use convert --outtype auto on a saved checkpoint)")
         return get_outtype(qtype)
     t = as_qtype(qtype)
     return OutType(t.name.lower(), FT.GUESSED, t)
@@ -263,30 +260,97 @@ def _weights(model: torch.nn.Module, arch: Arch) -> list[tuple[str, str, torch.n
 def _importance(imatrix, name: str) -> Optional[np.ndarray]:
     if imatrix is None:
         return None
-    if hasattr(imatrix, "mean"):  # convert.imatrix.Imatrix
-        return imatrix.mean(name)
-    value = imatrix.get(name)
-    return None if value is None else np.asarray(torch.as_tensor(value).cpu(), dtype=np.float32)
+    return imatrix.mean(name)  # convert.imatrix.Imatrix
 
 
-def quantize(model: torch.nn.Module, qtype="q8_0", imatrix=None, backend: str = "auto") -> torch.nn.Module:
+def collect_imatrix(model: torch.nn.Module, ids, n_ctx: int = 512, dataset: str = ""):
+    """The importance matrix of a transformers model's nn.Linear inputs (convert.imatrix.Imatrix, keyed
+    by GGUF names; `.save(path)` writes llama.cpp's imatrix GGUF): I_j = mean x_j^2 over the tokens
+    `ids`, run in chunks of n_ctx tokens each from an empty cache (as llama-imatrix and
+    qkvgguf convert do). Forward hooks record each Linear's input; the head is skipped as llama.cpp does."""
+    from qkvgguf.convert.imatrix import Imatrix
+
+    arch = _arch_for(model.config, type(model).__name__, type(model).__name__)
+    imatrix = Imatrix(datasets=[dataset] if dataset else [], chunk_size=n_ctx)
+    hooks = []
+    for qualified, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, GGUFLinear)) and qualified != "lm_head":
+            name = arch.gguf_name(f"{qualified}.weight")
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: imatrix.add(name, args[0])))
+    ids = torch.as_tensor(ids).reshape(-1)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids) - n_ctx + 1, n_ctx):
+                model(ids[start:start + n_ctx][None].to(device), use_cache=False)
+                imatrix.n_chunks += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if imatrix.n_chunks == 0:
+        raise QkvggufError(f"collect_imatrix: {len(ids)} tokens is less than one chunk of {n_ctx}")
+    return imatrix
+
+
+class _ModelCheckpoint:
+    """What convert/mixed.auto_plan reads of a checkpoint: `load(hf_name)` -> the float weight."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.tensors = dict(model.named_parameters())
+
+    def load(self, hf_name: str) -> torch.Tensor:
+        return self.tensors[hf_name].detach().to("cpu", torch.float32)
+
+
+def _auto_types(model, arch: Arch, entries, imatrix, target_bpw: Optional[float]) -> dict[str, T]:
+    """`auto`: convert/mixed.auto_plan's measured allocation to target_bpw over this model's tensors."""
+    from qkvgguf.convert.mixed import Target, auto_plan
+
+    if target_bpw is None:
+        raise QkvggufError("quantize: 'auto' needs target_bpw (bits per weight of the whole file)")
+    outtype, ckpt = get_outtype("auto"), _ModelCheckpoint(model)
+    names = {name for _, name, _ in entries}
+    facts = model_facts(arch, names)
+    planned = []
+    for hf_name, p in ckpt.tensors.items():
+        name = arch.gguf_name(hf_name)
+        if name is not None:
+            t = tensor_type(name, tuple(p.shape), outtype, facts).type
+            planned.append(PlannedTensor(hf_name, name, tuple(p.shape), t, n_bytes(tuple(p.shape), t), None))
+    chosen, _ = auto_plan(ckpt, arch, planned, imatrix, Target(bpw=target_bpw))
+    return {p.name: p.type for p in chosen}
+
+
+def quantize(model: torch.nn.Module, qtype="q8_0", imatrix=None, backend: str = "auto",
+             target_bpw: Optional[float] = None) -> torch.nn.Module:
     """Replace the model's embedding and every nn.Linear by GGUF modules, in place; returns model.
 
     qtype: an outtype of the converter ("q8_0", "q4_k_m", "q3_k_m", ...: llama.cpp's per-tensor
-    recipe, the output tensor Q6_K) or a ggml type ("Q4_K": every matrix that type but the output
-    tensor, as llama-quantize). imatrix: an Imatrix or {GGUF name: (in_features,) mean x^2} for
-    importance-weighted rounding. The choices are logged one line per tensor (INFO)."""
+    recipe, the output tensor Q6_K), a ggml type ("Q4_K": every matrix that type but the output
+    tensor, as llama-quantize), or "auto" with `target_bpw`: convert/mixed.py's measured allocation
+    (the converter's `--outtype auto --target-bpw`). imatrix: an Imatrix (`collect_imatrix`) or
+    {GGUF name: (in_features,) mean x^2} for importance-weighted rounding. The choices are logged
+    one line per tensor (INFO)."""
     outtype = _outtype(qtype)
     arch = _arch_for(model.config, type(model).__name__, type(model).__name__)
     entries = _weights(model, arch)
+    if imatrix is not None and not hasattr(imatrix, "mean"):  # {name: mean x^2} -> an Imatrix of one row each
+        from qkvgguf.convert.imatrix import Imatrix
+
+        imatrix = Imatrix(sums={k: np.asarray(torch.as_tensor(v).cpu(), dtype=np.float64) for k, v in imatrix.items()},
+                          counts={k: 1 for k in imatrix})
+    for qualified, _, module in entries:
+        if isinstance(module, (GGUFLinear, GGUFEmbedding)):
+            raise HFInteropError(f"quantize: '{qualified}' is already a GGUF module")
     facts = model_facts(arch, {name for _, name, _ in entries})
+    auto = _auto_types(model, arch, entries, imatrix, target_bpw) if outtype.name == "auto" else None
     tied = "output.weight" not in {name for _, name, _ in entries}
     embed_blocks = None
     for qualified, name, module in entries:
-        weight = module.weight.detach() if not isinstance(module, (GGUFLinear, GGUFEmbedding)) else None
-        if weight is None:
-            raise HFInteropError(f"quantize: '{qualified}' is already a GGUF module")
+        weight = module.weight.detach()
         choice = tensor_type(name, tuple(weight.shape), outtype, facts)
+        if auto is not None:
+            choice = type(choice)(auto[name], "auto")
         importance = _importance(imatrix, name)
         log.info("%s -> %s%s", name, choice.type.name, "".join(f"  ({n})" for n in (choice.rule, choice.fallback) if n))
         if isinstance(module, torch.nn.Linear):
@@ -406,4 +470,4 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, outtyp
     return Path(path)
 
 
-__all__ = ["HF_CLASSES", "HFInteropError", "from_gguf", "quantize", "save_gguf"]
+__all__ = ["HF_CLASSES", "HFInteropError", "collect_imatrix", "from_gguf", "quantize", "save_gguf"]

@@ -217,11 +217,37 @@ def test_quantize_with_imatrix_changes_the_rounding(tok_folder, tmp_path):
     assert torch.equal(plain.model.layers[0].mlp.gate_proj.qweight, weighted.model.layers[0].mlp.gate_proj.qweight)
 
 
+def test_auto_with_collected_imatrix_equals_the_converters_auto(tok_folder, tmp_path):
+    """quantize(model, "auto", imatrix=collect_imatrix(...), target_bpw=...) chooses the types the
+    converter's `--outtype auto --target-bpw` chooses with the same importance matrix, and the bytes
+    are the same."""
+    import test_convert
+
+    from qkvgguf.convert.mixed import Target
+    from qkvgguf.hf import collect_imatrix
+
+    model = _checkpoint("qwen2", 6, tok_folder, tmp_path / "hf")
+    ids = torch.randint(3, 512, (4 * 32,), generator=torch.Generator().manual_seed(2))
+    imatrix = collect_imatrix(model, ids, n_ctx=32)
+    assert imatrix.n_chunks == 4 and imatrix.counts["blk.1.ffn_down.weight"] == 4 * 32
+    assert "output.weight" not in imatrix.sums
+    quantize(model, "auto", imatrix=imatrix, target_bpw=6.0)
+    types = {m.weight_type for m in model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))}
+    assert len(types) > 1  # a mixture
+    saved = save_gguf(model, tmp_path / "auto.gguf", tok_folder, vocab_pre=test_convert.BPE_PRE)
+    convert(tmp_path / "hf", tmp_path / "conv.gguf", "auto", target=Target(bpw=6.0), imatrix=imatrix,
+            vocab_pre=test_convert.BPE_PRE)
+    _same_tensors(saved, tmp_path / "conv.gguf")
+    f = GGUFFile(saved)
+    bits = 8 * sum(i.n_bytes for i in f.tensors.values()) / sum(int(np.prod(i.shape)) for i in f.tensors.values())
+    assert bits <= 6.0
+
+
 def test_bad_input_is_a_clear_error(tok_folder, tmp_path):
     import test_convert
 
     model = test_convert.hf_model("llama")
-    with pytest.raises(UnsupportedError, match="'auto' is not available"):
+    with pytest.raises(QkvggufError, match="'auto' needs target_bpw"):
         quantize(model, "auto")
     with pytest.raises(QkvggufError, match="'q9' is not a ggml type"):
         quantize(model, "q9")
