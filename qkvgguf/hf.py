@@ -3,13 +3,16 @@
     model = from_gguf("model.gguf")                    # AutoModelForCausalLM; every projection a GGUFLinear
     model.generate(ids, max_new_tokens=32)             #   over the file's memory-mapped blocks
     quantize(model, "q4_k_m")                          # nn.Linear -> GGUFLinear in place (llama.cpp's recipe)
+    quantize(model, "auto", imatrix=collect_imatrix(model, ids), target_bpw=5.0)   # convert/mixed.py's allocation
     save_gguf(model, "out.gguf", tokenizer)            # a GGUF llama.cpp loads, through convert/
 
 transformers is an optional dependency (`pip install 'qkvgguf[hf]'`), imported by these functions,
 never at `import qkvgguf`.
 
-from_gguf. The config is the one transformers derives from the file (`AutoConfig.from_pretrained(...,
-gguf_file=...)`, as its own GGUF loading does); the model is built on the meta device, then:
+from_gguf. The config is the one transformers derives from the file: transformers' own table of GGUF
+keys (`integrations.ggml.GGUF_CONFIG_MAPPING`, what `AutoConfig.from_pretrained(..., gguf_file=...)`
+applies) read from our parser, with shapes transformers leaves at class defaults (Qwen3's head_dim)
+taken from the file; the model is built on the meta device, then:
 - every nn.Linear becomes a GGUFLinear (runtime/nn.py) over the file's bytes, zero-copy on the CPU
   (the tensor names come from convert/arch's table, read backwards). Llama's converter permuted
   the rows of Q and K (arch.transform: HF rotate-half -> ggml adjacent pairs); a row permutation
@@ -26,8 +29,11 @@ converter's policy gives it (`convert.writer.tensor_type`: an outtype such as "q
 llama.cpp's per-tensor recipe; a ggml type name such as "Q4_K" is that type for every matrix, with
 llama.cpp's fallback where the row length does not fit its blocks) and is replaced by
 GGUFLinear.from_linear (importance-weighted with `imatrix`: GGUF name -> (in_features,) array, or
-an Imatrix). The embedding stays as it is (quantized when saved). Llama's Q and K keep Hugging
-Face's row order in memory; save_gguf permutes their byte rows on the way out.
+an Imatrix from `collect_imatrix`); the embedding becomes a GGUFEmbedding of its policy type (a tied
+head shares its blocks), so the model in memory is the file save_gguf writes. "auto" takes
+convert/mixed.auto_plan's allocation to `target_bpw`. Llama's Q and K keep Hugging Face's row
+order in memory (row-wise quantization does not care); save_gguf permutes their byte rows on the
+way out.
 
 save_gguf(model, path, tokenizer): the converter's pieces, in the converter's order: convert/arch
 (names, metadata, transform), convert/vocab (the tokenizer saved to a temporary folder, read back

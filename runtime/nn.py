@@ -32,6 +32,7 @@ accumulation (Triton, fp16/fp32 x; bf16 x goes through fp32).
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -105,7 +106,9 @@ def _fallback(qtype: T, where: str) -> None:
         log.info("GGUFLinear: no %s kernel for %s, multiplying by the dequantized float32 weight", where, qtype.name)
 
 
+@functools.lru_cache(maxsize=None)
 def _use_triton(device: torch.device, backend: str) -> bool:
+    """Asked once per (device, backend): the answer does not change within a process."""
     if backend == "torch":
         return False
     if backend == "triton":

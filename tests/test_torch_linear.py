@@ -29,6 +29,16 @@ TRITON_OK = GPU or os.environ.get("TRITON_INTERPRET") == "1"
 IN, OUT = 512, 37  # two 256-blocks (K-quants), 16 32-blocks; an odd number of output rows
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: these matmuls are tiny, and on a loaded 2-core machine an OpenMP pool of 2
+    spends 100x the work in its barriers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _linear(seed: int = 0, bias: bool = True) -> torch.nn.Linear:
     torch.manual_seed(seed)
     lin = torch.nn.Linear(IN, OUT, bias=bias)
