@@ -171,3 +171,20 @@ def test_embedding_dequantizes_only_the_rows_looked_up():
     ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
     assert torch.equal(emb(ids), dequantize(raw, T.Q6_K)[ids])
     assert emb.qweight.data_ptr() == raw.data_ptr()  # no copy of the blocks
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_module_uses_triton_and_matches_cpu(dtype, monkeypatch):
+    """backend="auto" on a CUDA device: the Triton kernels, output in x's dtype, close to the CPU path."""
+    from qkvgguf.runtime import kernels
+
+    cpu_q = GGUFLinear.from_linear(_linear(), "Q4_K")
+    gpu_q = GGUFLinear.from_linear(_linear(), "Q4_K").cuda().to(dtype)
+    calls = _count(monkeypatch, kernels, "qmatmul")
+    for rows in ((1, 1), (3, 40)):  # GEMV and a prompt-sized batch
+        x = torch.randn(*rows, IN)
+        y = gpu_q(x.cuda().to(dtype))
+        assert y.dtype == dtype and y.is_cuda
+        torch.testing.assert_close(y.float().cpu(), cpu_q(x), rtol=2e-2, atol=2e-2)
+    assert len(calls) == 2
