@@ -4,6 +4,7 @@
     model.generate(ids, max_new_tokens=32)             #   over the file's memory-mapped blocks
     quantize(model, "q4_k_m")                          # nn.Linear -> GGUFLinear in place (llama.cpp's recipe)
     quantize(model, "auto", imatrix=collect_imatrix(model, ids), target_bpw=5.0)   # convert/mixed.py's allocation
+    dequantize(model)                                  # GGUF modules -> float nn.Linear / nn.Embedding, in place
     save_gguf(model, "out.gguf", tokenizer)            # a GGUF llama.cpp loads, through convert/
 
 transformers is an optional dependency (`pip install 'qkvgguf[hf]'`), imported by these functions,
@@ -62,7 +63,7 @@ from qkvgguf.convert.vocab import load_vocab
 from qkvgguf.convert.writer import AtomicOutput, OUTTYPES, OutType, encode, get_outtype, n_bytes, tensor_type
 from qkvgguf.errors import QkvggufError, UnsupportedError
 from qkvgguf.gguf_file import GGUFFile
-from qkvgguf.quants import dequantize
+from qkvgguf.quants import dequantize as dequantize_blocks
 from qkvgguf.runtime.nn import GGUFEmbedding, GGUFLinear, _torch_from_numpy, as_qtype
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def from_gguf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype
         return _torch_from_numpy(gf.raw(name))  # a view of the map: nothing read yet
 
     def dense(name: str, shape) -> torch.Tensor:
-        return dequantize(raw(name), gf.tensor(name).type).reshape(shape).to(dtype)
+        return dequantize_blocks(raw(name), gf.tensor(name).type).reshape(shape).to(dtype)
 
     embed_name = model.get_input_embeddings()
     embed_path = next(n for n, m in model.named_modules() if m is embed_name)
@@ -373,6 +374,37 @@ def quantize(model: torch.nn.Module, qtype="q8_0", imatrix=None, backend: str = 
     return model
 
 
+def dequantize(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The inverse of `quantize`, in place: every GGUFLinear becomes an nn.Linear and the GGUFEmbedding
+    an nn.Embedding holding the blocks' values in `dtype` (a tied head shares the embedding's
+    Parameter again, as transformers ties them); returns model. The float model a checkpoint in these
+    values would load as: to fine-tune, to compare, or to quantize again to another type."""
+    converted: dict[tuple, torch.nn.Parameter] = {}  # the same blocks (a tied head) -> one Parameter
+
+    def weight(module) -> torch.nn.Parameter:
+        key = (module.qweight.data_ptr(), tuple(module.qweight.shape), module.weight_type)
+        if key not in converted:
+            converted[key] = torch.nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
+        return converted[key]
+
+    for qualified, module in list(model.named_modules()):
+        if isinstance(module, GGUFLinear):
+            new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device="meta")
+            new.weight = weight(module)
+            if module.bias is not None:
+                new.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        elif isinstance(module, GGUFEmbedding):
+            new = torch.nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
+            new.weight = weight(module)
+        else:
+            continue
+        _set(model, qualified, new)
+    if hasattr(model, "_qkvgguf_outtype"):  # save_gguf's default outtype came from quantize: no longer
+        del model._qkvgguf_outtype
+    return model
+
+
 # -- save_gguf -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Source:
@@ -476,4 +508,4 @@ def save_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, outtyp
     return Path(path)
 
 
-__all__ = ["HF_CLASSES", "HFInteropError", "collect_imatrix", "from_gguf", "quantize", "save_gguf"]
+__all__ = ["HF_CLASSES", "HFInteropError", "collect_imatrix", "dequantize", "from_gguf", "quantize", "save_gguf"]

@@ -9,12 +9,19 @@ References and tolerances (relative: max|d| / max|ref| over every position's log
 - quantize + save_gguf: the file's tensors equal, name for name and byte for byte, the converter's
   file (convert/, checked against llama.cpp's toolchain in test_convert.py) made from the same
   float checkpoint and outtype; our runtime on it equals the in-memory quantized model (<= 1e-5);
-  llama.cpp loads it and its logits are within 1e-3 of ours at f16 and within 1.5e-2 for
-  quantized outtypes (seen: 0.5% .. 1.1% on these tiny random models: llama.cpp's CPU matmuls
-  round the activations to 8 bits for quantized weights, and the same gap is seen between
-  llama.cpp and our runtime on any such file; on SmolLM2 (slow test) the bar is 1e-2);
+  llama.cpp loads it: its logits are within 1e-3 of ours at f16 and within 1.5e-2 for quantized
+  outtypes (seen: 0.44% .. 1.24% on these tiny random models). That gap is llama.cpp's own: its CPU
+  matmuls round the activations to 8 bits (Q8_0 / Q8_K blocks) for quantized weights, so
+  llama.cpp on the quantized file differs from llama.cpp on an f32 file of the same (dequantized)
+  weights by the same amount, while that f32 file is within 1e-3 of ours (seen <= 3.4e-4);
+  asserted per case: both, and the two gaps within 1e-3 of each other;
 - SmolLM2 (slow): from_gguf logits within 1e-3 of our runtime, greedy generate equal to
-  `qkvgguf run --temp 0`, every projection's blocks the file's own memory (no copies but Q and K).
+  `qkvgguf run --temp 0`, every projection's blocks the file's own memory (no copies but Q and K);
+  the README snippet run as written, its q8_0 file equal to the in-memory model in our runtime
+  (<= 1e-5) and, in llama.cpp, perplexity within 2% of ours and the same top token at >= 90% of
+  128 positions (seen: -0.84%, 96%). Per-logit differences between llama.cpp and us on any
+  quantized 30-layer file are several percent (seen 8.2% max, 3.7% RMS on the demo file itself),
+  llama.cpp's activation rounding again; the exact checks are the tiny models' above.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from qkvgguf import GGUFFile, QkvggufError, UnsupportedError  # noqa: E402
 from qkvgguf.convert import convert  # noqa: E402
-from qkvgguf.hf import HFInteropError, from_gguf, quantize, save_gguf  # noqa: E402
+from qkvgguf.hf import HFInteropError, dequantize, from_gguf, quantize, save_gguf  # noqa: E402
 from qkvgguf.runtime import Model  # noqa: E402
 from qkvgguf.torch import GGUFEmbedding, GGUFLinear  # noqa: E402
 
@@ -56,6 +63,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _perplexity(logits, ids: torch.Tensor) -> float:
+    """exp(mean NLL) of ids[1:] under the logits of positions 0..n-2."""
+    logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64)[:-1], dim=-1)
+    return float(torch.exp(-logp.gather(1, ids[1:, None]).mean()))
+
+
 def _rel(a, b) -> float:
     a, b = torch.as_tensor(np.asarray(a, dtype=np.float32)), torch.as_tensor(np.asarray(b, dtype=np.float32))
     return float((a - b).abs().max() / b.abs().max())
@@ -68,7 +81,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _runtime_logits(path, ids: torch.Tensor) -> torch.Tensor:
     model = Model(GGUFFile(path))
-    return model.forward(ids, model.new_cache(64), logits="all")
+    return model.forward(ids, model.new_cache(max(64, len(ids))), logits="all")
 
 
 IDS = torch.randint(3, tiny_models.VOCAB, (20,), generator=torch.Generator().manual_seed(0))
@@ -183,12 +196,43 @@ def test_quantize_save_equals_converter_and_loads_in_llamacpp(arch, outtype, tok
     assert _rel(_logits(loaded, ids), ours) <= 1e-5
     again = save_gguf(loaded, tmp_path / "again.gguf", tok_folder, vocab_pre=test_convert.BPE_PRE)
     _same_tensors(again, saved)  # GGUF -> transformers -> GGUF: the same blocks (Q/K un-permuted and back)
+    dequantize(model)  # the same weights as floats: nn.Linear, nn.Embedding, a tied head shared again
+    assert not any(isinstance(m, (GGUFLinear, GGUFEmbedding)) for m in model.modules())
+    assert _rel(_logits(model, ids), ours) <= 1e-5
     if llamacpp.available():
-        llm = llamacpp.load(saved, n_ctx=64, logits_all=True)
-        llm.reset()
-        llm.eval(ids.tolist())
-        got = np.array(llm.scores[:len(ids)])
-        assert _rel(got, ours) <= (1e-3 if outtype == "f16" else 1.5e-2)
+        f32 = save_gguf(model, tmp_path / "f32.gguf", tok_folder, outtype="f32", vocab_pre=test_convert.BPE_PRE)
+        quantized, floats = _llamacpp_logits(saved, ids), _llamacpp_logits(f32, ids)
+        assert _rel(floats, ours) <= 1e-3  # llama.cpp computes our function on these weights
+        if outtype == "f16":
+            assert _rel(quantized, ours) <= 1e-3
+        else:  # and its quantized matmuls are as far from ours as from its own float run
+            assert _rel(quantized, ours) <= 1.5e-2
+            assert abs(_rel(quantized, ours) - _rel(quantized, floats)) <= 1e-3
+
+
+def _llamacpp_logits(path, ids: torch.Tensor) -> np.ndarray:
+    n = max(64, len(ids))
+    llm = llamacpp.load(path, n_ctx=n, n_batch=n, n_threads=1, logits_all=True)  # one thread: deterministic
+    llm.reset()
+    llm.eval(ids.tolist())
+    return np.array(llm.scores[:len(ids)])
+
+
+def test_dequantize_is_the_float_model_of_the_blocks(tmp_path):
+    """dequantize(from_gguf(f32 file)) is the transformers model the file came from: nn.Linear /
+    nn.Embedding with the same values, the tied head the embedding's Parameter, quantizable again."""
+    hf = tiny_models.hf_model("llama", tied=True)
+    path = tmp_path / "m.gguf"
+    tiny_models.write_gguf(hf, "llama", path)  # Q/K rows permuted in the file, back in HF order here
+    model = dequantize(from_gguf(path))
+    assert type(model.lm_head) is torch.nn.Linear and type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    want = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, want[name]), name
+    assert _rel(_logits(model, IDS), _logits(hf, IDS)) <= 1e-6
+    quantize(model, "q8_0")
+    assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.weight_type == T.Q8_0
 
 
 def test_save_gguf_takes_a_transformers_tokenizer(tok_folder, tmp_path):
@@ -324,74 +368,24 @@ def test_smollm2_projections_are_the_files_blocks(smol, smollm2_path):
 
 
 @pytest.mark.slow
-def test_readme_snippet_runs_as_written(tmp_path):
-    """The README's from_gguf section, extracted and run in a fresh interpreter."""
+def test_readme_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's PyTorch/transformers snippet, extracted and run as written (in this process, in an
+    empty folder); then llama.cpp loads the file it saved: SmolLM2 re-quantized to q8_0 in memory."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- tested: tests/test_hf_interop.py -->\s*```python\n(.*?)```", readme, re.S)
     assert m, "README has no tested snippet"
-    script = tmp_path / "snippet.py"
-    script.write_text(m[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert (tmp_path / "smollm2-q8_0.gguf").is_file()
-
-
-def _float_copy(model):
-    """A float32 transformers model with the same weights: GGUF modules dequantized back to
-    nn.Linear / nn.Embedding (the input of quantize, as a model fresh from Hugging Face would be)."""
-    for name, module in list(model.named_modules()):
-        parent, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        if isinstance(module, GGUFLinear):
-            lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            lin.weight = torch.nn.Parameter(module.dequantize(), requires_grad=False)
-            if module.bias is not None:
-                lin.bias = torch.nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-            setattr(owner, leaf, lin)
-        elif isinstance(module, GGUFEmbedding):
-            setattr(owner, leaf, torch.nn.Embedding.from_pretrained(module.dequantize(), freeze=True))
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.get_input_embeddings().weight
-    return model
-
-
-def _perplexity(logits_of, windows: list[list[int]]) -> float:
-    total, count = 0.0, 0
-    for w in windows:
-        logp = torch.log_softmax(torch.as_tensor(np.asarray(logits_of(w)), dtype=torch.float64)[:-1], dim=-1)
-        total -= float(logp.gather(1, torch.tensor(w[1:])[:, None]).sum())
-        count += len(w) - 1
-    return float(np.exp(total / count))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed")
-def test_smollm2_quantize_save_runs_in_llamacpp_like_ours(smollm2_path, tmp_path):
-    """SmolLM2 re-quantized to q4_k_m in memory and saved: llama.cpp's perplexity on the file within
-    1% of the in-memory model's (the project's bar against llama.cpp, test_smollm2.py; per-logit
-    differences on a 30-layer model are dominated by llama.cpp's 8-bit activations)."""
-    from transformers import AutoTokenizer
-
-    from qkvgguf.tokenizer import Tokenizer
-
-    model = quantize(_float_copy(from_gguf(smollm2_path)), "q4_k_m")
-    types = {m.weight_type for m in model.modules() if isinstance(m, GGUFLinear)}
-    assert {T.Q4_K, T.Q6_K} <= types
-    folder, name = os.path.split(smollm2_path)
-    saved = save_gguf(model, tmp_path / "smol-q4_k_m.gguf", AutoTokenizer.from_pretrained(folder, gguf_file=name))
-    tok = Tokenizer.from_gguf(GGUFFile(smollm2_path))
-    ids = tok.encode(texts.war_and_peace()[:20_000], add_special=True)[:512]
-    windows = [ids[:256], ids[256:512]]
-    ours = _perplexity(lambda w: _logits(model, torch.tensor(w)), windows)
-    llm = llamacpp.load(saved, n_ctx=256, n_batch=256, logits_all=True)
-
-    def theirs(w):
-        llm.reset()
-        llm.eval(w)
-        return np.array(llm.scores[:len(w)])
-
-    ref = _perplexity(theirs, windows)
-    assert abs(ours / ref - 1) <= 0.01, f"ours {ours:.4f}, llama.cpp {ref:.4f}"
-    assert _rel(_runtime_logits(saved, torch.tensor(ids[:64])), _logits(model, torch.tensor(ids[:64]))) <= 1e-4
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "__readme__"}
+    exec(compile(m[1], "README.md", "exec"), scope)
+    printed = capsys.readouterr().out
+    assert "GGUFLinear(in_features=1536, out_features=576, qtype=Q4_1, bias=False)" in printed
+    assert (tmp_path / "layer.pt").is_file()
+    hf, saved = scope["hf"], tmp_path / "smollm2-q8_0.gguf"
+    assert {m.weight_type for m in hf.modules() if isinstance(m, GGUFLinear)} == {T.Q8_0}
+    ids = torch.tensor(_smol_ids(scope["path"], 128))
+    ours = _logits(hf, ids)
+    assert _rel(_runtime_logits(saved, ids), ours) <= 1e-5  # the file is the in-memory model
+    if llamacpp.available():  # 30 layers of llama.cpp's 8-bit activations: compared by what they predict
+        theirs = _llamacpp_logits(saved, ids)
+        assert abs(_perplexity(theirs, ids) / _perplexity(ours, ids) - 1) <= 0.02
+        assert (theirs.argmax(1) == ours.numpy().argmax(1)).mean() >= 0.9
