@@ -305,6 +305,16 @@ def test_bad_input_is_a_clear_error(tok_folder, tmp_path):
     assert not list(tmp_path.glob("*y.gguf*"))  # nothing half-written
     with pytest.raises(QkvggufError):
         from_gguf(tmp_path / "x.gguf")  # not a GGUF file
+    import gguf
+
+    w = gguf.GGUFWriter(tmp_path / "phi2.gguf", "phi2")  # an architecture our runtime does not run
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedError, match=r"phi2.gguf: architecture 'phi2' is not supported \(supported: llama"):
+        from_gguf(tmp_path / "phi2.gguf")
 
 
 # -- SmolLM2 -----------------------------------------------------------------------------------------
@@ -338,6 +348,10 @@ def test_smollm2_greedy_generate_equals_cli(smol, smollm2_path, capsys):
     ids = tok.encode(prompt, add_special=True, parse_special=True)
     out = smol.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     assert cli_text == prompt + tok.decode(out) + "\n"
+    from qkvgguf.runtime import Sampler, SamplingParams, Session  # what `run` drives: the same token ids
+
+    session = Session(Model(GGUFFile(smollm2_path)), n_ctx=64)
+    assert list(session.generate(ids, 24, Sampler(SamplingParams(temperature=0)), tok.is_eog)) == out
 
 
 @pytest.mark.slow
