@@ -83,7 +83,8 @@ STAGES = [
     ("paging", 55, 20),
 ]
 GPU_TESTS = ["tests/test_gpu_paths.py", "tests/test_cuda_graph.py", "tests/test_kv_kernels.py",  # fastest first:
-             "tests/test_paging.py", "tests/test_backend_triton.py", "tests/test_kernels.py"]  # a timeout keeps them
+             "tests/test_paging.py", "tests/test_backend_triton.py", "tests/test_kernels.py",  # a timeout keeps them
+             "tests/test_torch_linear.py"]  # GGUFLinear's Triton path on CUDA
 QUICK_TESTS = GPU_TESTS[:4]  # 58 tests, about 100 s on a fresh H200 (most of it compiling)
 DRY_TESTS = ["tests/test_gpu_paths.py"]
 PCIE_RATES = {"PCIe 3.0 x8": 6.5e9, "PCIe 4.0 x16": 25e9}  # achievable pinned H2D, bytes/s
