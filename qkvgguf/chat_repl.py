@@ -24,7 +24,9 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-def chat(args, session, tok, sampler, first: str, stops: list[str]) -> int:
+def chat(args, session, tok, sampler, first: str, stops: list[str], on_start=None) -> int:
+    """The REPL; on_start() runs once the chat template has rendered a probe conversation (run prints the
+    seed there, so a template that fails is the only line on stderr)."""
     from .runtime.generate import Stats, generate_text
 
     if args.chat_template_file is not None:
@@ -34,6 +36,9 @@ def chat(args, session, tok, sampler, first: str, stops: list[str]) -> int:
         raise QkvggufError(f"{args.model or 'the model'} has no tokenizer.chat_template: --chat needs one "
                            "(or give one with --chat-template-file FILE)")
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    tok.render_chat(messages + [{"role": "user", "content": "Hello"}], add_generation_prompt=True)  # fails here, first
+    if on_start is not None:
+        on_start()
     interactive = sys.stdin.isatty()
     if interactive:
         name = os.path.basename(args.model) if args.model else "the default model"

@@ -83,18 +83,22 @@ def cmd_run(args, run_config, load, memory_report) -> int:
     cfg = run_config(args)
     model, tok, n_ctx = load(cfg)
     params = sampling_params(args, tok)
-    _log(f"seed {params.seed} (--seed {params.seed} repeats this sample)")
+
+    def announce_seed() -> None:  # once the prompt is ready: an error before it stays the only line
+        _log(f"seed {params.seed} (--seed {params.seed} repeats this sample)")
+
     session = cfg.new_session(model, n_ctx)
     sampler = Sampler(params)
     stops = stop_strings(args)
     if args.chat:
         from .chat_repl import chat
 
-        return chat(args, session, tok, sampler, prompt, stops)
+        return chat(args, session, tok, sampler, prompt, stops, on_start=announce_seed)
     ids = tok.encode(prompt, add_special=True, parse_special=True)
     if len(ids) >= n_ctx:
         raise QkvggufError(f"the prompt has {len(ids)} tokens, more than the {n_ctx}-token context (-c)")
     stats = Stats()
+    announce_seed()
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
