@@ -38,6 +38,10 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
                    help=f"KV cache type for K: {cache_types_help()} (default f16, as llama.cpp; see qkvgguf/kv_types.py)")
     p.add_argument("-ctv", "--cache-type-v", default="f16",
                    help=f"KV cache type for V: {cache_types_help()} (default f16, as llama.cpp)")
+    p.add_argument("--kv-budget", metavar="SIZE", default=None,
+                   help="KV cache budget, e.g. 12MiB: the cache keeps its newest groups of 64 positions at q8_0 and "
+                        "requantizes the oldest to q4g, then q3g, to stay within SIZE (-ctk/-ctv are then ignored; "
+                        "qkvgguf/kv_budget.py; torch backend)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
                    help=f"RAM for float32 copies of weights kept between tokens (default {DEFAULT_CPU_CACHE}: none where "
                         "the compiled CPU kernels read the quantized blocks, else 1GiB; 0 = none)")
@@ -200,6 +204,10 @@ def cmd_perplexity(args) -> int:
     if saved is not None:
         saved.check(ids, n_ctx, n_vocab)
     _log(f"{args.file}: {len(ids):,} tokens, {n_windows} windows of {n_ctx}, KV cache K {cfg.type_k} V {cfg.type_v}")
+    if cfg.kv_budget is not None:
+        schedule = cfg.kv_schedule(model.config, n_ctx)
+        _log(f"--kv-budget {format_bytes(schedule.budget)}: the cache allocates {format_bytes(schedule.n_bytes)}; "
+             + "; ".join(schedule.lines()))
     writer = LogprobWriter(args.save_logits, ids, n_ctx, n_vocab) if args.save_logits is not None and n_windows else None
     kld = KLDivergence(saved) if saved is not None else None
     sinks = [s for s in (writer, kld) if s is not None]
@@ -235,6 +243,10 @@ def cmd_perplexity(args) -> int:
         out = {"file": args.file, "model": model.gguf.path, "n_ctx": n_ctx, "type_k": cfg.type_k,
                "type_v": cfg.type_v, "windows": res.n_windows, "tokens_scored": res.n_scored, "nll": res.nll,
                "nll_stderr": res.nll_stderr, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "seconds": seconds}
+        if cfg.kv_budget is not None:
+            s = cfg.kv_schedule(model.config, n_ctx)
+            out["kv_budget"] = {"budget_bytes": s.budget, "cache_bytes": s.n_bytes, "groups_q8_0_q4g_q3g": s.groups,
+                                "schedule": s.lines()}
         if writer is not None:
             out["saved_logits"] = args.save_logits
         if cmp is not None:

@@ -58,6 +58,7 @@ class RunConfig:
     cuda_graph: bool = True
     paged_cuda_graph: bool = False  # experimental: capture decode with streamed weights too
     n_gpu_layers: int | None = None  # -ngl: the first N layers resident, the rest streamed
+    kv_budget: str | int | None = None  # --kv-budget: the adaptive cache within this size (qkvgguf/kv_budget.py)
     verbose: bool = False
 
     @classmethod
@@ -67,7 +68,8 @@ class RunConfig:
         cfg = cls(model=args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, threads=args.threads,
                   type_k=args.cache_type_k, type_v=args.cache_type_v, backend=args.backend, device=args.device,
                   vram=args.vram, cpu_cache=args.cpu_cache, cuda_graph=not args.no_cuda_graph,
-                  paged_cuda_graph=args.paged_cuda_graph, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+                  paged_cuda_graph=args.paged_cuda_graph, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
+                  kv_budget=getattr(args, "kv_budget", None))
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
         return dataclasses.replace(cfg, **unset)
 
@@ -91,6 +93,8 @@ class RunConfig:
             except QkvggufError as e:
                 raise QkvggufError(f"{flag}: {e}") from None
         self.cpu_cache_bytes()
+        if self.kv_budget is not None and parse_size(self.kv_budget) <= 0:
+            raise QkvggufError(f"--kv-budget must be positive, got {self.kv_budget}")
         if self.vram is not None:
             parse_size(self.vram)
         self.resolved_device()
@@ -203,9 +207,18 @@ class RunConfig:
 
     # -- caches ---------------------------------------------------------------------------------
 
+    def kv_budget_bytes(self) -> int | None:
+        return None if self.kv_budget is None else parse_size(self.kv_budget)
+
+    def kv_schedule(self, cfg, n_ctx: int):
+        """--kv-budget's schedule for this model and context (qkvgguf/kv_budget.py); None without it."""
+        from .kv_budget import plan_budget
+
+        return None if self.kv_budget is None else plan_budget(cfg, n_ctx, self.kv_budget_bytes())
+
     def new_cache(self, model, n_ctx: int):
         """A KV cache of this configuration's types for `model` (every verb's caches come from here)."""
-        return model.new_cache(n_ctx, self.type_k, self.type_v)
+        return model.new_cache(n_ctx, self.type_k, self.type_v, budget=self.kv_budget_bytes())
 
     def new_session(self, model, n_ctx: int):
         """A generate.Session with this configuration's cache types, batch size and CUDA-graph choice
@@ -213,4 +226,4 @@ class RunConfig:
         from .runtime.generate import Session
 
         return Session(model, n_ctx=n_ctx, n_batch=self.n_batch, type_k=self.type_k, type_v=self.type_v,
-                       cuda_graph=self.cuda_graph, paged_graph=self.paged_cuda_graph)
+                       cuda_graph=self.cuda_graph, paged_graph=self.paged_cuda_graph, kv_budget=self.kv_budget_bytes())

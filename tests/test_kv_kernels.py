@@ -31,7 +31,8 @@ from qkvgguf.runtime import ops_triton  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the same tests run on a GPU when there is one
 TOL = dict(atol=3e-5, rtol=3e-5) if DEV == "cpu" else dict(atol=3e-3, rtol=3e-3)  # TF32 dots on the GPU
 QUANTIZERS = {"q8_0": (quantize_q8_0_torch, 34), "q4_0": (quantize_q4_0_torch, 18)}
-PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4g", "q4g"), ("f16", "q4_0"), ("q4g", "f16")]
+PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4g", "q4g"), ("f16", "q4_0"), ("q4g", "f16"),
+         ("q3g", "q3g"), ("q4g", "q3g"), ("f16", "q3g")]
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
