@@ -45,7 +45,7 @@ from qkvgguf.errors import QkvggufError
 from qkvgguf.kv_types import cache_type
 
 from . import ops as torch_ops
-from .kv_quant import hadamard, llama_rotation_size, make_store, q8_0_round_trip
+from .kv_quant import fwht, hadamard, llama_rotation_size, make_store, q8_0_round_trip
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, type_k: str = "f32", type_v: str = "f32",
@@ -68,6 +68,7 @@ class KVCache:
             self.k_store = LadderStore(shape, "k", device, self.schedule)
             self.v_store = LadderStore(shape, "v", device, self.schedule)
             self.rot_k, self.rot_v, self.q_as_q8_0 = 0, llama_rotation_size(d, False), False
+            self.v_butterflies = True
         else:
             tk, tv = cache_type(type_k, d), cache_type(type_v, d)
             self.type_k, self.type_v = type_k, type_v
@@ -75,6 +76,7 @@ class KVCache:
             self.rot_k = llama_rotation_size(d, True) if tk.llama_maths else 0
             self.rot_v = llama_rotation_size(d, False) if tv.llama_maths or tv.rotate_v else 0
             self.q_as_q8_0 = tk.llama_maths
+            self.v_butterflies = not tv.llama_maths  # q4g/q3g: the same bits whatever the batch (kv_quant.fwht)
         self.device = device
         self.pos_t: torch.Tensor | None = None  # device mirror of pos (use_device_position)
 
@@ -108,7 +110,7 @@ class KVCache:
         if self.rot_k:
             q, k = hadamard(q, self.rot_k), hadamard(k, self.rot_k)
         if self.rot_v:
-            v = hadamard(v, self.rot_v)
+            v = fwht(v, self.rot_v) if self.v_butterflies else hadamard(v, self.rot_v)
         if self.q_as_q8_0:
             q = q8_0_round_trip(q)
         ops = self.ops

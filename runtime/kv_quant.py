@@ -308,6 +308,20 @@ def hadamard(x: torch.Tensor, n: int) -> torch.Tensor:
     return (x.unflatten(-1, (-1, n)) @ h).flatten(-2)
 
 
+def fwht(x: torch.Tensor, n: int) -> torch.Tensor:
+    """hadamard(x, n) by the fast Walsh-Hadamard butterflies: elementwise adds in a fixed order, so
+    each row's result does not depend on how many rows come with it (a matmul's may, in the last
+    bit): q4g/q3g store rotated values, and token-by-token must store what a whole batch stores."""
+    y = x.unflatten(-1, (-1, n))
+    h = 1
+    while h < n:
+        y = y.unflatten(-1, (n // (2 * h), 2, h))
+        a, b = y.select(-2, 0), y.select(-2, 1)
+        y = torch.stack([a + b, a - b], dim=-2).flatten(-3)
+        h *= 2
+    return (y * (1 / math.sqrt(n))).flatten(-2)
+
+
 def llama_rotation_size(head_dim: int, is_k: bool) -> int:
     """llama.cpp (llama-kv-cache.cpp) rotates a quantized K or V cache when head_dim % 64 == 0:
     K by the largest power of two >= 64 dividing head_dim, V by 64. 0 = no rotation."""
