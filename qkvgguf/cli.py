@@ -303,11 +303,12 @@ def cmd_inspect(args) -> int:
         views.append(render_diff(summary["diff"]))
     if not views:
         views.append(render(summary, show_tensors=args.tensors, show_metadata=args.metadata))
-    if vram is not None or args.ctx_size is not None or args.cache_type_k or args.cache_type_v:
+    if vram is not None or args.ctx_size is not None or args.cache_type_k or args.cache_type_v or args.kv_budget:
         from .inspect.memory import DEFAULT_CACHE_TYPE, estimate, render_memory
 
         summary["memory"] = estimate(gguf, vram, args.ctx_size, args.cache_type_k or DEFAULT_CACHE_TYPE,
-                                     args.cache_type_v or DEFAULT_CACHE_TYPE, args.batch_size)
+                                     args.cache_type_v or DEFAULT_CACHE_TYPE, args.batch_size,
+                                     kv_budget=parse_size(args.kv_budget) if args.kv_budget is not None else None)
         views.append(render_memory(summary["memory"]))
     if args.plot is not None:
         from .inspect.plot import plot
@@ -450,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=512, help="with --vram: prompt batch (default 512)")
     p.add_argument("-ctk", "--cache-type-k", default=None, help="with --vram: KV cache type for K (default f16)")
     p.add_argument("-ctv", "--cache-type-v", default=None, help="with --vram: KV cache type for V (default f16)")
+    p.add_argument("--kv-budget", metavar="SIZE", default=None,
+                   help="with --vram: the adaptive KV cache within SIZE (as run's --kv-budget): its bytes, bits per "
+                        "value and schedule (which context lengths run at which precision)")
     p.add_argument("--diff", metavar="OTHER", default=None, help="metadata and tensor type/shape differences")
     p.add_argument("--plot", metavar="OUT.png", default=None,
                    help="heat map of bits per weight (layer x tensor kind) and bytes by layer (needs matplotlib)")

@@ -201,7 +201,7 @@ class RunConfig:
         if budget is None:
             budget = free - 256 * 2**20
         p = plan(specs_of(gguf), cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
-                 n_gpu_layers=self.n_gpu_layers)
+                 n_gpu_layers=self.n_gpu_layers, kv_budget=self.kv_budget_bytes())
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - p.context_bytes) / total)), dev)
         return p
 

@@ -6,7 +6,8 @@ file reads, so every budget from "everything fits" to "too small" is unit-tested
 The budget pays for, in this order:
 
     fixed       KV cache (kv_types.kv_cache_bytes, exact: q4g's f16 sink and tail rows
-                included, not just n_ctx times a per-token rate), activations of one prompt batch
+                included, not just n_ctx times a per-token rate; with --kv-budget the ladder's
+                allocation, kv_budget.plan_budget), activations of one prompt batch
                 (`activation_bytes`), the CUDA context allowance, and the small tensors every
                 step needs (norms, biases: all tensors outside the streaming units)
     staging     when anything streams: two device slots of the largest streamed unit, so unit
@@ -35,6 +36,7 @@ from typing import Iterable, Optional
 
 from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
+from qkvgguf.kv_budget import plan_budget
 from qkvgguf.kv_types import kv_cache_bytes, kv_max_ctx
 from qkvgguf.units import format_bytes
 
@@ -150,7 +152,15 @@ class Plan:
         }
 
 
-def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes):
+def kv_bytes(cfg: ModelConfig, n_ctx: int, type_k: str, type_v: str, kv_budget: Optional[int] = None) -> int:
+    """What the cache allocates: the K/V types' exact bytes, or with a --kv-budget the ladder's
+    allocation (the schedule's, <= the budget; -ctk/-ctv are then ignored, as by the cache)."""
+    if kv_budget is not None:
+        return plan_budget(cfg, n_ctx, kv_budget).n_bytes
+    return kv_cache_bytes(cfg, n_ctx, type_k, type_v)
+
+
+def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes, kv_budget=None):
     tied = not any(t.name == "output.weight" for t in tensors)
     units: dict[int, int] = {}
     raw: dict[int, int] = {}
@@ -164,7 +174,7 @@ def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
             host.append(t.name)
         else:
             small += t.n_bytes
-    kv = kv_cache_bytes(cfg, n_ctx, type_k, type_v)
+    kv = kv_bytes(cfg, n_ctx, type_k, type_v, kv_budget)
     act = activation_bytes(cfg, min(n_batch, n_ctx), act_elt)
     return units, raw, small, host, kv, act
 
@@ -181,15 +191,17 @@ def _spread(u: int) -> int:
 def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int], n_ctx: int,
          type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
          context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model",
-         n_gpu_layers: Optional[int] = None) -> Plan:
+         n_gpu_layers: Optional[int] = None, kv_budget: Optional[int] = None) -> Plan:
     """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
     resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits.
 
     n_gpu_layers (llama.cpp's -ngl): the first N layers resident and every other layer streamed,
     the output matrix resident only when N > n_layer (as llama.cpp counts it), instead of the
-    planner's own choice; BudgetTooSmall when those do not fit."""
+    planner's own choice; BudgetTooSmall when those do not fit. kv_budget (--kv-budget bytes): the
+    cache is the adaptive ladder (qkvgguf/kv_budget.py) and the plan pays its allocation."""
     tensors = list(tensors)
-    units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                                              kv_budget)
     order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
     host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
     everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
@@ -199,11 +211,12 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
     if budget is None or everything.total_bytes <= budget:
         everything.budget = budget if budget is not None else everything.total_bytes
         return everything
-    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes, kv_budget)
     if budget < need:
+        cache = f"--kv-budget {format_bytes(kv_budget)}" if kv_budget is not None else f"K {type_k} V {type_v}"
         raise BudgetTooSmall(
             f"{source} does not fit in {format_bytes(budget)}: it needs at least {format_bytes(need)} "
-            f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens K {type_k} V {type_v}, activations "
+            f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens {cache}, activations "
             f"{format_bytes(act)}, CUDA context {format_bytes(context_bytes)}, two slots of the largest layer)")
     best = None
     for m in sorted(set(units.values())):  # m: the largest streamed unit's size
@@ -246,17 +259,19 @@ def _forced(everything: Plan, order: list[int], small: int, host: list[str], n_g
 
 def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
                    type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
-                   context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+                   context_bytes: int = CUDA_CONTEXT_BYTES, kv_budget: Optional[int] = None) -> int:
     """The smallest budget that runs at all: everything streams through two slots of the largest unit."""
-    units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes)
+    units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                                         kv_budget)
     return kv + act + context_bytes + small + 2 * max(units.values(), default=0)
 
 
 def full_residency_bytes(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
                          type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
-                         context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+                         context_bytes: int = CUDA_CONTEXT_BYTES, kv_budget: Optional[int] = None) -> int:
     """VRAM needed with every weight resident (what `convert --fit` must stay under)."""
-    return plan(tensors, cfg, None, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes).total_bytes
+    return plan(tensors, cfg, None, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                kv_budget=kv_budget).total_bytes
 
 
 def max_resident_ctx(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: int, type_k: str = "f16",
