@@ -203,7 +203,8 @@ def cmd_perplexity(args) -> int:
     n_vocab = model.config.vocab_size
     if saved is not None:
         saved.check(ids, n_ctx, n_vocab)
-    _log(f"{args.file}: {len(ids):,} tokens, {n_windows} windows of {n_ctx}, KV cache K {cfg.type_k} V {cfg.type_v}")
+    cache = f"--kv-budget {cfg.kv_budget}" if cfg.kv_budget is not None else f"K {cfg.type_k} V {cfg.type_v}"
+    _log(f"{args.file}: {len(ids):,} tokens, {n_windows} windows of {n_ctx}, KV cache {cache}")
     if cfg.kv_budget is not None:
         schedule = cfg.kv_schedule(model.config, n_ctx)
         _log(f"--kv-budget {format_bytes(schedule.budget)}: the cache allocates {format_bytes(schedule.n_bytes)}; "
