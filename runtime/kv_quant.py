@@ -5,38 +5,40 @@ them in its format and reads any prefix back as float32. Each format is a few pl
 leading layer dim, laid out so that a fused attention kernel can read them in place.
 
 Per-token layouts, d = head_dim (elements, bytes per block), and the rate in bytes per token and
-KV head (`KVType.row_bytes`; q4g also keeps fixed f16 rows, below):
+KV head (`KVType.row_bytes`; q4g and q3g also keep fixed sink and tail rows, below):
 
     f32   (1, 4)           d*4      float32
     f16   (1, 2)           d*2      float16
     q8_0  (32, 2 + 32)     d/32*34  ggml block_q8_0 along head_dim: f16 d, 32 int8       x = d*q
     q4_0  (32, 2 + 16)     d/32*18  ggml block_q4_0 along head_dim: f16 d, 16 nibble bytes x = d*(q-8)
-    q4g   K: d/2 + 4*d/64  = 9d/16  4-bit codes + per-channel f16 (scale, min) per 64 tokens
-          V: d/32*18       = 9d/16  q4_0 blocks, as above
+    q4g   K: d/2 + 4d/64   = 9d/16  4-bit codes + per-channel f16 (scale, min) per 64 positions
+          V: d/64*34       = 17d/32 q4_64 rows of the rotated values (runtime/kv_lowbit.py)
+    q3g   K: 3d/8 + 4d/64  = 7d/16  3-bit codes + per-channel f16 (scale, min) per 64 positions
+          V: d/64*26       = 13d/32 q3_64 rows (8 Lloyd-Max levels) of the rotated values
 
 q8_0/q4_0 rows are exactly ggml's: `blocks[layer, head, pos]` is the byte string llama.cpp keeps for
 that token and head (nibble order: byte j = element j low, element j+16 high). New tokens are
 quantized as they are written, with the quantizers of qkvgguf.quants (bit-exact with ggml).
 
-q4g, the improved 4-bit mode, after KIVI (Liu et al. 2024) and StreamingLLM (Xiao et al. 2023).
-Its groups cost 4.5 bits per value like q4_0, but its f16 sinks and newest group are a fixed
-(S + 64) * 2d bytes per layer and KV head, so what it stores is more at short contexts: at head_dim
-64 (SmolLM2) 6.06 bits per value at 512 positions, 4.89 at 2048, 4.60 at 8192 (q4_0: 4.5 at all):
+q4g and q3g, the 4- and 3-bit modes (issue 18), after KIVI (Liu et al. 2024: keys per channel,
+values per token), StreamingLLM (Xiao et al. 2023: attention sinks) and QuaRot-style Hadamard
+rotation of V. A `GroupStore` per K and V, everything it allocates counted in the bits per value
+(kv_types: at head_dim 64, q4g 4.82 / 4.49 / 4.40 and q3g 3.83 / 3.49 / 3.40 bits at 512 / 2048 /
+8192 positions):
 
-    positions 0 .. S-1            "attention sinks": float16 in `sink` (n_layer, n_kv, S, d)
-    positions S + 64g .. +63      group g; float16 in `tail` (n_layer, n_kv, 64, d) until its last
-                                  position is written, then quantized (from those f16 values)
-    K, per channel (keys have outlier channels; a channel's 64 values share one range):
-        scales (n_layer, n_kv, n_group, 2, d) f16  [scale, min] of each channel of each group
-        codes  (n_layer, n_kv, n_group*64, d/2) uint8: token rows, byte j = channel j (low nibble)
-               | channel j + d/2 (high nibble);   x = scale * q + min
-        like ggml's q4_1 over a channel's 64 tokens instead of 32 elements of a row: scale =
-        (max - min) / 15 and min in f16, q = floor((x - min) * (1/scale) + 0.5) in float32 with
-        those f16 values, clamped to 0..15
-    V, per token: q4_0 rows `blocks` (n_layer, n_kv, n_group*64, d/32*18) uint8
+    positions 0 .. S-1          "attention sinks": float16 in `sink` (n_layer, n_kv, S, d);
+                                S = 4 (q4g), 2 (q3g)
+    K, groups of 64 positions   the newest partial group in `tail` (n_layer, n_kv, 64, d/32*34),
+                                q8_0 rows; when its last position is written the group is
+                                quantized per channel from those q8_0 values (kv_lowbit.
+                                quantize_channels: scale = (max - min) / (2^bits - 1), min, f16)
+        scales (n_layer, n_kv, n_group, 2, d) f16, codes (n_layer, n_kv, n_group*64, d*bits/8) uint8
+    V, groups of 16 positions   the newest 16 in a q8_0 `tail`; then each position's rotated row
+                                in `blocks` as q4_64 / q3_64 (one f16 scale per 64 values)
 
-So a query always sees the newest partial group (and the sinks) in float16 and every complete group
-quantized, whether its tokens came in one batch or one at a time.
+So a query sees the sinks in f16, the newest partial groups in q8_0 and everything older at 4 (3)
+bits, whether its tokens came in one batch or one at a time (attention splits a batch where a
+group completes: `cuts`).
 
 The table of cache types and the byte accounting are qkvgguf/kv_types.py; `make_store` builds a
 store for a type from its record (`store`, `formats`, `dtype`).
