@@ -193,9 +193,9 @@ def cache_type(name: str, head_dim: int | None = None) -> KVType:
 # -- accounting ------------------------------------------------------------------------------------
 def kv_layout_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> tuple[int, int]:
     """(fixed, per_token) across all layers, K and V: a cache of n_ctx positions allocates exactly
-    fixed + per_token * n_ctx. fixed is q4g's f16 sink and tail rows less the rate of the positions
-    only they hold (0 for the other types); it varies with n_ctx mod 64, and at n_ctx 0 it is the
-    f16 rows alone, which no n_ctx exceeds (see kv_max_ctx)."""
+    fixed + per_token * n_ctx. fixed is q4g's/q3g's sink and tail rows less the rate of the positions
+    only they hold (0 for the other types); it varies with n_ctx mod 64 (16 for V), and at n_ctx 0 it is the
+    sink and tail rows alone, which no n_ctx exceeds (see kv_max_ctx)."""
     d, heads = cfg.head_dim, cfg.n_layer * cfg.n_head_kv
     (fk, rk), (fv, rv) = (cache_type(t, d).layout(n_ctx, d, kind) for t, kind in ((type_k, "k"), (type_v, "v")))
     return heads * (fk + fv), heads * (rk + rv)
@@ -203,7 +203,7 @@ def kv_layout_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: s
 
 def kv_bytes_per_token(cfg: ModelConfig, type_k: str = "f16", type_v: str = "f16") -> int:
     """Bytes one more position costs on average across all layers, K and V: the rate, without q4g's
-    fixed f16 rows (so n_ctx times it undercounts a q4g cache; use kv_cache_bytes for a total)."""
+    fixed sink and tail rows (so n_ctx times it undercounts a q4g/q3g cache; use kv_cache_bytes for a total)."""
     return kv_layout_bytes(cfg, 0, type_k, type_v)[1]
 
 
@@ -215,7 +215,7 @@ def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: st
 
 def bits_per_value(type_name: str, n_ctx: int, head_dim: int) -> float:
     """Bits a cache of this type stores per value at n_ctx positions, everything allocated counted
-    (block scales, q4g's f16 sinks and tail): q4g at head_dim 64 is 6.06 at 512, 4.60 at 8192."""
+    (block scales, sinks and tails): at head_dim 64 q4g is 4.82 at 512 and 4.49 at 2048, q3g 3.83 and 3.49."""
     return cache_type(type_name, head_dim).bits_per_value(n_ctx, head_dim)
 
 

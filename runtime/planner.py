@@ -280,7 +280,7 @@ def max_resident_ctx(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: in
     """The longest context (<= limit) at which every weight is resident within budget; 0 if none.
 
     From n_batch tokens on, only the cache grows, so the cache's room is solved exactly by
-    kv_types.kv_max_ctx (q4g's fixed f16 rows counted). Shorter contexts also shrink the prompt
+    kv_types.kv_max_ctx (q4g's/q3g's fixed rows counted). Shorter contexts also shrink the prompt
     batch, hence the activations: below n_batch the plan totals are bisected instead."""
 
     tensors = list(tensors)

@@ -338,7 +338,7 @@ def test_bytes_step_per_complete_group(name):
         assert b == (n in k_ends) * Gk * t.rate(64, "k") + (n in v_ends) * Gv * t.rate(64, "v")
 
 
-SMOLLM2_BITS = {  # head_dim 64, everything allocated counted: q4g's f16 sinks and newest group too
+SMOLLM2_BITS = {  # head_dim 64, everything allocated counted: the f16 sinks and q8_0 newest groups too
     "f32": {512: 32, 2048: 32, 8192: 32}, "f16": {512: 16, 2048: 16, 8192: 16},
     "q8_0": {512: 8.5, 2048: 8.5, 8192: 8.5}, "q4_0": {512: 4.5, 2048: 4.5, 8192: 4.5},
     "q4g": {512: 4.81640625, 2048: 4.4853515625, 8192: 4.402587890625},

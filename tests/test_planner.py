@@ -5,7 +5,7 @@
   staging pool is two slots of the largest streamed layer
 - the smallest budget that runs streams every layer; one byte less: a one-line error with the minimum
 - KV and activation bytes are the accounting functions' (kv_cache_bytes, activation_bytes), and the
-  KV bytes are what a real KVCache allocates (q4g's f16 rows included)
+  KV bytes are what a real KVCache allocates (q4g's sink and tail rows included), and with --kv-budget the ladder's allocation
 - max_resident_ctx: the longest context with everything resident, exact at both sides of n_batch
 - on the real SmolLM2 file (sizes from the GGUF)
 """

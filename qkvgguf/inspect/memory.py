@@ -6,8 +6,8 @@
   model does not fit, the planner streams layers from host memory through two device slots of the
   largest streamed layer and says how many bytes cross PCIe per decode token;
 - KV cache: `kv_types.kv_cache_bytes(cfg, n_ctx, type_k, type_v)`, exact: a fixed part
-  (q4g's f16 sinks and newest group) plus a rate per token (`kv_layout_bytes`), and the bits per
-  value that makes at this context (q4g's is above 4.5 at short contexts: 6.06 at 512 for SmolLM2);
+  (q4g's/q3g's f16 sinks and q8_0 newest group) plus a rate per token (`kv_layout_bytes`), and the
+  bits per value that makes at this context (for SmolLM2 q4g 4.82 at 512, 4.49 at 2048);
 - with `--kv-budget SIZE` the cache is the adaptive ladder (qkvgguf/kv_budget.py): its allocation
   (<= SIZE), the bits per value it makes at this context, and its schedule (which context lengths
   run at which precision: `Schedule.lines`);
@@ -152,8 +152,8 @@ def render_memory(m: dict) -> str:
 
 
 def _kv_line(m: dict) -> str:
-    """'6,480 B/token x 2,048 tokens + 1.49 MiB fixed (K q4g, V q4g; 4.89 bits per value)': the
-    fixed part is shown only when there is one (q4g's f16 rows); the bits count all of it."""
+    """'6,300 B/token x 2,048 tokens + 317.81 KiB fixed (K q4g, V q4g; 4.49 bits per value)': the
+    fixed part is shown only when there is one (sink and tail rows); the bits count all of it."""
     bits = f"; {m['kv_bits_per_value']:.2f} bits per value" if m["kv_bits_per_value"] is not None else ""
     if "kv_budget" in m:
         return (f"--kv-budget {format_bytes(m['kv_budget']['budget_bytes'])}: the ladder allocates this at "
