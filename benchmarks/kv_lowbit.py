@@ -1,7 +1,7 @@
 """The sub-4-bit KV cache through the CLI (issue 18): perplexity, KL divergence and bits per value.
 
     python benchmarks/kv_lowbit.py [-c 2048] [--chunks 3] [--types q8_0,q4g,q3g] [--budget 11MiB]
-                                   [--jobs 2] [--json benchmarks/results/kv_lowbit_2048.json]
+                                   [--jobs 2] [--bench] [--json benchmarks/results/kv_lowbit_2048.json]
 
 Every figure comes from the command line a user would type, run as a subprocess and recorded
 with its output:
@@ -10,7 +10,13 @@ with its output:
                        [--save-logits BASE (the f16 row) | --kl-divergence BASE (the others)]
     qkvgguf inspect SMOLLM2 -c N -ctk T -ctv T --json          (bits per value, KV bytes)
 
-and the `--kv-budget SIZE` row the same way (`--kv-budget` on both commands). The bits per value
+    qkvgguf bench -m SMOLLM2 -p 512 -n 64 -t 1 -c N --json -ctk T -ctv T    (--bench: decode tok/s)
+
+and the `--kv-budget SIZE` row the same way (`--kv-budget` on every command). The change over f16
+carries the standard error of the ratio from the per-window NLL differences (perplexity --json's
+`window_nll`; paired, so far tighter than the two per-token +/- intervals). Speeds (--bench) run one
+at a time after the perplexity runs, on 1 thread; on a shared machine they are noisy (the load
+average is recorded). The bits per value
 inspect prints are checked against what the runtime allocates (`Model.new_cache(...).n_bytes`).
 TEXT: the first 200,000 characters of War and Peace (tests/texts.py, real prose), cut into
 windows of N tokens as the perplexity verb does (each from an empty cache).
@@ -25,6 +31,7 @@ import argparse
 import concurrent.futures
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -68,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--types", default="q8_0,q4g,q3g")
     p.add_argument("--budget", default="11MiB", help="--kv-budget of the budget row ('' = none)")
     p.add_argument("--jobs", type=int, default=2, help="CLI runs at a time after the f16 one (1 thread each)")
+    p.add_argument("--bench", action="store_true", help="also decode tokens/s per row (qkvgguf bench, one at a time)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "kv_lowbit_2048.json"))
     args = p.parse_args(argv)
     model = args.model or default_model_path()
@@ -86,6 +94,7 @@ def main(argv=None) -> int:
         mem = i["data"]["memory"]
         return dict(label=label, ppl_command=shown(ppl, model, text), inspect_command=shown(ins, model, text),
                     ppl=r["data"]["ppl"], ppl_stderr=r["data"]["ppl_stderr"], nll=r["data"]["nll"],
+                    window_nll=r["data"]["window_nll"], flags=cache_flags,
                     nll_stderr=r["data"]["nll_stderr"], tokens_scored=r["data"]["tokens_scored"],
                     windows=r["data"]["windows"], kl_divergence=r["data"].get("kl_divergence"),
                     kv_budget=r["data"].get("kv_budget"), kv_bytes=mem["kv_bytes"],
@@ -116,14 +125,27 @@ def main(argv=None) -> int:
     f16 = rows[0]
     for r in rows:
         r["increase_pct"] = 100.0 * (r["ppl"] / f16["ppl"] - 1.0)
+        d = [a - b for a, b in zip(r["window_nll"], f16["window_nll"])]
+        r["increase_stderr_pct"] = (100.0 * math.sqrt(sum((x - sum(d) / len(d)) ** 2 for x in d) / (len(d) - 1) / len(d))
+                                    if len(d) > 1 else None)
+    if args.bench:
+        for r in rows:
+            b = [*CLI, "bench", "-m", model, "-p", "512", "-n", "64", "-t", "1", "-c", n, "--json", *r["flags"]]
+            out = sh(b)["data"]
+            r["bench_command"] = shown(b, model, text)
+            r["decode_tokens_per_s"], r["prompt_tokens_per_s"] = out["decode_tokens_per_s"], out["prompt_tokens_per_s"]
+            r["bench_load_average"] = os.getloadavg()[0]
 
-    table = ["| cache | bits/value (inspect = allocated) | KV MiB | PPL ± s.e. | vs f16 | KLD vs f16 ± s.e. | same top |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    table = ["| cache | bits/value (inspect = allocated) | KV MiB | PPL ± s.e. | vs f16 (± s.e., per window) | "
+             "KLD vs f16 ± s.e. | same top |" + (" decode tok/s | prompt tok/s |" if args.bench else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.bench else "")]
     for r in rows:
-        k = r["kl_divergence"]
+        k, se = r["kl_divergence"], r["increase_stderr_pct"]
         table.append(f"| {r['label']} | {r['bits_per_value']:.3f} | {r['kv_bytes'] / 2**20:.2f} | "
-                     f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {r['increase_pct']:+.2f}% | "
-                     + (f"{k['kld_mean']:.5f} ± {k['kld_stderr']:.5f} | {k['same_top_pct']:.2f}% |" if k else "- | - |"))
+                     f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f} | {r['increase_pct']:+.2f}%"
+                     + (f" (± {se:.2f})" if se is not None and r is not f16 else "") + " | "
+                     + (f"{k['kld_mean']:.5f} ± {k['kld_stderr']:.5f} | {k['same_top_pct']:.2f}% |" if k else "- | - |")
+                     + (f" {r['decode_tokens_per_s']:.1f} | {r['prompt_tokens_per_s']:.1f} |" if args.bench else ""))
     by = {r["label"]: r for r in rows}
     checks = [(f"bits per value printed by inspect == the allocation ({r['label']})",
                r["bits_per_value"], r["bits_per_value"] == r["allocated_bits_per_value"]) for r in rows]

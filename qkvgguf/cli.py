@@ -243,7 +243,8 @@ def cmd_perplexity(args) -> int:
     if args.json:
         out = {"file": args.file, "model": model.gguf.path, "n_ctx": n_ctx, "type_k": cfg.type_k,
                "type_v": cfg.type_v, "windows": res.n_windows, "tokens_scored": res.n_scored, "nll": res.nll,
-               "nll_stderr": res.nll_stderr, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "seconds": seconds}
+               "nll_stderr": res.nll_stderr, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "seconds": seconds,
+               "window_nll": res.token_nll.reshape(res.n_windows, -1).mean(axis=1).tolist() if res.n_windows else []}
         if cfg.kv_budget is not None:
             s = cfg.kv_schedule(model.config, n_ctx)
             out["kv_budget"] = {"budget_bytes": s.budget, "cache_bytes": s.n_bytes, "groups_q8_0_q4g_q3g": s.groups,

@@ -126,8 +126,10 @@ def test_budget_cache_refuses_rewind_past_requantized_groups():
 
 # -- SmolLM2 through the CLI --------------------------------------------------------------------------
 def test_smollm2_budget_runs_between_q8_0_and_q3g(smollm2_path, tmp_path, capsys):
-    """-c 512 on two windows of War and Peace: a 3.2 MiB budget (q8_0 needs 5.98 MiB) keeps groups at
-    q4g and q3g; its perplexity lies between the q8_0 and the q3g cache's."""
+    """-c 512 on two windows of War and Peace: a 3.5 MB budget (q8_0 needs 6.27 MB) holds 4 of the 7
+    groups at q4g and 3 at q3g; its perplexity lies between the q8_0 and the q3g cache's. (A budget
+    at the 3-bit end, 3.2 MB: 1 group at q4g and 6 at q3g, measured 31.633 against q3g's 31.592 and
+    q8_0's 31.113: within the rounding noise of two windows of q3g, so the test takes a real mix.)"""
     import texts
     from qkvgguf.cli import main
     from qkvgguf.runtime import Model
@@ -136,10 +138,10 @@ def test_smollm2_budget_runs_between_q8_0_and_q3g(smollm2_path, tmp_path, capsys
     text = tmp_path / "wp.txt"
     text.write_text(texts.war_and_peace()[:20_000])
     cfg = Model(GGUFFile(smollm2_path)).config
-    budget = 3_200_000
+    budget = 3_500_000
     assert kv_cache_bytes(cfg, 512, "q8_0", "q8_0") > budget
     sched = plan_budget(cfg, 512, budget)
-    assert sched.groups[1] and sched.groups[2]  # both lower levels in use
+    assert sched.groups == (0, 4, 3)  # both lower levels in use
 
     def ppl(*extra):
         rc = main(["perplexity", "-m", smollm2_path, "-c", "512", "-f", str(text), "--chunks", "2", "--json",
