@@ -63,8 +63,9 @@ def sh(argv: list[str]) -> dict:
 
 
 def shown(argv: list[str], model: str, text: str) -> str:
-    """The command as recorded: the model and text paths by name."""
-    return shlex.join(["qkvgguf", *argv[len(CLI):]]).replace(model, "SMOLLM2").replace(text, "TEXT")
+    """The command as recorded: the model, the text and the f16 row's saved logits by name."""
+    cmd = shlex.join(["qkvgguf", *argv[len(CLI):]]).replace(model, "SMOLLM2").replace(text, "TEXT")
+    return cmd.replace(os.path.join(os.path.dirname(text), "f16.logits"), "F16_LOGITS")
 
 
 def main(argv=None) -> int:
