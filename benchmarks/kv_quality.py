@@ -1,6 +1,7 @@
 """KV cache quality: perplexity per cache type, qkvgguf next to llama.cpp on the same windows.
 
-    python benchmarks/kv_quality.py [-m FILE] [-t 2] [--windows-512 16] [--windows-2048 2] [--no-llamacpp]
+    python benchmarks/kv_quality.py [-m FILE] [-t 2] [--windows-512 16] [--windows-2048 2] [--windows-8192 0]
+                                    [--no-llamacpp] [--only f16,q4g,q3g]
 
 SmolLM2 (the default model) on War and Peace (tests/texts.py, real prose): the token stream is cut
 into non-overlapping windows of -c tokens, each evaluated from an empty cache, every token but the
@@ -15,8 +16,8 @@ differ window by window (K/V perturbed by 1e-5 moved our 4-window q4_0 figure by
 NLL differences; 16 windows at -c 512 and 2 at -c 2048 (8,176 and 4,094 scored tokens).
 
 Per row: bits per value with everything stored counted at that context (kv_types.kv_bits_per_value:
-q4g's f16 sinks and newest group make it 6.06 bits at -c 512 and 4.89 at 2048; llama.cpp's types
-have no fixed rows), perplexity and its change over the same engine's f16 cache, and the KL
+q4g's f16 sinks and q8_0 newest group make it 4.82 bits at -c 512 and 4.49 at 2048, q3g's 3.83 and
+3.49; llama.cpp's types have no fixed rows), perplexity and its change over the same engine's f16 cache, and the KL
 divergence from that engine's f16-cache distributions over the full vocabulary (mean per scored
 token with its standard error, same-top-token %). llama.cpp's q5_0 and q4_1 caches (5.5 and 5.0
 bits) are the equal-memory comparison for q4g, which we compare against at equal or lower bits.
@@ -54,10 +55,10 @@ from qkvgguf.tokenizer import Tokenizer  # noqa: E402
 
 # (K, V) rows; llama.cpp has no q4g, we have no q5_0 / q4_1 cache (llama.cpp's rows for the
 # equal-memory comparison: 5.5 and 5.0 bits per value, between q4_0's 4.5 and q4g's 4.9-6.1)
-SETTINGS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4g", "q4g"), ("q8_0", "q4_0"),
+SETTINGS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4g", "q4g"), ("q3g", "q3g"), ("q8_0", "q4_0"),
             ("q5_0", "q5_0"), ("q4_1", "q4_1")]
 GGML_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8}  # llama_cpp.GGML_TYPE_*
-OUR_TYPES = {"f32", "f16", "q8_0", "q4_0", "q4g"}
+OUR_TYPES = {"f32", "f16", "q8_0", "q4_0", "q4g", "q3g"}
 LLAMA_BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5}  # ggml block sizes, no fixed rows
 N_BATCH = 512
 
@@ -139,7 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--windows-512", type=int, default=16)
     p.add_argument("--windows-2048", type=int, default=2)
+    p.add_argument("--windows-8192", type=int, default=0)
     p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated K types of the rows to run (f16 always runs: the reference)")
     p.add_argument("--json", default=os.path.join(HERE, "kv_quality.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -152,11 +155,13 @@ def main(argv=None) -> int:
     bos = tok.bos_id if tok.add_bos else None
 
     rows, t_start = [], time.perf_counter()
-    for n_ctx, n_win in ((512, args.windows_512), (2048, args.windows_2048)):
+    only = None if args.only is None else {"f16", *args.only.split(",")}
+    for n_ctx, n_win in ((512, args.windows_512), (2048, args.windows_2048), (8192, args.windows_8192)):
         if n_win <= 0:
             continue
         wins = windows_of(ids, n_ctx, n_win, bos)
         settings = [(k, v, True) for k, v in SETTINGS] + [("q4_0", "q4_0", False)]
+        settings = [s for s in settings if only is None or s[0] in only]
         ref_ours, ref_llama = [], []  # each engine's f16-cache distributions: the KLD reference
         for k, v, rot in settings:
             t0 = time.perf_counter()
@@ -214,6 +219,15 @@ def main(argv=None) -> int:
                      f"{'' if se is None else f' (± {se:.2f})'} |")
     for n_ctx in sorted({r["n_ctx"] for r in rows}):
         q8, q4, qg = find(n_ctx, "q8_0", "q8_0"), find(n_ctx, "q4_0", "q4_0"), find(n_ctx, "q4g", "q4g")
+        q3 = find(n_ctx, "q3g", "q3g")
+        if qg is not None:
+            checks.append((f"-c {n_ctx}: q4g costs <= 1.0% over f16", qg["increase_pct_qkvgguf"],
+                           qg["increase_pct_qkvgguf"] <= 1.0))
+        if q3 is not None:
+            checks.append((f"-c {n_ctx}: q3g costs <= 3.0% over f16", q3["increase_pct_qkvgguf"],
+                           q3["increase_pct_qkvgguf"] <= 3.0))
+        if q8 is None or q4 is None or qg is None:
+            continue
         checks.append((f"-c {n_ctx}: q8_0 costs <= 0.3% over f16", q8["increase_pct_qkvgguf"],
                        q8["increase_pct_qkvgguf"] <= 0.3))
         if q4["ppl_llamacpp"] is not None:

@@ -38,6 +38,10 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
                    help=f"KV cache type for K: {cache_types_help()} (default f16, as llama.cpp; see qkvgguf/kv_types.py)")
     p.add_argument("-ctv", "--cache-type-v", default="f16",
                    help=f"KV cache type for V: {cache_types_help()} (default f16, as llama.cpp)")
+    p.add_argument("--kv-budget", metavar="SIZE", default=None,
+                   help="KV cache budget, e.g. 12MiB: the cache keeps its newest groups of 64 positions at q8_0 and "
+                        "requantizes the oldest to q4g, then q3g, to stay within SIZE (-ctk/-ctv are then ignored; "
+                        "qkvgguf/kv_budget.py; torch backend)")
     p.add_argument("--cpu-cache", default=DEFAULT_CPU_CACHE,
                    help=f"RAM for float32 copies of weights kept between tokens (default {DEFAULT_CPU_CACHE}: none where "
                         "the compiled CPU kernels read the quantized blocks, else 1GiB; 0 = none)")
@@ -131,7 +135,12 @@ def cmd_perplexity(args) -> int:
     n_vocab = model.config.vocab_size
     if saved is not None:
         saved.check(ids, n_ctx, n_vocab)
-    _log(f"{args.file}: {len(ids):,} tokens, {n_windows} windows of {n_ctx}, KV cache K {cfg.type_k} V {cfg.type_v}")
+    cache = f"--kv-budget {cfg.kv_budget}" if cfg.kv_budget is not None else f"K {cfg.type_k} V {cfg.type_v}"
+    _log(f"{args.file}: {len(ids):,} tokens, {n_windows} windows of {n_ctx}, KV cache {cache}")
+    if cfg.kv_budget is not None:
+        schedule = cfg.kv_schedule(model.config, n_ctx)
+        _log(f"--kv-budget {format_bytes(schedule.budget)}: the cache allocates {format_bytes(schedule.n_bytes)}; "
+             + "; ".join(schedule.lines()))
     writer = LogprobWriter(args.save_logits, ids, n_ctx, n_vocab) if args.save_logits is not None and n_windows else None
     kld = KLDivergence(saved) if saved is not None else None
     sinks = [s for s in (writer, kld) if s is not None]
@@ -166,7 +175,12 @@ def cmd_perplexity(args) -> int:
     if args.json:
         out = {"file": args.file, "model": model.gguf.path, "n_ctx": n_ctx, "type_k": cfg.type_k,
                "type_v": cfg.type_v, "windows": res.n_windows, "tokens_scored": res.n_scored, "nll": res.nll,
-               "nll_stderr": res.nll_stderr, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "seconds": seconds}
+               "nll_stderr": res.nll_stderr, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "seconds": seconds,
+               "window_nll": res.token_nll.reshape(res.n_windows, -1).mean(axis=1).tolist() if res.n_windows else []}
+        if cfg.kv_budget is not None:
+            s = cfg.kv_schedule(model.config, n_ctx)
+            out["kv_budget"] = {"budget_bytes": s.budget, "cache_bytes": s.n_bytes, "groups_q8_0_q4g_q3g": s.groups,
+                                "schedule": s.lines()}
         if writer is not None:
             out["saved_logits"] = args.save_logits
         if cmp is not None:
@@ -229,11 +243,12 @@ def cmd_inspect(args) -> int:
         views.append(render_diff(summary["diff"]))
     if not views:
         views.append(render(summary, show_tensors=args.tensors, show_metadata=args.metadata))
-    if vram is not None or args.ctx_size is not None or args.cache_type_k or args.cache_type_v:
+    if vram is not None or args.ctx_size is not None or args.cache_type_k or args.cache_type_v or args.kv_budget:
         from .inspect.memory import DEFAULT_CACHE_TYPE, estimate, render_memory
 
         summary["memory"] = estimate(gguf, vram, args.ctx_size, args.cache_type_k or DEFAULT_CACHE_TYPE,
-                                     args.cache_type_v or DEFAULT_CACHE_TYPE, args.batch_size)
+                                     args.cache_type_v or DEFAULT_CACHE_TYPE, args.batch_size,
+                                     kv_budget=parse_size(args.kv_budget) if args.kv_budget is not None else None)
         views.append(render_memory(summary["memory"]))
     if args.plot is not None:
         from .inspect.plot import plot
@@ -372,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=512, help="with --vram: prompt batch (default 512)")
     p.add_argument("-ctk", "--cache-type-k", default=None, help="with --vram: KV cache type for K (default f16)")
     p.add_argument("-ctv", "--cache-type-v", default=None, help="with --vram: KV cache type for V (default f16)")
+    p.add_argument("--kv-budget", metavar="SIZE", default=None,
+                   help="with --vram: the adaptive KV cache within SIZE (as run's --kv-budget): its bytes, bits per "
+                        "value and schedule (which context lengths run at which precision)")
     p.add_argument("--diff", metavar="OTHER", default=None, help="metadata and tensor type/shape differences")
     p.add_argument("--plot", metavar="OUT.png", default=None,
                    help="heat map of bits per weight (layer x tensor kind) and bytes by layer (needs matplotlib)")

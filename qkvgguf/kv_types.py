@@ -12,11 +12,12 @@ A type is stored as one of three layouts (`store`):
 
     dense   rows of d float32/float16 (`dtype`)
     blocks  ggml blocks along head_dim, one row of d/32 blocks per (layer, head, position)
-    groups  q4g: f16 sinks and newest partial group, complete groups of 64 positions quantized
+    groups  q4g, q3g: S f16 sinks, complete groups of 64 positions quantized, and the newest partial
+            group in `tail` rows (q8_0: 8.5 bits; the ablation's f16)
 
 and its K and V rows are read by the kernels as `formats` (row formats, below). A new type over an
 existing layout and row format is one `register(KVType(...))`; a new row format is one `RowFormat`
-plus its branch in the kernels (and its torch codec in kv_quant.BLOCKS).
+plus its branch in the kernels (and its torch codec in kv_quant.BLOCKS or kv_quant.CHANNELS).
 
 Row formats, per KV head and position (elements, bytes per block), d = head_dim:
 
@@ -24,12 +25,17 @@ Row formats, per KV head and position (elements, bytes per block), d = head_dim:
     q8_0    (32, 2 + 32)   ggml block_q8_0: f16 d, 32 int8                x = d*q
     q4_0    (32, 2 + 16)   ggml block_q4_0: f16 d, 16 nibble bytes        x = d*(q-8)
     q4g_k   d/2 bytes of 4-bit codes per position + per channel f16 (scale, min) per 64 positions
+    q3g_k   3d/8 bytes of 3-bit codes per position + per channel f16 (scale, min) per 64 positions
+    q4_64   (64, 2 + 32)   f16 s, 32 nibble bytes      x = s * (2q - 15) / 15       (16 levels)
+    q3_64   (64, 2 + 24)   f16 s, 16 + 8 bytes (2-bit and 1-bit planes)  x = s * L3[q]  (8 levels:
+                           Lloyd-Max for a Gaussian, scaled so the outer level is 1)
 
-Memory, per layer and KV head (`KVType.layout`): bytes(n_ctx) = fixed + rate * n_ctx, exact at every
-n_ctx. For f32/f16/q8_0/q4_0 fixed = 0. For q4g fixed = the f16 sink and tail rows, (S + 64) * 2d,
-less the rate of the positions that live only there (the sinks and those past the last whole group:
-the rate is paid per complete group, so bytes step up every 64 positions). Hence "bits per value"
-(`KVType.bits_per_value`) is a function of n_ctx, counting scales, sinks and tail rows.
+Memory, per layer and KV head and each of K and V (`KVType.layout`): bytes(n_ctx) = fixed + rate *
+n_ctx, exact at every n_ctx. For f32/f16/q8_0/q4_0 fixed = 0. For the groups layout fixed = the S
+f16 sink rows and the 64 tail rows, less the rate of the positions that live only there (the sinks
+and those past the last whole group: the rate is paid per complete group, so bytes step up every 64
+positions). Hence "bits per value" (`KVType.bits_per_value`) is a function of n_ctx, counting
+scales, sinks and tail rows. K and V of one type may have different rates (`row_bytes_v`).
 """
 
 from __future__ import annotations
@@ -40,8 +46,11 @@ from typing import Callable
 from .config import ModelConfig
 from .errors import QkvggufError
 
-N_SINK = 4  # q4g: leading positions kept in f16
-GROUP = 64  # q4g: positions quantized together
+N_SINK = 4  # q4g, q3g: leading positions kept in f16
+GROUP = 64  # q4g, q3g: positions quantized together
+# q3_64's 8 levels: Lloyd-Max quantizer of a unit Gaussian (+-0.2451, 0.7560, 1.3439, 2.1520) over
+# its outer level, so x = s * L3[q] with s >= the row's largest magnitude chosen per row (kv_quant)
+L3 = tuple(x / 2.1520 for x in (-2.1520, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1520))
 
 
 # -- row formats: what a kernel reads (and kv_write writes) -----------------------------------------
@@ -59,50 +68,81 @@ ROW_FORMATS: dict[str, RowFormat] = {f.name: f for f in [
     RowFormat("q8_0", 1, 32, 2 + 32, fused_write=True),
     RowFormat("q4_0", 2, 32, 2 + 16, fused_write=True),
     RowFormat("q4g_k", 3, 32),  # per-channel codes over groups of positions (q4g's keys)
+    RowFormat("q4_64", 4, 64, 2 + 32),  # one f16 scale per 64 values, 16 symmetric levels (q4g's values)
+    RowFormat("q3_64", 5, 64, 2 + 24),  # one f16 scale per 64 values, 8 Lloyd-Max levels (q3g's values)
+    RowFormat("q3g_k", 6, 64),  # per-channel 3-bit codes over groups of positions (q3g's keys)
 ]}
 assert len({f.code for f in ROW_FORMATS.values()}) == len(ROW_FORMATS), "row format codes must differ"
 
 
 # -- cache types -------------------------------------------------------------------------------------
-def _all_rated(n_ctx: int) -> int:
-    return 0
-
-
-def q4g_unrated(n_ctx: int) -> int:
-    """Of n_ctx positions, how many q4g holds only in its f16 rows: the sinks and the positions past
-    the last whole group (the store has (n_ctx - S) // 64 groups)."""
-    return n_ctx - GROUP * max(0, (n_ctx - N_SINK) // GROUP)
+def row_format_bytes(fmt: str, d: int) -> int:
+    """Bytes of one position's row of d values in a block row format ("dense": float16)."""
+    f = ROW_FORMATS[fmt]
+    return 2 * d if not f.block_bytes else d // f.block * f.block_bytes
 
 
 @dataclass(frozen=True)
 class KVType:
     name: str
-    row_bytes: Callable[[int], int]  # bytes per position and KV head for head_dim d (the rate)
+    row_bytes: Callable[[int], int]  # bytes per position and KV head for head_dim d (the rate; K's)
     store: str  # layout: "dense", "blocks" or "groups" (kv_quant.STORES)
     formats: tuple[str, str]  # row formats of the K and the V store (ROW_FORMATS)
     dtype: str = ""  # dense stores: "float32" or "float16"
     llama_maths: bool = False  # llama.cpp's quantized-cache maths: Hadamard rotation, q as q8_0 for K
     head_dim_multiple: int = 1
-    device_position: bool = True  # can decode at a device-side position (CUDA graphs); q4g cannot
+    device_position: bool = True  # can decode at a device-side position (CUDA graphs); groups cannot
     help: str = ""
     n_sink: int = N_SINK  # groups layout: leading positions kept in f16 (the ablation varies it)
-    f16_rows: int = 0  # float16 rows allocated per layer and KV head whatever n_ctx (q4g: sinks + tail)
-    unrated: Callable[[int], int] = _all_rated  # positions of n_ctx held only in those rows (no rate paid)
+    # groups layout: row format of the newest partial group of K and of V ("dense": f16; "": none,
+    # the rows are quantized as they arrive, for per-token formats only)
+    tails: tuple[str, str] = ("dense", "dense")
+    tail_rows: tuple[int, int] = (GROUP, GROUP)  # positions per group of K and of V (the tail's length;
+    # per-channel keys need GROUP, their scales cover 64 positions)
+    row_bytes_v: Callable[[int], int] | None = None  # V's rate where it differs from K's
+    rotate_v: bool = False  # V rotated by a Hadamard matrix before it is stored (as llama_maths does)
 
-    def layout(self, n_ctx: int, d: int) -> tuple[int, int]:
-        """(fixed, rate) bytes per layer and KV head: a store of n_ctx positions allocates exactly
-        fixed + rate * n_ctx. fixed = the f16 rows less the rate of the positions only they hold, so it
-        depends on n_ctx (mod 64 for q4g); at n_ctx 0 it is the f16 rows alone, an upper bound."""
-        rate = self.row_bytes(d)
-        return self.f16_rows * 2 * d - rate * self.unrated(n_ctx), rate
+    def rate(self, d: int, kind: str = "k") -> int:
+        """Bytes per position and KV head of the K (kind "k") or V ("v") store."""
+        return self.row_bytes_v(d) if kind == "v" and self.row_bytes_v is not None else self.row_bytes(d)
+
+    @property
+    def held_rows(self) -> int:
+        """Most positions a store holds outside its rate: the sinks and a tail of 64."""
+        if self.store != "groups":
+            return 0
+        return self.n_sink + max(n if tail else 0 for n, tail in zip(self.tail_rows, self.tails))
+
+    def unrated(self, n_ctx: int, kind: str = "k") -> int:
+        """Of n_ctx positions, how many the K or V store holds only in its sink and tail rows (with
+        a tail it has (n_ctx - S) // 64 groups; without, a row per position past the sinks); 0 for
+        the other layouts."""
+        if self.store != "groups":
+            return 0
+        if not self.tails[kind == "v"]:
+            return min(n_ctx, self.n_sink)
+        g = self.tail_rows[kind == "v"]
+        return n_ctx - g * max(0, (n_ctx - self.n_sink) // g)
+
+    def layout(self, n_ctx: int, d: int, kind: str = "k") -> tuple[int, int]:
+        """(fixed, rate) bytes per layer and KV head of the K or V store: a store of n_ctx positions
+        allocates exactly fixed + rate * n_ctx. fixed = the sink and tail rows less the rate of the
+        positions only they hold, so it depends on n_ctx (mod 64 for groups); at n_ctx 0 it is those
+        rows alone, an upper bound."""
+        rate = self.rate(d, kind)
+        if self.store != "groups":
+            return 0, rate
+        tail = self.tails[kind == "v"]
+        rows = self.n_sink * 2 * d + (self.tail_rows[kind == "v"] * row_format_bytes(tail, d) if tail else 0)
+        return rows - rate * self.unrated(n_ctx, kind), rate
 
     def bits_per_value(self, n_ctx: int, d: int) -> float:
-        """Bits stored per cached value at n_ctx positions: every byte allocated (scales, f16 sinks and
-        tail rows) over the n_ctx * d values it holds; q4g's is above its rate's at short contexts."""
+        """Bits stored per cached value (K and V together) at n_ctx positions: every byte allocated
+        (scales, sink and tail rows) over the 2 * n_ctx * d values; above the rate's at short contexts."""
         if n_ctx < 1:
             raise ValueError(f"bits per value of a {self.name} cache needs n_ctx >= 1, got {n_ctx}")
-        fixed, rate = self.layout(n_ctx, d)
-        return (fixed + rate * n_ctx) * 8 / (n_ctx * d)
+        total = sum(f + r * n_ctx for f, r in (self.layout(n_ctx, d, kind) for kind in ("k", "v")))
+        return total * 8 / (2 * n_ctx * d)
 
 
 KV_TYPES: dict[str, KVType] = {}
@@ -123,11 +163,18 @@ for _t in [
            head_dim_multiple=32, help="ggml Q8_0 blocks, 8.5 bits per value"),
     KVType("q4_0", lambda d: d // 32 * (2 + 16), "blocks", ("q4_0", "q4_0"), llama_maths=True,
            head_dim_multiple=32, help="ggml Q4_0 blocks, 4.5 bits per value"),
-    KVType("q4g", lambda d: d // 2 + 2 * 2 * d // GROUP, "groups", ("q4g_k", "q4_0"),
-           head_dim_multiple=32, device_position=False, f16_rows=N_SINK + GROUP, unrated=q4g_unrated,
-           help="groups of 64 positions at 4.5 bits per value (K per channel, V as q4_0) plus the "
-                "first 4 positions and the newest partial group in f16: at head_dim 64, 6.06 bits "
-                "per value at 512 positions, 4.89 at 2048, 4.60 at 8192"),
+    KVType("q4g", lambda d: d // 2 + 2 * 2 * d // GROUP, "groups", ("q4g_k", "q4_64"),
+           row_bytes_v=lambda d: d // 64 * (2 + 32), rotate_v=True, tails=("q8_0", "q8_0"), tail_rows=(GROUP, 16),
+           head_dim_multiple=64, device_position=False,
+           help="4-bit: K per channel over groups of 64 positions, V rotated in rows of 16 levels, the "
+                "first 4 positions in f16, the newest 64 keys and 16 values in q8_0: at head_dim 64, "
+                "4.82 bits per value at 512 positions, 4.49 at 2048, 4.40 at 8192"),
+    KVType("q3g", lambda d: 3 * d // 8 + 2 * 2 * d // GROUP, "groups", ("q3g_k", "q3_64"),
+           row_bytes_v=lambda d: d // 64 * (2 + 24), rotate_v=True, tails=("q8_0", "q8_0"), tail_rows=(GROUP, 16),
+           n_sink=2, head_dim_multiple=64, device_position=False,
+           help="3-bit: K per channel over groups of 64 positions, V rotated in rows of 8 Lloyd-Max "
+                "levels, the first 2 positions in f16, the newest 64 keys and 16 values in q8_0: at "
+                "head_dim 64, 3.83 bits per value at 512 positions, 3.49 at 2048, 3.40 at 8192"),
 ]:
     register(_t)
 
@@ -146,17 +193,17 @@ def cache_type(name: str, head_dim: int | None = None) -> KVType:
 # -- accounting ------------------------------------------------------------------------------------
 def kv_layout_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> tuple[int, int]:
     """(fixed, per_token) across all layers, K and V: a cache of n_ctx positions allocates exactly
-    fixed + per_token * n_ctx. fixed is q4g's f16 sink and tail rows less the rate of the positions
-    only they hold (0 for the other types); it varies with n_ctx mod 64, and at n_ctx 0 it is the
-    f16 rows alone, which no n_ctx exceeds (see kv_max_ctx)."""
+    fixed + per_token * n_ctx. fixed is q4g's/q3g's sink and tail rows less the rate of the positions
+    only they hold (0 for the other types); it varies with n_ctx mod 64 (16 for V), and at n_ctx 0 it is the
+    sink and tail rows alone, which no n_ctx exceeds (see kv_max_ctx)."""
     d, heads = cfg.head_dim, cfg.n_layer * cfg.n_head_kv
-    (fk, rk), (fv, rv) = (cache_type(t, d).layout(n_ctx, d) for t in (type_k, type_v))
+    (fk, rk), (fv, rv) = (cache_type(t, d).layout(n_ctx, d, kind) for t, kind in ((type_k, "k"), (type_v, "v")))
     return heads * (fk + fv), heads * (rk + rv)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, type_k: str = "f16", type_v: str = "f16") -> int:
     """Bytes one more position costs on average across all layers, K and V: the rate, without q4g's
-    fixed f16 rows (so n_ctx times it undercounts a q4g cache; use kv_cache_bytes for a total)."""
+    fixed sink and tail rows (so n_ctx times it undercounts a q4g/q3g cache; use kv_cache_bytes for a total)."""
     return kv_layout_bytes(cfg, 0, type_k, type_v)[1]
 
 
@@ -168,7 +215,7 @@ def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: st
 
 def bits_per_value(type_name: str, n_ctx: int, head_dim: int) -> float:
     """Bits a cache of this type stores per value at n_ctx positions, everything allocated counted
-    (block scales, q4g's f16 sinks and tail): q4g at head_dim 64 is 6.06 at 512, 4.60 at 8192."""
+    (block scales, sinks and tails): at head_dim 64 q4g is 4.82 at 512 and 4.49 at 2048, q3g 3.83 and 3.49."""
     return cache_type(type_name, head_dim).bits_per_value(n_ctx, head_dim)
 
 
@@ -183,15 +230,15 @@ def kv_max_ctx(cfg: ModelConfig, room: int, type_k: str = "f16", type_v: str = "
     """The largest n_ctx whose cache fits in `room` bytes (0 when none does).
 
     Solved from the layout, not by dividing by the rate: with the f16 rows F (fixed at n_ctx 0) and
-    the rate R, n = (room - F) // R always fits, and since at most f16_rows positions per store skip
-    the rate, the answer is below n + max f16_rows + 1; bytes never fall as n_ctx grows, so bisect.
+    the rate R, n = (room - F) // R always fits, and since at most held_rows positions per store skip
+    the rate, the answer is below n + max held_rows + 1; bytes never fall as n_ctx grows, so bisect.
     """
     rows, rate = kv_layout_bytes(cfg, 0, type_k, type_v)
     if room < rows:
         return 0
     d = cfg.head_dim
     lo = (room - rows) // rate  # fits
-    hi = lo + max(cache_type(t, d).f16_rows for t in (type_k, type_v)) + 1  # does not fit
+    hi = lo + max(cache_type(t, d).held_rows for t in (type_k, type_v)) + 1  # does not fit
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if kv_cache_bytes(cfg, mid, type_k, type_v) <= room:

@@ -60,6 +60,7 @@ class RunConfig:
     n_gpu_layers: int | None = None  # -ngl: the first N layers resident, the rest streamed or on the CPU
     placement: str = "auto"  # units that do not fit: "stream", "cpu" or "auto" (runtime/planner.py)
     n_seq: int = 1  # sequences decoded together, each with its own n_ctx cache (serve --parallel)
+    kv_budget: str | int | None = None  # --kv-budget: the adaptive cache within this size (qkvgguf/kv_budget.py)
     verbose: bool = False
 
     @classmethod
@@ -70,7 +71,8 @@ class RunConfig:
                   type_k=args.cache_type_k, type_v=args.cache_type_v, backend=args.backend, device=args.device,
                   vram=args.vram, cpu_cache=args.cpu_cache, cuda_graph=not args.no_cuda_graph,
                   paged_cuda_graph=args.paged_cuda_graph, n_gpu_layers=args.n_gpu_layers,
-                  placement=getattr(args, "placement", "auto"), verbose=args.verbose)
+                  placement=getattr(args, "placement", "auto"), verbose=args.verbose,
+                  kv_budget=getattr(args, "kv_budget", None))
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
         return dataclasses.replace(cfg, **unset)
 
@@ -101,6 +103,8 @@ class RunConfig:
             except QkvggufError as e:
                 raise QkvggufError(f"{flag}: {e}") from None
         self.cpu_cache_bytes()
+        if self.kv_budget is not None and parse_size(self.kv_budget) <= 0:
+            raise QkvggufError(f"--kv-budget must be positive, got {self.kv_budget}")
         if self.vram is not None:
             parse_size(self.vram)
         self.resolved_device()
@@ -212,7 +216,8 @@ class RunConfig:
             budget = free - 256 * 2**20
         specs = specs_of(gguf)
         p = plan(specs, cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
-                 n_gpu_layers=self.n_gpu_layers, n_seq=self.n_seq, placement="stream" if self.placement == "auto" else self.placement)
+                 n_gpu_layers=self.n_gpu_layers, n_seq=self.n_seq, kv_budget=self.kv_budget_bytes(),
+                 placement="stream" if self.placement == "auto" else self.placement)
         if self.placement == "auto" and self.n_gpu_layers is None and not p.all_resident:
             from .runtime import machine  # stream or compute on the CPU, by this machine's measured costs
             from .runtime.planner import unit_of
@@ -220,15 +225,25 @@ class RunConfig:
             tied = "output.weight" not in gguf.tensors
             costs = machine.costs(dev, {t.type for t in specs if unit_of(t.name, tied) is not None}, self.threads)
             p = plan(specs, cfg, budget, n_ctx, self.type_k, self.type_v, self.n_batch, source=path,
-                     placement="auto", costs=costs, n_seq=self.n_seq)
+                     placement="auto", costs=costs, n_seq=self.n_seq,
+                     kv_budget=self.kv_budget_bytes())
         torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, (budget - p.context_bytes) / total)), dev)
         return p
 
     # -- caches ---------------------------------------------------------------------------------
 
+    def kv_budget_bytes(self) -> int | None:
+        return None if self.kv_budget is None else parse_size(self.kv_budget)
+
+    def kv_schedule(self, cfg, n_ctx: int):
+        """--kv-budget's schedule for this model and context (qkvgguf/kv_budget.py); None without it."""
+        from .kv_budget import plan_budget
+
+        return None if self.kv_budget is None else plan_budget(cfg, n_ctx, self.kv_budget_bytes())
+
     def new_cache(self, model, n_ctx: int):
         """A KV cache of this configuration's types for `model` (every verb's caches come from here)."""
-        return model.new_cache(n_ctx, self.type_k, self.type_v)
+        return model.new_cache(n_ctx, self.type_k, self.type_v, budget=self.kv_budget_bytes())
 
     def new_session(self, model, n_ctx: int):
         """A generate.Session with this configuration's cache types, batch size and CUDA-graph choice
@@ -236,4 +251,4 @@ class RunConfig:
         from .runtime.generate import Session
 
         return Session(model, n_ctx=n_ctx, n_batch=self.n_batch, type_k=self.type_k, type_v=self.type_v,
-                       cuda_graph=self.cuda_graph, paged_graph=self.paged_cuda_graph)
+                       cuda_graph=self.cuda_graph, paged_graph=self.paged_cuda_graph, kv_budget=self.kv_budget_bytes())

@@ -46,6 +46,8 @@ def graph_supported(model: Model, cache: KVCache, paged: bool = False) -> Option
         return "CUDA graphs need a CUDA device"
     if model.backend != "triton":
         return "CUDA graphs need the triton backend"
+    if cache.schedule is not None:
+        return "a --kv-budget cache requantizes its groups on the host"
     for t in (cache.type_k, cache.type_v):
         if not cache_type(t).device_position:
             return f"cache type {t} decides its groups on the host"

@@ -117,9 +117,10 @@ class Session:
     tokens: list[int] = field(default_factory=list)  # what the cache holds, in order
     cuda_graph: bool = True  # decode by replaying a captured CUDA graph where supported (runtime/cuda_graph.py)
     paged_graph: bool = False  # also capture a model whose weights stream (experimental)
+    kv_budget: int | None = None  # --kv-budget bytes: the adaptive cache (qkvgguf/kv_budget.py)
 
     def __post_init__(self):
-        self.cache = self.model.new_cache(self.n_ctx, self.type_k, self.type_v)
+        self.cache = self.model.new_cache(self.n_ctx, self.type_k, self.type_v, budget=self.kv_budget)
         self._graph = None
 
     def decode(self, token: int) -> torch.Tensor:

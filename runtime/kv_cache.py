@@ -30,9 +30,10 @@ k alike leaves q . k unchanged and spreads outlier channels over the whole block
 (Set LLAMA_ATTN_ROT_DISABLE=1 and llama.cpp drops the rotation, and its q4_0 loses as much as the
 plain simulation did.) Not reproduced: ggml accumulates an f16 V in f16; this reference in float32.
 
-q4g (the improved 4-bit mode) keeps q in float and needs no rotation: its keys are quantized per
-channel, and its newest partial group is f16. A batch of queries is split where a group completes,
-so every query sees exactly what it would see had the tokens come one at a time.
+q4g and q3g (the 4- and 3-bit modes) keep q in float and K unrotated: their keys are quantized per
+channel, their newest partial group of keys is q8_0; their values are rotated as above (`rotate_v`).
+A batch of queries is split where a key group completes, so every query sees exactly what it would
+see had the tokens come one at a time.
 """
 
 from __future__ import annotations
@@ -44,22 +45,38 @@ from qkvgguf.errors import QkvggufError
 from qkvgguf.kv_types import cache_type
 
 from . import ops as torch_ops
-from .kv_quant import hadamard, llama_rotation_size, make_store, q8_0_round_trip
+from .kv_quant import fwht, hadamard, llama_rotation_size, make_store, q8_0_round_trip
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, type_k: str = "f32", type_v: str = "f32",
-                 device: str | torch.device = "cpu", ops=torch_ops):
+                 device: str | torch.device = "cpu", ops=torch_ops, budget: int | None = None):
+        """budget: --kv-budget bytes; the cache is then the q8_0 -> q4g -> q3g ladder of
+        qkvgguf/kv_budget.py (type_k/type_v are ignored, and reported as "budget")."""
         d = cfg.head_dim
         self.ops = ops  # the backend's ops module (runtime/ops.py or ops_triton.py), chosen by Model
-        tk, tv = cache_type(type_k, d), cache_type(type_v, d)
         self.n_ctx, self.pos = n_ctx, 0
-        self.type_k, self.type_v = type_k, type_v
         shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, d)
         device = torch.device(device)
-        self.k_store, self.v_store = make_store(tk, shape, "k", device), make_store(tv, shape, "v", device)
-        self.rot_k = llama_rotation_size(d, True) if tk.llama_maths else 0
-        self.rot_v = llama_rotation_size(d, False) if tv.llama_maths else 0
-        self.q_as_q8_0 = tk.llama_maths
+        self.schedule = None
+        if budget is not None:
+            from qkvgguf.kv_budget import plan_budget
+
+            from .kv_ladder import LadderStore
+
+            self.schedule = plan_budget(cfg, n_ctx, budget)
+            self.type_k = self.type_v = "budget"
+            self.k_store = LadderStore(shape, "k", device, self.schedule)
+            self.v_store = LadderStore(shape, "v", device, self.schedule)
+            self.rot_k, self.rot_v, self.q_as_q8_0 = 0, llama_rotation_size(d, False), False
+            self.v_butterflies = True
+        else:
+            tk, tv = cache_type(type_k, d), cache_type(type_v, d)
+            self.type_k, self.type_v = type_k, type_v
+            self.k_store, self.v_store = make_store(tk, shape, "k", device), make_store(tv, shape, "v", device)
+            self.rot_k = llama_rotation_size(d, True) if tk.llama_maths else 0
+            self.rot_v = llama_rotation_size(d, False) if tv.llama_maths or tv.rotate_v else 0
+            self.q_as_q8_0 = tk.llama_maths
+            self.v_butterflies = not tv.llama_maths  # q4g/q3g: the same bits whatever the batch (kv_quant.fwht)
         self.device = device
         self.pos_t: torch.Tensor | None = None  # device mirror of pos (use_device_position)
 
@@ -72,7 +89,7 @@ class KVCache:
         so a decode step launches the same work at every position (a CUDA graph replays it: see
         runtime/cuda_graph.py). Not for q4g (its group boundaries are decided on the host)."""
         for t in (self.type_k, self.type_v):
-            if not cache_type(t).device_position:
+            if t == "budget" or not cache_type(t).device_position:
                 raise QkvggufError(f"cache type {t} cannot decode from a device position (CUDA graphs); use q8_0 or q4_0")
         if self.pos_t is None:
             self.pos_t = torch.tensor([self.pos], dtype=torch.int64, device=self.device)
@@ -98,7 +115,7 @@ class KVCache:
         if self.rot_k:
             q, k = hadamard(q, self.rot_k), hadamard(k, self.rot_k)
         if self.rot_v:
-            v = hadamard(v, self.rot_v)
+            v = fwht(v, self.rot_v) if self.v_butterflies else hadamard(v, self.rot_v)
         if self.q_as_q8_0:
             q = q8_0_round_trip(q)
         ops = self.ops

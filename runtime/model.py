@@ -57,8 +57,8 @@ class Model:
         freq_factors = self.weights.dense("rope_freqs.weight") if "rope_freqs.weight" in self.weights else None
         self.inv_freq = ops.rope_inv_freq(self.config, freq_factors).to(self.device)
 
-    def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32") -> KVCache:
-        return KVCache(self.config, n_ctx, type_k, type_v, device=self.device, ops=self.ops)
+    def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32", budget: int | None = None) -> KVCache:
+        return KVCache(self.config, n_ctx, type_k, type_v, device=self.device, ops=self.ops, budget=budget)
 
     @property
     def embeds_on_host(self) -> bool:

@@ -6,7 +6,8 @@ file reads, so every budget from "everything fits" to "too small" is unit-tested
 The budget pays for, in this order:
 
     fixed       KV cache (kv_types.kv_cache_bytes, exact: q4g's f16 sink and tail rows
-                included, not just n_ctx times a per-token rate), activations of one prompt batch
+                included, not just n_ctx times a per-token rate; with --kv-budget the ladder's
+                allocation, kv_budget.plan_budget), activations of one prompt batch
                 (`activation_bytes`), the CUDA context allowance, and the small tensors every
                 step needs (norms, biases: all tensors outside the streaming units)
     staging     when anything streams: two device slots of the largest streamed unit, so unit
@@ -46,6 +47,7 @@ from typing import Iterable, Optional
 
 from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
+from qkvgguf.kv_budget import plan_budget
 from qkvgguf.kv_types import kv_cache_bytes, kv_max_ctx
 from qkvgguf.units import format_bytes
 
@@ -211,7 +213,15 @@ class Plan:
         }
 
 
-def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes, n_seq=1):
+def kv_bytes(cfg: ModelConfig, n_ctx: int, type_k: str, type_v: str, kv_budget: Optional[int] = None) -> int:
+    """What the cache allocates: the K/V types' exact bytes, or with a --kv-budget the ladder's
+    allocation (the schedule's, <= the budget; -ctk/-ctv are then ignored, as by the cache)."""
+    if kv_budget is not None:
+        return plan_budget(cfg, n_ctx, kv_budget).n_bytes
+    return kv_cache_bytes(cfg, n_ctx, type_k, type_v)
+
+
+def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes, n_seq=1, kv_budget=None):
     tied = not any(t.name == "output.weight" for t in tensors)
     units: dict[int, int] = {}
     raw: dict[int, int] = {}
@@ -225,7 +235,7 @@ def _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
             host.append(t.name)
         else:
             small += t.n_bytes
-    kv = n_seq * kv_cache_bytes(cfg, n_ctx, type_k, type_v)  # one cache per sequence (serve --parallel)
+    kv = n_seq * kv_bytes(cfg, n_ctx, type_k, type_v, kv_budget)  # one cache per sequence (serve --parallel)
     act = activation_bytes(cfg, min(n_batch, n_ctx), act_elt)
     return units, raw, small, host, kv, act
 
@@ -243,7 +253,7 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
          type_k: str = "f16", type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
          context_bytes: int = CUDA_CONTEXT_BYTES, source: str = "the model",
          n_gpu_layers: Optional[int] = None, placement: str = "stream", costs: Optional[Costs] = None,
-         n_seq: int = 1) -> Plan:
+         n_seq: int = 1, kv_budget: Optional[int] = None) -> Plan:
     """The plan with the fewest streamed bytes whose total is <= budget (None: unlimited, all
     resident). BudgetTooSmall (one line, with the minimum) when not even streaming fits.
 
@@ -256,14 +266,16 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
     (placement "stream") or CPU-computed (placement "cpu", exactly llama.cpp's partial offload),
     the output matrix resident only when N > n_layer (as llama.cpp counts it), instead of the
     planner's own choice; BudgetTooSmall when those do not fit.
-    n_seq: sequences decoded together, each with its own n_ctx-token KV cache (`serve --parallel`)."""
+    n_seq: sequences decoded together, each with its own n_ctx-token KV cache (`serve --parallel`).
+    kv_budget (--kv-budget bytes): the cache is the adaptive ladder (qkvgguf/kv_budget.py) and the plan
+    pays its allocation."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     if placement == "auto" and costs is None:
         raise ValueError("placement 'auto' needs the machine's costs (runtime/machine.py)")
     tensors = list(tensors)
     units, raw, small, host, kv, act = _fixed(tensors, cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
-                                              n_seq)
+                                              n_seq, kv_budget)
     order = sorted(units, key=lambda u: (u == OUTPUT_UNIT, u))
     host_bytes = sum(t.n_bytes for t in tensors if t.name in host)
     everything = Plan(0, n_ctx, min(n_batch, n_ctx), type_k, type_v, kv, act, context_bytes, small + host_bytes,
@@ -282,28 +294,30 @@ def plan(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: Optional[int],
     if placement == "auto":  # the hybrid search, or plain streaming if the model predicts it faster
         best = _hybrid(everything, order, small, host, budget, placement, costs, cpu_s, source)
         try:
-            streaming = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt, n_seq)
+            streaming = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt, n_seq, kv_budget)
         except BudgetTooSmall:
             return best
         streaming.unit_cpu_s, streaming.costs = cpu_s, costs
         return min(best, streaming, key=lambda p: p.step_seconds(costs))
-    p = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt, n_seq)
+    p = _streaming(tensors, cfg, everything, order, small, host, budget, source, act_elt, n_seq, kv_budget)
     p.unit_cpu_s, p.costs = cpu_s, costs
     return p
 
 
 def _streaming(tensors, cfg, everything: Plan, order: list[int], small: int, host: list[str], budget: int,
-               source: str, act_elt: int, n_seq: int = 1) -> Plan:
+               source: str, act_elt: int, n_seq: int = 1,
+               kv_budget: Optional[int] = None) -> Plan:
     """Placement "stream": the fewest streamed bytes within budget."""
     e = everything
     units, raw, kv, act, context_bytes = e.unit_bytes, e.unit_raw, e.kv_bytes, e.activation_bytes, e.context_bytes
     n_ctx, type_k, type_v = e.n_ctx, e.type_k, e.type_v
-    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, e.n_batch, act_elt, context_bytes, n_seq)
+    need = minimum_budget(tensors, cfg, n_ctx, type_k, type_v, e.n_batch, act_elt, context_bytes, n_seq, kv_budget)
     if budget < need:
+        cache = f"--kv-budget {format_bytes(kv_budget)}" if kv_budget is not None else f"K {type_k} V {type_v}"
         raise BudgetTooSmall(
             f"{source} does not fit in {format_bytes(budget)}: it needs at least {format_bytes(need)} "
             f"(KV cache {format_bytes(kv)} at {n_ctx:,} tokens{f' x {n_seq} sequences' if n_seq > 1 else ''} "
-            f"K {type_k} V {type_v}, activations "
+            f"{cache}, activations "
             f"{format_bytes(act)}, CUDA context {format_bytes(context_bytes)}, two slots of the largest layer)")
     best = None
     for m in sorted(set(units.values())):  # m: the largest streamed unit's size
@@ -408,18 +422,20 @@ def _hybrid(everything: Plan, order: list[int], small: int, host: list[str], bud
 
 def minimum_budget(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
                    type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
-                   context_bytes: int = CUDA_CONTEXT_BYTES, n_seq: int = 1) -> int:
+                   context_bytes: int = CUDA_CONTEXT_BYTES, n_seq: int = 1,
+                   kv_budget: Optional[int] = None) -> int:
     """The smallest budget that runs at all: everything streams through two slots of the largest unit."""
     units, _, small, _, kv, act = _fixed(list(tensors), cfg, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
-                                         n_seq)
+                                         n_seq, kv_budget)
     return kv + act + context_bytes + small + 2 * max(units.values(), default=0)
 
 
 def full_residency_bytes(tensors: Iterable[TensorSpec], cfg: ModelConfig, n_ctx: int, type_k: str = "f16",
                          type_v: str = "f16", n_batch: int = 512, act_elt: int = 2,
-                         context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+                         context_bytes: int = CUDA_CONTEXT_BYTES, kv_budget: Optional[int] = None) -> int:
     """VRAM needed with every weight resident (what `convert --fit` must stay under)."""
-    return plan(tensors, cfg, None, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes).total_bytes
+    return plan(tensors, cfg, None, n_ctx, type_k, type_v, n_batch, act_elt, context_bytes,
+                kv_budget=kv_budget).total_bytes
 
 
 def max_resident_ctx(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: int, type_k: str = "f16",
@@ -428,7 +444,7 @@ def max_resident_ctx(tensors: Iterable[TensorSpec], cfg: ModelConfig, budget: in
     """The longest context (<= limit) at which every weight is resident within budget; 0 if none.
 
     From n_batch tokens on, only the cache grows, so the cache's room is solved exactly by
-    kv_types.kv_max_ctx (q4g's fixed f16 rows counted). Shorter contexts also shrink the prompt
+    kv_types.kv_max_ctx (q4g's/q3g's fixed rows counted). Shorter contexts also shrink the prompt
     batch, hence the activations: below n_batch the plan totals are bisected instead."""
 
     tensors = list(tensors)

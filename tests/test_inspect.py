@@ -316,26 +316,51 @@ def test_vram_plan(capsys, smollm2_path):
     assert "streams" in text and "PCIe per decode token" in text and "<- default" in text
 
 
-def test_vram_q4g_bytes_are_the_allocated_ones(capsys, smollm2_path):
-    """inspect --vram -ctk q4g -ctv q4g reports the bytes a real cache allocates (f16 sinks and newest
-    group included) and the bits per value they make: 6.06 / 4.89 / 4.60 at 512 / 2048 / 8192."""
+@pytest.mark.parametrize("name, bits_at", [("q4g", ((512, 4.81640625), (2048, 4.4853515625), (8192, 4.402587890625))),
+                                           ("q3g", ((512, 3.83203125), (2048, 3.4892578125), (8192, 3.403564453125)))])
+def test_vram_group_cache_bytes_are_the_allocated_ones(capsys, smollm2_path, name, bits_at):
+    """inspect --vram -ctk T -ctv T reports the bytes a real q4g / q3g cache allocates (f16 sinks and
+    q8_0 newest group included) and the bits per value they make: q4g 4.82 / 4.49 / 4.40 and q3g
+    3.83 / 3.49 / 3.40 at 512 / 2048 / 8192 (issue 18: <= 4.5 and <= 3.5 at 2048)."""
     from qkvgguf.runtime import Model
 
     model = Model(GGUFFile(smollm2_path))
     cfg = model.config
     assert (cfg.n_layer, cfg.n_head_kv, cfg.head_dim) == (30, 3, 64)
-    for n_ctx, bits in ((512, 6.0625), (2048, 4.890625), (8192, 4.59765625)):
-        argv = (smollm2_path, "--vram", "4GiB", "-c", n_ctx, "-ctk", "q4g", "-ctv", "q4g")
+    for n_ctx, bits in bits_at:
+        argv = (smollm2_path, "--vram", "4GiB", "-c", n_ctx, "-ctk", name, "-ctv", name)
         m = _json(capsys, *argv)["memory"]
-        allocated = model.new_cache(n_ctx, "q4g", "q4g").n_bytes
+        allocated = model.new_cache(n_ctx, name, name).n_bytes
         assert m["kv_bytes"] == allocated == m["kv_fixed_bytes"] + m["kv_bytes_per_token"] * n_ctx
         assert m["kv_bits_per_value"] == allocated * 8 / (2 * 30 * 3 * n_ctx * 64) == bits
         assert f"{bits:.2f} bits per value" in _run(capsys, *argv)
 
 
+def test_vram_kv_budget_shows_the_allocation_and_schedule(capsys, smollm2_path):
+    """inspect --vram --kv-budget: the ladder's allocation (what a real budget cache allocates, <=
+    the budget), its bits per value, and the schedule; the plan pays the ladder, not -ctk/-ctv."""
+    from qkvgguf.runtime import Model
+
+    model = Model(GGUFFile(smollm2_path))
+    argv = (smollm2_path, "--vram", "4GiB", "-c", 8192, "--kv-budget", "40MiB")
+    m = _json(capsys, *argv)["memory"]
+    allocated = model.new_cache(8192, budget=40 * 2**20).n_bytes
+    assert m["kv_bytes"] == allocated == m["kv_budget"]["cache_bytes"] <= 40 * 2**20
+    assert m["kv_budget"]["groups_q8_0_q4g_q3g"] == [0, 16, 111]  # 127 groups of 64 after the 4 sinks
+    assert m["kv_bits_per_value"] == allocated * 8 / (2 * 30 * 3 * 8192 * 64)
+    f16 = _json(capsys, smollm2_path, "--vram", "4GiB", "-c", 8192)["memory"]
+    assert m["total_bytes"] - f16["total_bytes"] == allocated - f16["kv_bytes"]
+    text = _run(capsys, *argv)
+    assert "1,092-8,192 tokens: the oldest groups requantized on to q3g" in text
+    assert f"{m['kv_bits_per_value']:.2f} bits per value" in text
+    rc = main(["inspect", smollm2_path, "--vram", "4GiB", "-c", "8192", "--kv-budget", "1MiB"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot hold 8,192 tokens even at 3 bits" in err and "Traceback" not in err
+
+
 def test_vram_longest_context_counts_q4g_fixed_rows(capsys, smollm2_path):
     """With exactly the VRAM a 2,048-position q4g run needs, the longest context is 2,051 (the same
-    groups), not the 2,225 the room over the per-token rate gives; every answer is exact."""
+    groups), not the 2,099 the room over the per-token rate gives; every answer is exact."""
     from qkvgguf.runtime import Model
 
     model = Model(GGUFFile(smollm2_path))

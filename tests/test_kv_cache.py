@@ -1,15 +1,17 @@
-"""KV cache types f32, f16, q8_0, q4_0 and q4g (runtime/kv_cache.py, runtime/kv_quant.py).
+"""KV cache types f32, f16, q8_0, q4_0, q4g and q3g (runtime/kv_cache.py, runtime/kv_quant.py).
 
 - the torch Q8_0/Q4_0 quantizers the cache writes with are bit-exact with gguf.quants
-- stored q8_0/q4_0 rows are ggml's bytes for the (rotated) keys/values; q4g's codes decode as documented
+- stored q8_0/q4_0 rows are ggml's bytes for the (rotated) keys/values; q4g's and q3g's codes decode
+  as documented (3-bit planes, Lloyd-Max levels), their keys computed from scratch
 - appending token by token stores the same bytes as writing the whole sequence at once
 - attention over each quantized cache equals float64 attention over the dequantized cache (same
   inputs, rotation and q8_0 query included) to float tolerance, and a q4g batch equals the same
   tokens attended one at a time
 - close to f32 attention on random and on real activations (SmolLM2 on real prose): stated bounds
 - measured cache bytes equal kv_cache_bytes = fixed + per_token * n_ctx (kv_layout_bytes) at every
-  context, q4g's f16 sink and tail rows included; bits per value count everything stored (q4g at
-  head_dim 64: 6.06 / 4.89 / 4.60 at 512 / 2048 / 8192); kv_max_ctx is the largest context that fits
+  context, the sink and tail rows included; bits per value count everything stored (head_dim 64: q4g
+  4.82 / 4.49 / 4.40, q3g 3.83 / 3.49 / 3.40 at 512 / 2048 / 8192); kv_max_ctx is the largest
+  context that fits
 - bad type names: one-line QkvggufError listing the valid types
 """
 
@@ -31,7 +33,8 @@ from qkvgguf.runtime.kv_cache import KVCache
 
 CACHE_TYPES = tuple(KV_TYPES)
 
-QUANT_TYPES = ["q8_0", "q4_0", "q4g"]
+QUANT_TYPES = ["q8_0", "q4_0", "q4g", "q3g"]
+GROUP_TYPES = ["q4g", "q3g"]
 
 
 def config(n_layer=2, n_head=4, n_head_kv=2, head_dim=64) -> ModelConfig:
@@ -89,16 +92,20 @@ def attention64(q, k, v, n_past=0):
     return torch.softmax(s, -1) @ v
 
 
-def q4g_reference_keys(k: torch.Tensor, n_seen: int) -> torch.Tensor:
-    """What a query at position n_seen - 1 sees of q4g keys k (n_kv, >= n_seen, d), computed from scratch."""
-    out = k[:, :n_seen].clone().half().double()
-    for g in range((n_seen - N_SINK) // GROUP if n_seen > N_SINK else 0):
-        x = k[:, N_SINK + g * GROUP:N_SINK + (g + 1) * GROUP].half().float()  # from the f16 tail
+def q4g_reference_keys(k: torch.Tensor, n_seen: int, name: str = "q4g") -> torch.Tensor:
+    """What a query at position n_seen - 1 sees of q4g (q3g) keys k (n_kv, >= n_seen, d), from
+    scratch: S f16 sinks, positions past the last whole group through Q8_0 (gguf.quants), each
+    complete group per channel from its Q8_0 values with 16 (8) levels."""
+    S, top = KV_TYPES[name].n_sink, {"q4g": 15, "q3g": 7}[name]
+    out = gguf_round_trip(k[:, :n_seen], T.Q8_0).double()
+    out[:, :S] = k[:, :min(S, n_seen)].half().double()
+    for g in range((n_seen - S) // GROUP if n_seen > S else 0):
+        x = gguf_round_trip(k[:, S + g * GROUP:S + (g + 1) * GROUP], T.Q8_0)  # from the q8_0 tail
         lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
-        scale = ((hi - lo) / 15).half().float()  # both rounded to f16, then float32 arithmetic
+        scale = ((hi - lo) / top).half().float()  # both rounded to f16, then float32 arithmetic
         mn = lo.half().float()
-        q = torch.clamp(torch.floor((x - mn) * (1 / scale) + 0.5), 0, 15)
-        out[:, N_SINK + g * GROUP:N_SINK + (g + 1) * GROUP] = q.double() * scale.double() + mn.double()
+        q = torch.clamp(torch.floor((x - mn) * (1 / scale) + 0.5), 0, top)
+        out[:, S + g * GROUP:S + (g + 1) * GROUP] = q.double() * scale.double() + mn.double()
     return out
 
 
@@ -145,23 +152,63 @@ def test_block_rows_are_ggml_bytes_of_rotated_values(name, qtype):
         assert np.array_equal(store.blocks[0].numpy(), want)
 
 
-def test_q4g_stores_documented_layout():
+@pytest.mark.parametrize("name", GROUP_TYPES)
+def test_group_keys_store_documented_layout(name):
     cfg = config(n_head_kv=1)
-    q, k, v = activations(cfg, N_SINK + 2 * GROUP + 10)
-    cache = KVCache(cfg, 256, "q4g", "q4g")
+    S = KV_TYPES[name].n_sink
+    q, k, v = activations(cfg, S + 2 * GROUP + 10)
+    cache = KVCache(cfg, 256, name, name)
     run(cache, 0, q, k, v)
     st = cache.k_store
     n = k.shape[1]
-    ref = q4g_reference_keys(k, n)
-    codes, scales = st.tensors["codes"][0, 0], st.tensors["scales"][0, 0]  # (rows, d/2), (n_group, 2, d)
+    ref = q4g_reference_keys(k, n, name)
+    codes, scales = st.tensors["codes"][0, 0], st.tensors["scales"][0, 0]  # (rows, d*bits/8), (n_group, 2, d)
     for g in range(2):
         for t in (0, 17, 63):
             row = codes[g * GROUP + t].int()
-            qv = torch.cat([row & 15, row >> 4]).double()  # channels 0..31 low nibbles, 32..63 high
-            x = qv * scales[g, 0].double() + scales[g, 1].double()
-            assert torch.equal(x, ref[0, N_SINK + g * GROUP + t])
-    assert torch.equal(st.sink[0, 0].double(), ref[0, :N_SINK])
-    assert torch.equal(st.tail[0, 0, :10].double(), ref[0, N_SINK + 2 * GROUP:])
+            if name == "q4g":
+                qv = torch.cat([row & 15, row >> 4])  # channels 0..31 low nibbles, 32..63 high
+            else:  # 16 bytes of 2-bit parts (channel j + 16k at shift 2k), 8 of high bits (j + 8k at bit k)
+                lo = torch.cat([(row[:16] >> (2 * i)) & 3 for i in range(4)])
+                hi = torch.cat([(row[16:] >> i) & 1 for i in range(8)])
+                qv = lo | (hi << 2)
+            x = qv.double() * scales[g, 0].double() + scales[g, 1].double()
+            assert torch.equal(x, ref[0, S + g * GROUP + t])
+    assert torch.equal(st.sink[0, 0].double(), ref[0, :S])
+    tail = torch.from_numpy(gguf.quants.dequantize(st.tail[0, 0, :10].numpy(), T.Q8_0)).double()
+    assert torch.equal(tail, ref[0, S + 2 * GROUP:])
+
+
+@pytest.mark.parametrize("name, levels", [("q4g", [(2 * i - 15) / 15 for i in range(16)]),
+                                          ("q3g", [x / 2.1520 for x in (-2.1520, -1.3439, -0.7560, -0.2451,
+                                                                        0.2451, 0.7560, 1.3439, 2.1520)])])
+def test_group_values_are_rotated_rows_of_documented_levels(name, levels):
+    """V rows: Hadamard-rotated values in blocks of 64, an f16 scale s and codes q: x = s * level[q]
+    (q4_64 nibbles, q3_64 planes); each within half a level step of the rotated value (as its q8_0
+    tail held it) or clipped."""
+    cfg = config(n_head_kv=1)
+    t = KV_TYPES[name]
+    n = t.n_sink + 3 * t.tail_rows[1] + 5
+    q, k, v = activations(cfg, n)
+    cache = KVCache(cfg, n, "f32", name)
+    run(cache, 0, q, k, v, 7)
+    # the rotated values, through the q8_0 tail a group of values waits in before its rows are made
+    vr = gguf_round_trip((v.double() @ hadamard64()).float(), T.Q8_0).double()[0, t.n_sink:]
+    rows = cache.v_store.tensors["blocks"][0, 0, :3 * t.tail_rows[1]]
+    s = rows[:, :2].contiguous().view(torch.float16).double()  # (rows, 1)
+    c = rows[:, 2:].int()
+    if name == "q4g":
+        codes = torch.cat([c & 15, c >> 4], dim=1)
+    else:
+        codes = torch.cat([(c[:, :16] >> (2 * i)) & 3 for i in range(4)], 1) | \
+            (torch.cat([(c[:, 16:] >> i) & 1 for i in range(8)], 1) << 2)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    x = lv[codes.long()] * s
+    step = (s * (lv[1:] - lv[:-1]).max()).expand_as(x)
+    within = (x - vr[:x.shape[0]]).abs() <= step / 2 + 1e-6
+    clipped = vr[:x.shape[0]].abs() >= s * lv.max() - 1e-6
+    assert (within | clipped).all()
+    assert (x - vr[:x.shape[0]]).norm() / vr[:x.shape[0]].norm() < (0.1 if name == "q4g" else 0.2)
 
 
 # -- attention -------------------------------------------------------------------------------------
@@ -180,14 +227,15 @@ def test_llama_maths_equal_attention_over_dequantized_cache(name):
     assert (got.double() - want).abs().max() <= 1e-4
 
 
-def test_q4g_equals_attention_over_dequantized_cache_and_token_by_token():
+@pytest.mark.parametrize("name", GROUP_TYPES)
+def test_group_keys_equal_attention_over_dequantized_cache_and_token_by_token(name):
     cfg = config()
     n = N_SINK + 3 * GROUP + 21
     q, k, v = activations(cfg, n)
-    batch = run(KVCache(cfg, n, "q4g", "f32"), 0, q, k, v)
-    steps = run(KVCache(cfg, n, "q4g", "f32"), 0, q, k, v, 1)
+    batch = run(KVCache(cfg, n, name, "f32"), 0, q, k, v)
+    steps = run(KVCache(cfg, n, name, "f32"), 0, q, k, v, 1)
     assert (batch - steps).abs().max() <= 1e-5
-    want = torch.cat([attention64(q[:, t:t + 1], q4g_reference_keys(k, t + 1), v[:, :t + 1], t)
+    want = torch.cat([attention64(q[:, t:t + 1], q4g_reference_keys(k, t + 1, name), v[:, :t + 1], t)
                       for t in range(0, n, 9)], dim=1)
     assert (batch[:, ::9].double() - want).abs().max() <= 1e-4
 
@@ -203,9 +251,9 @@ def test_q4g_values_and_reset_into_a_quantized_group():
     run(cache, 0, q, k, v)
     cache.reset(N_SINK + GROUP + 10)  # inside the second group, which was complete
     assert cache.pos == N_SINK + GROUP + 10
-    tail = cache.k_store.tail[0, :, :10].float()
+    tail = cache.k_store.tail[0, :, :10]
     full = cache.k_store._load_groups(0, 1, 2)[:, :10]
-    assert torch.equal(tail, full.half().float())
+    assert torch.equal(tail, quantize_q8_0_torch(full))
 
 
 def relative_error(a, b):
@@ -213,8 +261,8 @@ def relative_error(a, b):
 
 
 # Bounds on ||out - out_f32|| / ||out_f32||, about 1.4x the measured errors (f16 0.0004, q8_0 0.0098,
-# q4_0 0.143, q4g 0.073: iid Gaussian values are the worst case for 4-bit V).
-BOUNDS_RANDOM = {"f16": 1e-3, "q8_0": 0.014, "q4_0": 0.2, "q4g": 0.1}
+# q4_0 0.143, q4g 0.096, q3g 0.185: iid Gaussian values are the worst case for low-bit V).
+BOUNDS_RANDOM = {"f16": 1e-3, "q8_0": 0.014, "q4_0": 0.2, "q4g": 0.135, "q3g": 0.26}
 
 
 @pytest.mark.parametrize("name", ["f16", *QUANT_TYPES])
@@ -227,8 +275,8 @@ def test_close_to_f32_on_random_activations(name):
 
 
 # Real activations, measured (layer 3, layer 20): f16 0.0005, 0.0006; q8_0 0.011, 0.013;
-# q4_0 0.152, 0.184; q4g 0.038, 0.064. Bounds about 1.4x the larger.
-BOUNDS_REAL = {"f16": 1e-3, "q8_0": 0.018, "q4_0": 0.26, "q4g": 0.09}
+# q4_0 0.152, 0.184; q4g 0.051, 0.074; q3g 0.098, 0.153. Bounds about 1.4x the larger.
+BOUNDS_REAL = {"f16": 1e-3, "q8_0": 0.018, "q4_0": 0.26, "q4g": 0.105, "q3g": 0.215}
 
 
 @pytest.mark.parametrize("name", ["f16", *QUANT_TYPES])
@@ -251,8 +299,9 @@ def test_q4g_beats_q4_0_on_smollm2_activations(smollm2_qkv):
 
 
 # -- memory ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n_ctx", [1, 4, 67, 68, 131, 132, 512, 1000])
-@pytest.mark.parametrize("type_k, type_v", [(t, t) for t in CACHE_TYPES] + [("q8_0", "q4_0"), ("q4g", "f16")])
+@pytest.mark.parametrize("n_ctx", [1, 2, 4, 19, 20, 67, 68, 131, 132, 512, 1000, 2048])
+@pytest.mark.parametrize("type_k, type_v", [(t, t) for t in CACHE_TYPES] + [("q8_0", "q4_0"), ("q4g", "f16"),
+                                                                            ("q3g", "q4g")])
 def test_measured_bytes_equal_accounting(type_k, type_v, n_ctx):
     cfg = config(n_layer=3, head_dim=128)
     cache = KVCache(cfg, n_ctx, type_k, type_v)
@@ -260,28 +309,40 @@ def test_measured_bytes_equal_accounting(type_k, type_v, n_ctx):
     assert cache.n_bytes == kv_cache_bytes(cfg, n_ctx, type_k, type_v) == fixed + per_token * n_ctx
     assert per_token == kv_bytes_per_token(cfg, type_k, type_v)
     heads, d = cfg.n_layer * cfg.n_head_kv, cfg.head_dim
-    n_q4g = (type_k == "q4g") + (type_v == "q4g")
-    if n_q4g:  # the f16 sink + tail rows, less the rate of the positions not in a complete group
-        n_grouped = GROUP * max(0, (n_ctx - N_SINK) // GROUP)
-        rate = KV_TYPES["q4g"].row_bytes(d)
-        assert fixed == n_q4g * heads * ((N_SINK + GROUP) * 2 * d - rate * (n_ctx - n_grouped))
-    else:
-        assert fixed == 0
+    want = 0
+    for t, kind in ((type_k, "k"), (type_v, "v")):
+        if t in GROUP_SHAPES:  # the f16 sinks + q8_0 tail rows, less the rate of the positions outside a group
+            S, G, rate = GROUP_SHAPES[t][kind]
+            n_grouped = G * max(0, (n_ctx - S) // G)
+            want += heads * (S * 2 * d + G * (d // 32 * 34) - rate(d) * (n_ctx - n_grouped))
+    assert fixed == want
 
 
-def test_bytes_step_per_complete_group():
-    """q4g pays its rate per complete group of 64: one more position costs 0 bytes or a group's worth."""
+# per kind: (f16 sinks, tail positions = group, bytes per position of a complete group), written out
+GROUP_SHAPES = {
+    "q4g": {"k": (4, 64, lambda d: d // 2 + 4 * d // 64), "v": (4, 16, lambda d: d // 64 * 34)},
+    "q3g": {"k": (2, 64, lambda d: 3 * d // 8 + 4 * d // 64), "v": (2, 16, lambda d: d // 64 * 26)},
+}
+
+
+@pytest.mark.parametrize("name", GROUP_TYPES)
+def test_bytes_step_per_complete_group(name):
+    """q4g/q3g pay their rate per complete group: 64 keys, 16 values; other positions cost 0 bytes."""
     cfg = config(n_layer=1, n_head_kv=1)
-    steps = {n: kv_cache_bytes(cfg, n + 1, "q4g", "q4g") - kv_cache_bytes(cfg, n, "q4g", "q4g") for n in range(300)}
-    group = GROUP * 2 * KV_TYPES["q4g"].row_bytes(64)
-    assert {n for n, b in steps.items() if b} == {N_SINK + GROUP * g - 1 for g in range(1, 5)}
-    assert set(steps.values()) == {0, group}
+    steps = {n: kv_cache_bytes(cfg, n + 1, name, name) - kv_cache_bytes(cfg, n, name, name) for n in range(300)}
+    S, (Gk, Gv), t = KV_TYPES[name].n_sink, KV_TYPES[name].tail_rows, KV_TYPES[name]
+    k_ends = {S + Gk * g - 1 for g in range(1, 5)}
+    v_ends = {S + Gv * g - 1 for g in range(1, 19)}
+    assert {n for n, b in steps.items() if b} == k_ends | v_ends
+    for n, b in steps.items():
+        assert b == (n in k_ends) * Gk * t.rate(64, "k") + (n in v_ends) * Gv * t.rate(64, "v")
 
 
-SMOLLM2_BITS = {  # head_dim 64, everything allocated counted: q4g's f16 sinks and newest group too
+SMOLLM2_BITS = {  # head_dim 64, everything allocated counted: the f16 sinks and q8_0 newest groups too
     "f32": {512: 32, 2048: 32, 8192: 32}, "f16": {512: 16, 2048: 16, 8192: 16},
     "q8_0": {512: 8.5, 2048: 8.5, 8192: 8.5}, "q4_0": {512: 4.5, 2048: 4.5, 8192: 4.5},
-    "q4g": {512: 6.0625, 2048: 4.890625, 8192: 4.59765625},
+    "q4g": {512: 4.81640625, 2048: 4.4853515625, 8192: 4.402587890625},
+    "q3g": {512: 3.83203125, 2048: 3.4892578125, 8192: 3.403564453125},
 }
 
 
@@ -291,18 +352,19 @@ def test_bits_per_value():
         for n_ctx, bits in by_ctx.items():
             measured = KVCache(cfg, n_ctx, t, t).n_bytes * 8 / (2 * n_ctx * 64)
             assert measured == bits == bits_per_value(t, n_ctx, 64) == kv_bits_per_value(cfg, n_ctx, t, t), (t, n_ctx)
-    assert round(bits_per_value("q4g", 10**6, 64), 3) == 4.501  # the rate, once the f16 rows are amortized
+    assert round(bits_per_value("q4g", 10**6, 64), 3) == 4.375  # (36 + 34) bytes per 128 values, the fixed rows amortized
+    assert round(bits_per_value("q3g", 10**6, 64), 3) == 3.375  # (28 + 26) bytes per 128 values
 
 
 def test_smollm2_figures_from_llamacpp_notes():
     """shared/LLAMACPP.md: at 8,192 positions f16 180.00 MiB, q8_0 95.62 MiB, q4_0 50.62 MiB; q4g
-    allocates 51.72 MiB (its f16 rows), not the 50.62 MiB its rate alone gives."""
+    allocates 49.53 MiB (its sink and tail rows), not the 49.22 MiB its rate alone gives; q3g 38.29."""
     cfg = config(n_layer=30, n_head=9, n_head_kv=3, head_dim=64)
-    types = ("f16", "q8_0", "q4_0", "q4g")
+    types = ("f16", "q8_0", "q4_0", "q4g", "q3g")
     mib = {t: kv_cache_bytes(cfg, 8192, t, t) / 2**20 for t in types}
-    assert [round(mib[t], 2) for t in types] == [180.0, 95.62, 50.62, 51.72]
+    assert [round(mib[t], 2) for t in types] == [180.0, 95.62, 50.62, 49.53, 38.29]
     assert all(kv_cache_bytes(cfg, 8192, t, t) == KVCache(cfg, 8192, t, t, device="meta").n_bytes for t in types)
-    assert round(8192 * kv_bytes_per_token(cfg, "q4g", "q4g") / 2**20, 2) == 50.62  # the rate only
+    assert round(8192 * kv_bytes_per_token(cfg, "q4g", "q4g") / 2**20, 2) == 49.22  # the rate only
 
 
 @pytest.mark.parametrize("type_k, type_v", [(t, t) for t in CACHE_TYPES] + [("q4g", "f16"), ("q8_0", "q4g")])
@@ -316,15 +378,15 @@ def test_max_ctx_is_the_largest_that_fits(type_k, type_v):
 
 
 def test_max_ctx_counts_q4g_fixed_rows():
-    """SmolLM2's q4g cache of 2,048 positions also holds 2,051 (same groups), not the 2,225 that
-    room / rate says (that many positions need 14.34 MiB; 2,048 allocate 13.75 MiB)."""
+    """SmolLM2's q4g cache of 2,048 positions also holds 2,051 (same groups), not the 2,099 that
+    room / rate says (its sink and tail rows are not paid per position)."""
     cfg = config(n_layer=30, n_head=9, n_head_kv=3, head_dim=64)
     room = KVCache(cfg, 2048, "q4g", "q4g", device="meta").n_bytes
-    assert room // kv_bytes_per_token(cfg, "q4g", "q4g") == 2225
+    assert room // kv_bytes_per_token(cfg, "q4g", "q4g") == 2099
     assert kv_max_ctx(cfg, room, "q4g", "q4g") == 2051
     assert KVCache(cfg, 2051, "q4g", "q4g", device="meta").n_bytes == room
     assert KVCache(cfg, 2052, "q4g", "q4g", device="meta").n_bytes > room
-    assert KVCache(cfg, 2225, "q4g", "q4g", device="meta").n_bytes > room
+    assert KVCache(cfg, 2099, "q4g", "q4g", device="meta").n_bytes > room
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -334,7 +396,7 @@ def test_bad_type_name_is_one_line_error(bad):
         KVCache(config(), 16, "f16", bad)
     msg = str(e.value)
     assert "\n" not in msg and f"'{bad}'" in msg
-    assert "f32, f16, q8_0, q4_0, q4g" in msg
+    assert "f32, f16, q8_0, q4_0, q4g, q3g" in msg
     with pytest.raises(QkvggufError):
         kv_bytes_per_token(config(), bad, "f16")
 

@@ -4,7 +4,7 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py):
 
 - kv_write's bytes equal the torch quantizers (themselves bit-exact with gguf.quants), zeros, ties,
   huge values and device positions included
-- attention over q8_0 / q4_0 / mixed / q4g caches read in place by the kernels equals the torch
+- attention over q8_0 / q4_0 / mixed / q4g / q3g caches read in place by the kernels equals the torch
   reference over the dequantized cache (the same rotated and rounded inputs) to float tolerance,
   prefill (odd lengths, offsets, a q4g group completing mid-batch) and decode, GQA 1 and 3,
   head_dim 64 and 128; the two caches hold identical bytes afterwards
@@ -31,7 +31,8 @@ from qkvgguf.runtime import ops_triton  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the same tests run on a GPU when there is one
 TOL = dict(atol=3e-5, rtol=3e-5) if DEV == "cpu" else dict(atol=3e-3, rtol=3e-3)  # TF32 dots on the GPU
 QUANTIZERS = {"q8_0": (quantize_q8_0_torch, 34), "q4_0": (quantize_q4_0_torch, 18)}
-PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4g", "q4g"), ("f16", "q4_0"), ("q4g", "f16")]
+PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4g", "q4g"), ("f16", "q4_0"), ("q4g", "f16"),
+         ("q3g", "q3g"), ("q4g", "q3g"), ("f16", "q3g")]
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
@@ -109,7 +110,7 @@ def test_operand_shapes_checked():
         attend_decode(torch.zeros(4, 1, 32), K, V, 4)
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4g"])
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4g", "q3g"])
 def test_close_to_f32_on_smollm2_activations(smollm2_qkv, name):
     """Layer 3 of SmolLM2 on War and Peace: the kernels' output is within the reference path's bounds."""
     cfg, captured = smollm2_qkv
@@ -135,7 +136,7 @@ def tiny_models(tmp_path_factory):
     return Model(gguf, device=DEV, backend="torch"), Model(gguf, device=DEV, backend="triton")
 
 
-@pytest.mark.parametrize("type_k, type_v", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4g", "q4g")])
+@pytest.mark.parametrize("type_k, type_v", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4g", "q4g"), ("q3g", "q3g")])
 def test_tiny_model_with_quantized_cache(tiny_models, type_k, type_v):
     from qkvgguf.runtime import Sampler, SamplingParams, Session
 

@@ -190,6 +190,8 @@ def test_stderr_matches_a_direct_computation(smollm2_path, text_file, ppl, api_m
     assert res["nll"] == pytest.approx(mean, rel=1e-5)
     assert res["nll_stderr"] == pytest.approx(se, rel=1e-4)
     assert res["ppl_stderr"] == pytest.approx(math.exp(mean) * se, rel=1e-4)
+    per_window = nll.reshape(CHUNKS, -1).mean(axis=1)  # --json's window_nll: each window's mean NLL
+    assert res["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-5)
     rc, out, err = _main("perplexity", "-m", smollm2_path, "-f", text_file, "-c", N_CTX, "--chunks", CHUNKS)
     assert rc == 0, err
     assert out.startswith(f"PPL = {res['ppl']:.4f} ± {res['ppl_stderr']:.5f}"), out

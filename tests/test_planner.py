@@ -5,7 +5,7 @@
   staging pool is two slots of the largest streamed layer
 - the smallest budget that runs streams every layer; one byte less: a one-line error with the minimum
 - KV and activation bytes are the accounting functions' (kv_cache_bytes, activation_bytes), and the
-  KV bytes are what a real KVCache allocates (q4g's f16 rows included)
+  KV bytes are what a real KVCache allocates (q4g's sink and tail rows included), and with --kv-budget the ladder's allocation
 - max_resident_ctx: the longest context with everything resident, exact at both sides of n_batch
 - on the real SmolLM2 file (sizes from the GGUF)
 """
@@ -109,6 +109,24 @@ def test_kv_and_activations_follow_the_accounting(model):
         p = plan(specs, cfg, None, n_ctx, tk, tv, n_batch=256, act_elt=4)
         assert p.kv_bytes == kv_cache_bytes(cfg, n_ctx, tk, tv) == KVCache(cfg, n_ctx, tk, tv, device="meta").n_bytes
         assert p.activation_bytes == activation_bytes(cfg, 256, 4)
+
+
+def test_kv_budget_pays_the_ladder(model):
+    """--kv-budget: the plan's KV bytes are the ladder's allocation (what a real budget cache
+    allocates, <= the budget), whatever -ctk/-ctv say; a VRAM budget too small names it."""
+    from qkvgguf.kv_budget import plan_budget
+
+    cfg, specs = model
+    q8 = kv_cache_bytes(cfg, 2048, "q8_0", "q8_0")
+    for kv_budget in (q8 // 2, q8 - 1, 4 * q8):
+        p = plan(specs, cfg, None, 2048, "f16", "f16", kv_budget=kv_budget)
+        alloc = KVCache(cfg, 2048, device="meta", budget=kv_budget).n_bytes
+        assert p.kv_bytes == plan_budget(cfg, 2048, kv_budget).n_bytes == alloc <= kv_budget
+        assert p.total_bytes - plan(specs, cfg, None, 2048, "f16", "f16").total_bytes == \
+            alloc - kv_cache_bytes(cfg, 2048, "f16", "f16")
+    low = minimum_budget(specs, cfg, 2048, kv_budget=q8 // 2)
+    with pytest.raises(BudgetTooSmall, match="--kv-budget"):
+        plan(specs, cfg, low - 1, 2048, kv_budget=q8 // 2)
 
 
 @pytest.mark.parametrize("tk, tv", [("f16", "f16"), ("q4_0", "q4_0"), ("q4g", "q4g"), ("q4g", "q8_0")])

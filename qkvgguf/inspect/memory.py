@@ -6,8 +6,11 @@
   model does not fit, the planner streams layers from host memory through two device slots of the
   largest streamed layer and says how many bytes cross PCIe per decode token;
 - KV cache: `kv_types.kv_cache_bytes(cfg, n_ctx, type_k, type_v)`, exact: a fixed part
-  (q4g's f16 sinks and newest group) plus a rate per token (`kv_layout_bytes`), and the bits per
-  value that makes at this context (q4g's is above 4.5 at short contexts: 6.06 at 512 for SmolLM2);
+  (q4g's/q3g's f16 sinks and q8_0 newest group) plus a rate per token (`kv_layout_bytes`), and the
+  bits per value that makes at this context (for SmolLM2 q4g 4.82 at 512, 4.49 at 2048);
+- with `--kv-budget SIZE` the cache is the adaptive ladder (qkvgguf/kv_budget.py): its allocation
+  (<= SIZE), the bits per value it makes at this context, and its schedule (which context lengths
+  run at which precision: `Schedule.lines`);
 - activations: `planner.activation_bytes` for a batch of `n_batch` prompt tokens (float16
   intermediates on the GPU, float32 logits);
 - CUDA context: a fixed allowance of 0.5 GiB (`CUDA_CONTEXT_BYTES`).
@@ -25,6 +28,7 @@ from typing import Optional
 from ..config import ModelConfig
 from ..errors import QkvggufError
 from ..gguf_file import GGUFFile
+from ..kv_budget import plan_budget
 from ..kv_types import kv_bits_per_value, kv_bytes_per_token, kv_layout_bytes
 from ..runtime.planner import PLACEMENTS, BudgetTooSmall, Costs, max_resident_ctx, minimum_budget, plan, specs_of, unit_of
 from ..units import format_bytes
@@ -46,8 +50,9 @@ def _costs(gguf: GGUFFile, specs) -> Costs:
 
 
 def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, type_k: str = DEFAULT_CACHE_TYPE,
-             type_v: str = DEFAULT_CACHE_TYPE, n_batch: int = DEFAULT_BATCH) -> dict:
-    """The memory estimate as plain data; `vram` None gives the sizes without a verdict."""
+             type_v: str = DEFAULT_CACHE_TYPE, n_batch: int = DEFAULT_BATCH, kv_budget: Optional[int] = None) -> dict:
+    """The memory estimate as plain data; `vram` None gives the sizes without a verdict; kv_budget
+    (bytes): the --kv-budget cache instead of type_k/type_v."""
     cfg = ModelConfig.from_gguf(gguf)
     if n_ctx is None:
         n_ctx = min(4096, cfg.n_ctx_train)
@@ -65,8 +70,13 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
         except (KeyError, ValueError):
             raise QkvggufError(f"cache type '{t}' is not known to the KV accounting (qkvgguf/kv_types.py)") from None
     fixed, per_token = kv_layout_bytes(cfg, n_ctx, type_k, type_v)
+    schedule = plan_budget(cfg, n_ctx, kv_budget) if kv_budget is not None else None
+    if schedule is not None:
+        type_k = type_v = "budget"
+        fixed, per_token = schedule.n_bytes, 0
+    kw = dict(kv_budget=kv_budget)
     specs = specs_of(gguf)
-    full = plan(specs, cfg, None, n_ctx, type_k, type_v, n_batch)
+    full = plan(specs, cfg, None, n_ctx, type_k, type_v, n_batch, **kw)
     weights = gguf.tensor_data_bytes
     out = {
         "estimate": False,
@@ -76,21 +86,26 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
         "kv_bytes_per_token": per_token,
         "kv_fixed_bytes": fixed,
         "kv_bytes": full.kv_bytes,
-        "kv_bits_per_value": kv_bits_per_value(cfg, n_ctx, type_k, type_v) if n_ctx else None,
+        "kv_bits_per_value": (full.kv_bytes * 8 / (2 * cfg.n_layer * cfg.n_head_kv * n_ctx * cfg.head_dim)
+                              if schedule is not None else kv_bits_per_value(cfg, n_ctx, type_k, type_v)) if n_ctx else None,
         "activation_bytes": full.activation_bytes,
         "cuda_context_bytes": full.context_bytes,
         "total_bytes": full.total_bytes,
         "vram_bytes": vram,
-        "minimum_bytes": minimum_budget(specs, cfg, n_ctx, type_k, type_v, n_batch),
+        "minimum_bytes": minimum_budget(specs, cfg, n_ctx, type_k, type_v, n_batch, **kw),
         # with every layer computed on the CPU: the cache, activations, context and small tensors only
         "minimum_bytes_cpu": full.kv_bytes + full.activation_bytes + full.context_bytes
-        + plan(specs, cfg, full.total_bytes - 1, n_ctx, type_k, type_v, n_batch, placement="cpu").small_bytes
+        + plan(specs, cfg, full.total_bytes - 1, n_ctx, type_k, type_v, n_batch, placement="cpu", **kw).small_bytes
         if full.total_bytes > 1 else full.total_bytes,
     }
+    if schedule is not None:
+        out["kv_budget"] = {"budget_bytes": kv_budget, "cache_bytes": schedule.n_bytes,
+                            "groups_q8_0_q4g_q3g": list(schedule.groups), "schedule": schedule.lines()}
     if vram is not None:
         out["fits"] = full.total_bytes <= vram
         out["headroom_bytes"] = vram - full.total_bytes
-        out["max_ctx"] = max_resident_ctx(specs, cfg, vram, type_k, type_v, n_batch, limit=cfg.n_ctx_train)
+        out["max_ctx"] = (max_resident_ctx(specs, cfg, vram, type_k, type_v, n_batch, limit=cfg.n_ctx_train)
+                          if schedule is None else _budget_max_ctx(specs, cfg, vram, kv_budget, n_batch))
         costs = _costs(gguf, specs)
         out["costs"] = {"h2d_bytes_per_s": costs.h2d_bytes_per_s, "device_bytes_per_s": costs.device_bytes_per_s,
                         "cpu_bytes_per_s": costs.cpu_bytes_per_s, "source": costs.source}
@@ -98,11 +113,28 @@ def estimate(gguf: GGUFFile, vram: Optional[int], n_ctx: Optional[int] = None, t
         for how in PLACEMENTS:  # what each choice for the units that do not fit would give
             try:
                 out["placements"][how] = plan(specs, cfg, vram, n_ctx, type_k, type_v, n_batch, source=gguf.path,
-                                              placement=how, costs=costs).summary()
+                                              placement=how, costs=costs, **kw).summary()
             except BudgetTooSmall:
                 out["placements"][how] = None
         out["plan"] = out["placements"]["auto"]  # what `run --vram` does by default (--placement auto)
     return out
+
+
+def _budget_max_ctx(specs, cfg: ModelConfig, vram: int, kv_budget: int, n_batch: int) -> int:
+    """With --kv-budget: the longest context (<= the model's) the ladder holds within kv_budget (its
+    oldest groups at 3 bits) with every weight resident in vram; 0 if none. Bisected: the budget
+    cache's bytes never exceed kv_budget, and whether the ladder holds n tokens is monotone in n."""
+    def fits(n: int) -> bool:
+        try:
+            return plan(specs, cfg, None, n, "f16", "f16", n_batch, kv_budget=kv_budget).total_bytes <= vram
+        except QkvggufError:  # the ladder cannot hold n tokens within kv_budget
+            return False
+
+    lo, hi = 0, cfg.n_ctx_train + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def render_memory(m: dict) -> str:
@@ -115,6 +147,8 @@ def render_memory(m: dict) -> str:
     out = [f"memory ({m['note']}):"]
     for label, n, what in rows:
         out.append(f"  {label:<13} {format_bytes(n):>11}  {what}")
+    if "kv_budget" in m:
+        out += [f"  {'':<13} {'':>11}  {line}" for line in m["kv_budget"]["schedule"]]
     out.append(f"  {'total':<13} {format_bytes(m['total_bytes']):>11}")
     if m["vram_bytes"] is not None:
         p, vram = m.get("plan"), format_bytes(m["vram_bytes"])
@@ -152,10 +186,13 @@ def render_memory(m: dict) -> str:
 
 
 def _kv_line(m: dict) -> str:
-    """'6,480 B/token x 2,048 tokens + 1.49 MiB fixed (K q4g, V q4g; 4.89 bits per value)': the
-    fixed part is shown only when there is one (q4g's f16 rows); the bits count all of it."""
-    fixed = f" + {format_bytes(m['kv_fixed_bytes'])} fixed" if m["kv_fixed_bytes"] else ""
+    """'6,300 B/token x 2,048 tokens + 317.81 KiB fixed (K q4g, V q4g; 4.49 bits per value)': the
+    fixed part is shown only when there is one (sink and tail rows); the bits count all of it."""
     bits = f"; {m['kv_bits_per_value']:.2f} bits per value" if m["kv_bits_per_value"] is not None else ""
+    if "kv_budget" in m:
+        return (f"--kv-budget {format_bytes(m['kv_budget']['budget_bytes'])}: the ladder allocates this at "
+                f"{m['n_ctx']:,} tokens{bits}")
+    fixed = f" + {format_bytes(m['kv_fixed_bytes'])} fixed" if m["kv_fixed_bytes"] else ""
     return (f"{m['kv_bytes_per_token']:,} B/token x {m['n_ctx']:,} tokens{fixed} "
             f"(K {m['type_k']}, V {m['type_v']}{bits})")
 

@@ -16,10 +16,14 @@ Row formats (`FMT`: the codes of qkvgguf/kv_types.py `ROW_FORMATS`; bytes per KV
            nibble) | element j + 16 (high nibble)
     Q4G_K  per-channel codes over groups of 64 positions: d/2 bytes per position (byte c = channel
            c low | channel c + d/2 high), f16 [scale, min] per channel and group: x = scale * q + min
+    Q3G_K  the same with 3-bit codes: d/4 bytes of 2-bit parts (byte j = channels j + k d/4 at
+           shift 2k), d/8 bytes of high bits (byte j = channels j + k d/8 at bit k)
+    Q4_64  d/64 blocks of 34 bytes: f16 s, byte j = q[j] | q[j + 32] << 4      x = s (2q - 15) / 15
+    Q3_64  d/64 blocks of 26 bytes: f16 s, 16 + 8 bytes of planes as Q3G_K's    x = s L3[q]
 
-A segmented operand (q4g) keeps positions [0, a_end) as dense f16 rows in `a` (attention sinks),
-[a_end, b_end) in the block format in `b` (row = position - a_end), and [b_end, ...) as dense f16
-rows in `c` (the newest, partial group). A key tile loads each position from the segment that
+A segmented operand (q4g, q3g) keeps positions [0, a_end) as dense f16 rows in `a` (attention
+sinks), [a_end, b_end) in the block format in `b` (row = position - a_end), and [b_end, ...) in `c`
+(the newest, partial group): dense f16 rows, or q8_0 rows when `c` is uint8. A key tile loads each position from the segment that
 holds it (masked loads: no traffic for the others), dequantizes in registers and runs the same
 online-softmax step; no dequantized copy of the cache is ever written.
 
@@ -56,7 +60,7 @@ import triton
 import triton.language as tl
 
 from qkvgguf.errors import QkvggufError
-from qkvgguf.kv_types import ROW_FORMATS
+from qkvgguf.kv_types import L3, ROW_FORMATS
 
 from .launch import fp32_precision, next_pow2
 
@@ -64,7 +68,9 @@ LOG2E = 1.4426950408889634
 
 FORMATS = {name: f.code for name, f in ROW_FORMATS.items()}  # row format -> FMT
 DENSE, Q8_0, Q4_0, Q4G_K = (tl.constexpr(FORMATS[n]) for n in ("dense", "q8_0", "q4_0", "q4g_k"))
-GROUP_POSITIONS = 64  # q4g: positions per group of per-channel scales
+Q4_64, Q3_64, Q3G_K = (tl.constexpr(FORMATS[n]) for n in ("q4_64", "q3_64", "q3g_k"))
+L3_0, L3_1, L3_2, L3_3 = (tl.constexpr(x) for x in L3[4:])  # q3_64's positive levels (kv_types.L3)
+GROUP_POSITIONS = 64  # q4g, q3g: positions per group of per-channel scales
 
 
 # -- device helpers ------------------------------------------------------------------------------
@@ -90,14 +96,51 @@ def _load_rows(b, b16, bs, rows, rd, mask, stride_bs, FMT: tl.constexpr, HEAD_DI
         byte = tl.load(b + blk + 2 + c % 16, mask=mask, other=0).to(tl.int32)
         q = tl.where(c % 32 < 16, byte & 15, byte >> 4)
         x = d * (q.to(tl.float32) - 8.0)
-    else:  # Q4G_K, q4g keys: per channel over groups of 64 positions
-        byte = tl.load(b + r + c % (HEAD_DIM // 2), mask=mask, other=0).to(tl.int32)
-        q = tl.where(c < HEAD_DIM // 2, byte & 15, byte >> 4)
+    elif FMT == Q4_64:  # q4g values: f16 s, 32 nibble bytes per 64 values, 16 symmetric levels
+        blk = r + (c // 64) * 34
+        s = tl.load(b16 + blk // 2, mask=mask, other=0.0).to(tl.float32)
+        byte = tl.load(b + blk + 2 + c % 32, mask=mask, other=0).to(tl.int32)
+        q = tl.where(c % 64 < 32, byte & 15, byte >> 4)
+        x = s * ((2 * q - 15).to(tl.float32) / 15.0)
+    elif FMT == Q3_64:  # q3g values: f16 s, 16 + 8 bytes of 3-bit planes per 64 values, Lloyd-Max levels
+        blk = r + (c // 64) * 26
+        e = c % 64
+        s = tl.load(b16 + blk // 2, mask=mask, other=0.0).to(tl.float32)
+        low = tl.load(b + blk + 2 + e % 16, mask=mask, other=0).to(tl.int32)
+        high = tl.load(b + blk + 18 + e % 8, mask=mask, other=0).to(tl.int32)
+        q = ((low >> (2 * (e // 16))) & 3) | (((high >> (e // 8)) & 1) << 2)
+        x = s * _level3(q)
+    else:  # per channel over groups of 64 positions: Q4G_K (q4g keys), Q3G_K (q3g keys)
+        if FMT == Q4G_K:
+            byte = tl.load(b + r + c % (HEAD_DIM // 2), mask=mask, other=0).to(tl.int32)
+            q = tl.where(c < HEAD_DIM // 2, byte & 15, byte >> 4)
+        else:
+            low = tl.load(b + r + c % (HEAD_DIM // 4), mask=mask, other=0).to(tl.int32)
+            high = tl.load(b + r + HEAD_DIM // 4 + c % (HEAD_DIM // 8), mask=mask, other=0).to(tl.int32)
+            q = ((low >> (2 * (c // (HEAD_DIM // 4)))) & 3) | (((high >> (c // (HEAD_DIM // 8))) & 1) << 2)
         g = (rows // 64)[:, None] * (2 * HEAD_DIM)
         scale = tl.load(bs + g + c, mask=mask, other=0.0).to(tl.float32)
         lo = tl.load(bs + g + HEAD_DIM + c, mask=mask, other=0.0).to(tl.float32)
         x = scale * q.to(tl.float32) + lo
     return x
+
+
+@triton.jit
+def _level3(q):
+    """q3_64's level of code q (0..7): -L3[7 - q] below 4, L3[q] from 4 (kv_types.L3, symmetric)."""
+    m = tl.where(q >= 4, q - 4, 3 - q)
+    v = tl.where(m == 0, L3_0, tl.where(m == 1, L3_1, tl.where(m == 2, L3_2, L3_3)))
+    return tl.where(q >= 4, v, -v)
+
+
+@triton.jit
+def _load_q8_0_bytes(p, rows, rd, mask, stride):
+    """float32 (N, BLOCK_D): q8_0 rows through a uint8 pointer alone (the scale from its two bytes)."""
+    blk = rows[:, None] * stride + (rd[None, :] // 32) * 34
+    bits = tl.load(p + blk, mask=mask, other=0).to(tl.uint16) | (tl.load(p + blk + 1, mask=mask, other=0).to(tl.uint16) << 8)
+    d = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    q = tl.load(p + blk + 2 + rd[None, :] % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
+    return d * q.to(tl.float32)
 
 
 @triton.jit
@@ -118,8 +161,11 @@ def _load_kv(pos, valid, rd, a, b, b16, bs, c, a_end, b_end, stride_as, stride_b
         x = _load_rows(b, b16, bs, pos - a_end, rd, (valid & in_b)[:, None] & dm, stride_bs, FMT, HEAD_DIM)
         x += tl.load(a + pos[:, None] * stride_as + rd[None, :],
                      mask=(valid & in_a)[:, None] & dm, other=0.0).to(tl.float32)
-        x += tl.load(c + (pos - b_end)[:, None] * stride_cs + rd[None, :],
-                     mask=(valid & in_c)[:, None] & dm, other=0.0).to(tl.float32)
+        if c.dtype.element_ty == tl.uint8:  # the tail in q8_0 rows (q4g, q3g keys)
+            x += _load_q8_0_bytes(c, pos - b_end, rd, (valid & in_c)[:, None] & dm, stride_cs)
+        else:
+            x += tl.load(c + (pos - b_end)[:, None] * stride_cs + rd[None, :],
+                         mask=(valid & in_c)[:, None] & dm, other=0.0).to(tl.float32)
     else:
         x = _load_rows(b, b16, bs, pos, rd, valid[:, None] & dm, stride_bs, FMT, HEAD_DIM)
     return x
