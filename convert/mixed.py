@@ -182,6 +182,39 @@ def reserve_bytes(arch, target: Target) -> int:
             + activation_bytes(cfg, min(target.n_batch, target.n_ctx), 2) + CUDA_CONTEXT_BYTES)
 
 
+def _budget(arch, planned, target: Target) -> tuple[int, int, int]:
+    """(bytes the quantized tensors may take, bytes of the float tensors, elements of all tensors)."""
+    floats = (T.F32, T.F16, T.BF16)
+    fixed = sum(p.n_bytes for p in planned if p.type in floats)
+    elements = sum(int(np.prod(p.shape)) for p in planned)
+    if target.bpw is not None:
+        if target.bpw <= 0:
+            raise BudgetError(f"--target-bpw must be positive, got {target.bpw}")
+        return int(target.bpw * elements / 8) - fixed, fixed, elements
+    return target.fit_bytes - reserve_bytes(arch, target) - fixed, fixed, elements
+
+
+def check_budget(arch, planned, target: Target) -> None:
+    """BudgetError unless the target holds every quantized tensor at its cheapest candidate type.
+    Needs only shapes, so `convert` calls it before calibrating or measuring anything."""
+    floats = (T.F32, T.F16, T.BF16)
+    budget, fixed, elements = _budget(arch, planned, target)
+    smallest = 0
+    for p in planned:
+        if p.type in floats:
+            continue
+        n = int(p.shape[-1])
+        rows = int(np.prod(p.shape)) // n
+        smallest += min(rows * n // block_sizes(t)[0] * block_sizes(t)[1] for t in candidates(n))
+    if budget < smallest:
+        if target.bpw is not None:
+            raise BudgetError(f"--target-bpw {target.bpw:g} is below the smallest possible: "
+                              f"{8 * (smallest + fixed) / elements:,.2f} bits per weight")
+        raise BudgetError(f"--fit {target.fit_bytes:,} bytes at -c {target.n_ctx} (K {target.type_k}, "
+                          f"V {target.type_v}) is below the smallest possible: "
+                          f"{int(smallest + fixed + reserve_bytes(arch, target)):,} bytes")
+
+
 def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
     """Types for `--outtype auto`: (planned tensors with chosen types, metadata for the file)."""
     import dataclasses
@@ -191,14 +224,8 @@ def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
 
     floats = (T.F32, T.F16, T.BF16)
     quant = [p for p in planned if p.type not in floats]
-    fixed = sum(p.n_bytes for p in planned if p.type in floats)
-    elements = sum(int(np.prod(p.shape)) for p in planned)
-    if target.bpw is not None:
-        if target.bpw <= 0:
-            raise BudgetError(f"--target-bpw must be positive, got {target.bpw}")
-        budget = int(target.bpw * elements / 8) - fixed
-    else:
-        budget = target.fit_bytes - reserve_bytes(arch, target) - fixed
+    check_budget(arch, planned, target)
+    budget, fixed, elements = _budget(arch, planned, target)
     options = {}
     for k, p in enumerate(quant):
         values = arch.transform(p.name, ckpt.load(p.hf_name).to(torch.float32)).numpy()
@@ -207,15 +234,6 @@ def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
         del values
         if stage:
             stage("measuring", k + 1, len(quant))
-    smallest = sum(min(o.n_bytes for o in opts) for opts in options.values())
-    if budget < smallest:
-        what = (f"--target-bpw {target.bpw:g}" if target.bpw is not None else
-                f"--fit {target.fit_bytes:,} bytes at -c {target.n_ctx} (K {target.type_k}, V {target.type_v})")
-        need = (8 * (smallest + fixed) / elements if target.bpw is not None else
-                smallest + fixed + reserve_bytes(arch, target))
-        unit = "bits per weight" if target.bpw is not None else "bytes"
-        raise BudgetError(f"{what} is below the smallest possible: {need:,.2f} {unit}" if target.bpw is not None
-                          else f"{what} is below the smallest possible: {int(need):,} {unit}")
     chosen = allocate(options, budget)
     out = []
     for p in planned:

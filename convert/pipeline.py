@@ -34,7 +34,7 @@ from qkvgguf.errors import QkvggufError
 from .arch import Arch, for_config
 from .checkpoint import Checkpoint
 from .imatrix import Imatrix, ImatrixError, collect_imatrix, default_calibration_text
-from .mixed import Target, auto_plan
+from .mixed import Target, auto_plan, check_budget
 from .stream import PlannedTensor, Progress, plan, write
 from .vocab import Vocab, load_vocab
 from .writer import AtomicOutput, get_outtype
@@ -83,6 +83,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
         planned = plan(ckpt, arch, otype)
         if otype.name != "auto":
             warn_fallbacks(planned)
+        if otype.name == "auto":
+            check_budget(arch, planned, target)  # before any calibration or measuring
         if imatrix is not None or otype.name == "auto":
             imatrix = get_imatrix(ckpt, arch, vocab, imatrix, calib, calib_chunks, stage, allow_nonfinite)
         auto_meta = None

@@ -6,7 +6,9 @@ On a terminal it behaves as llama-cli's conversation mode:
 - Ctrl-C during a reply stops that reply only (what was said so far stays in the conversation) and
   the next turn works; Ctrl-C at the prompt leaves (status 130).
 When stdin is not a terminal (`--chat-stdin`, pipes), each line is a user turn, echoed as `> TEXT`
-before its reply, with a blank line between turns, so a transcript reads as one.
+before its reply, with a blank line between turns, so a transcript reads as one. A single prompt
+(`--chat -p TEXT` without --chat-stdin) prints its reply only, as `run` without --chat does, so a
+script gets the answer and nothing else.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def chat(args, session, tok, sampler, first: str, stops: list[str], on_start=Non
         print(f"qkvgguf: chatting with {name}. Type a message and press Enter. /exit or Ctrl-D leaves; "
               "Ctrl-C stops a reply.", file=sys.stderr, flush=True)
     pending = first.strip() or None
+    transcript = not first.strip() or args.chat_stdin  # turns may come from stdin: mark each
     turns = 0
     while True:
         if pending is None:
@@ -64,7 +67,7 @@ def chat(args, session, tok, sampler, first: str, stops: list[str], on_start=Non
             if not pending.strip():
                 pending = None
                 continue
-        if not interactive:
+        if not interactive and transcript:
             _say(("\n" if turns else "") + f"> {pending}\n")
         messages.append({"role": "user", "content": pending})
         pending = None

@@ -250,7 +250,7 @@ def test_chat_template_file_replaces_the_files_template(smollm2_path, tmp_path):
     assert rc == 0, err
     ref, _ = _run_json(smollm2_path, "-p", "<|im_start|>user\nCapital of France in one word?<|im_end|>\n"
                                             "<|im_start|>assistant\nThe answer is", "-n", 6, "--temp", 0)
-    assert out.splitlines()[1] == ref["text"].split("\n")[0], (out, ref)
+    assert out.splitlines()[0] == ref["text"].split("\n")[0], (out, ref)
     rc, _, err = _cli("run", "-m", smollm2_path, "--chat", "--chat-template-file", tmp_path / "none.jinja", "x")
     one_line_error(rc, err, "none.jinja")
 
