@@ -144,14 +144,34 @@ def cache_type(name: str, head_dim: int | None = None) -> KVType:
 
 
 # -- accounting ------------------------------------------------------------------------------------
+SWA_SLACK = 256  # a sliding-window layer keeps window + SWA_SLACK positions (a ring): SWA_SLACK + 1
+#                 queries attend at once (a longer batch is split), as llama.cpp keeps n_swa + n_ubatch
+
+
+def swa_rows(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+    """Positions the store of each sliding-window (local) layer holds: window + SWA_SLACK as a ring,
+    or n_ctx when that is no more, or when a cache type's layout is positional (q4g's groups)."""
+    if not cfg.sliding_window or any(cache_type(t).store == "groups" for t in (type_k, type_v)):
+        return n_ctx
+    return min(n_ctx, cfg.sliding_window + SWA_SLACK)
+
+
 def kv_layout_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> tuple[int, int]:
     """(fixed, per_token) across all layers, K and V: a cache of n_ctx positions allocates exactly
     fixed + per_token * n_ctx. fixed is q4g's f16 sink and tail rows less the rate of the positions
     only they hold (0 for the other types); it varies with n_ctx mod 64, and at n_ctx 0 it is the
-    f16 rows alone, which no n_ctx exceeds (see kv_max_ctx)."""
-    d, heads = cfg.head_dim, cfg.n_layer * cfg.n_head_kv
+    f16 rows alone, which no n_ctx exceeds (see kv_max_ctx). Sliding-window layers whose ring is
+    shorter than n_ctx (swa_rows) are all fixed: they allocate the same at any longer context."""
+    d, n_kv = cfg.head_dim, cfg.n_head_kv
+    n_local = sum(cfg.swa_layers) if cfg.sliding_window else 0
+    rows = swa_rows(cfg, n_ctx, type_k, type_v)
+    n_rated = cfg.n_layer - (n_local if rows < n_ctx else 0)
     (fk, rk), (fv, rv) = (cache_type(t, d).layout(n_ctx, d) for t in (type_k, type_v))
-    return heads * (fk + fv), heads * (rk + rv)
+    fixed, rate = n_rated * n_kv * (fk + fv), n_rated * n_kv * (rk + rv)
+    if rows < n_ctx:  # the rings: their whole size is fixed
+        (fk, rk), (fv, rv) = (cache_type(t, d).layout(rows, d) for t in (type_k, type_v))
+        fixed += n_local * n_kv * (fk + fv + (rk + rv) * rows)
+    return fixed, rate
 
 
 def kv_bytes_per_token(cfg: ModelConfig, type_k: str = "f16", type_v: str = "f16") -> int:
@@ -189,9 +209,12 @@ def kv_max_ctx(cfg: ModelConfig, room: int, type_k: str = "f16", type_v: str = "
     rows, rate = kv_layout_bytes(cfg, 0, type_k, type_v)
     if room < rows:
         return 0
-    d = cfg.head_dim
-    lo = (room - rows) // rate  # fits
-    hi = lo + max(cache_type(t, d).f16_rows for t in (type_k, type_v)) + 1  # does not fit
+    lo = (room - rows) // rate  # fits: rings make a cache smaller than the layout at n_ctx 0 says
+    hi = lo + max(cache_type(t, cfg.head_dim).f16_rows for t in (type_k, type_v)) + 1
+    while kv_cache_bytes(cfg, hi, type_k, type_v) <= room:  # with rings, longer contexts may fit
+        lo, hi = hi, 2 * hi
+        if hi > 1 << 40:  # only rings (every layer local): any context fits
+            return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if kv_cache_bytes(cfg, mid, type_k, type_v) <= room:
