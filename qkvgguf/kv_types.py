@@ -148,12 +148,13 @@ SWA_SLACK = 256  # a sliding-window layer keeps window + SWA_SLACK positions (a 
 #                 queries attend at once (a longer batch is split), as llama.cpp keeps n_swa + n_ubatch
 
 
-def swa_rows(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
-    """Positions the store of each sliding-window (local) layer holds: window + SWA_SLACK as a ring,
-    or n_ctx when that is no more, or when a cache type's layout is positional (q4g's groups)."""
+def swa_rows(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16", slack: int = SWA_SLACK) -> int:
+    """Positions the store of each sliding-window (local) layer holds: window + slack as a ring,
+    or n_ctx when that is no more, or when a cache type's layout is positional (q4g's groups).
+    (slack other than SWA_SLACK: tests that make a tiny model's ring wrap.)"""
     if not cfg.sliding_window or any(cache_type(t).store == "groups" for t in (type_k, type_v)):
         return n_ctx
-    return min(n_ctx, cfg.sliding_window + SWA_SLACK)
+    return min(n_ctx, cfg.sliding_window + max(slack, 0))
 
 
 def kv_layout_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> tuple[int, int]:

@@ -50,15 +50,16 @@ import torch
 
 from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
-from qkvgguf.kv_types import cache_type, swa_rows
+from qkvgguf.kv_types import SWA_SLACK, cache_type, swa_rows
 
 from . import ops as torch_ops
 from .kv_quant import hadamard, llama_rotation_size, make_store, q8_0_round_trip
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, type_k: str = "f32", type_v: str = "f32",
-                 device: str | torch.device = "cpu", ops=torch_ops, ring: bool = True):
-        """ring=False: sliding-window layers keep all n_ctx positions (the mask alone applies)."""
+                 device: str | torch.device = "cpu", ops=torch_ops, ring: bool = True, swa_slack: int = SWA_SLACK):
+        """ring=False: sliding-window layers keep all n_ctx positions (the mask alone applies);
+        swa_slack: their rings hold window + swa_slack positions (kv_types.swa_rows)."""
         d = cfg.head_dim
         self.ops = ops  # the backend's ops module (runtime/ops.py or ops_triton.py), chosen by Model
         tk, tv = cache_type(type_k, d), cache_type(type_v, d)
@@ -69,7 +70,7 @@ class KVCache:
         self.windows = [cfg.window(i) for i in range(cfg.n_layer)]
         local = [i for i, w in enumerate(self.windows) if w]
         glob = [i for i, w in enumerate(self.windows) if not w]
-        self.ring_rows = swa_rows(cfg, n_ctx, type_k, type_v) if ring else n_ctx
+        self.ring_rows = swa_rows(cfg, n_ctx, type_k, type_v, swa_slack) if ring else n_ctx
         rings = self.ring_rows < n_ctx
         shape = (len(glob) if rings else cfg.n_layer, cfg.n_head_kv, n_ctx, d)
         self.k_store, self.v_store = make_store(tk, shape, "k", device), make_store(tv, shape, "v", device)
