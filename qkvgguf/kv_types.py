@@ -194,10 +194,13 @@ def bits_per_value(type_name: str, n_ctx: int, head_dim: int) -> float:
 
 
 def kv_bits_per_value(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> float:
-    """kv_cache_bytes * 8 over the values held, 2 * n_layer * n_head_kv * n_ctx * head_dim (K and V)."""
+    """kv_cache_bytes * 8 over the values held, 2 * n_head_kv * head_dim * (positions each layer
+    keeps: n_ctx, or a sliding-window layer's ring) for K and V."""
     if n_ctx < 1:
         raise ValueError(f"bits per value of a KV cache needs n_ctx >= 1, got {n_ctx}")
-    return kv_cache_bytes(cfg, n_ctx, type_k, type_v) * 8 / (2 * cfg.n_layer * cfg.n_head_kv * n_ctx * cfg.head_dim)
+    n_local = sum(cfg.swa_layers) if cfg.sliding_window else 0
+    rows = (cfg.n_layer - n_local) * n_ctx + n_local * swa_rows(cfg, n_ctx, type_k, type_v)
+    return kv_cache_bytes(cfg, n_ctx, type_k, type_v) * 8 / (2 * cfg.n_head_kv * cfg.head_dim * rows)
 
 
 def kv_max_ctx(cfg: ModelConfig, room: int, type_k: str = "f16", type_v: str = "f16") -> int:
