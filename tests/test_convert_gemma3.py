@@ -160,6 +160,23 @@ def test_tensors_names_norm_shift_no_permutation(converted, hf):
         assert np.array_equal(got, want.numpy()), name
 
 
+def test_bf16_checkpoint_norms_shift_in_float32(folder, tmp_path):
+    """bf16 weights (as Google ships Gemma 3) are widened to float32 before the 1 is added."""
+    src = tmp_path / "bf16"
+    model = tiny_gemma3.model(0).to(torch.bfloat16)
+    model.save_pretrained(str(src))
+    for name in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json"):
+        shutil.copy(folder / name, src / name)
+    convert(src, tmp_path / "m.gguf", "f32")
+    g = GGUFFile(str(tmp_path / "m.gguf"))
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    for name, hf_name in (("blk.3.post_ffw_norm.weight", "model.layers.3.post_feedforward_layernorm.weight"),
+                          ("blk.3.attn_k_norm.weight", "model.layers.3.self_attn.k_norm.weight"),
+                          ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight")):
+        got = np.asarray(g.raw(name)).view(np.float32).reshape(g.tensors[name].shape)
+        assert np.array_equal(got, (sd[hf_name] + (1.0 if "norm" in name else 0.0)).numpy()), name
+
+
 def test_float_and_q8_0_types(converted):
     for outtype, weight_type in (("f16", "F16"), ("q8_0", "Q8_0")):
         g = GGUFFile(str(converted[outtype]))

@@ -4,8 +4,9 @@ What llama.cpp's converter (conversion/gemma.py, `Gemma3Model`, in llama-cpp-pyt
 and so what we write:
 - norms: Gemma's RMSNorm scales by (1 + weight); GGUF stores (1 + weight), so every `*norm.weight`
   (input, post-attention, pre- and post-feed-forward, Q/K and final norms) gets 1 added on the way
-  out. We add it in float32 (llama.cpp adds in the source dtype for f16 checkpoints, in float32 for
-  bf16 and f32 ones; the norms are written F32 either way);
+  out. We add it in float32. llama.cpp does too for bf16 and f32 checkpoints (same bytes), but
+  adds in float16 for f16 ones, so there its norms carry f16 rounding of (1 + w) (up to 4.9e-4 on
+  the tiny test checkpoint saved as f16; ours are exact). The norms are written F32 either way;
 - tensors: four norms per block (`attn_norm`, `post_attention_norm`, `ffn_norm` before the FFN,
   `post_ffw_norm` after it), Q/K norms, and the usual projections; NeoX rope, so no row permutation;
   the output matrix is the (tied) token embedding unless the checkpoint has its own `lm_head`;
