@@ -168,8 +168,8 @@ def gemma_sentencepiece(md: dict) -> tuple[bytes, dict]:
 
 def gemma3_hf_folder(gguf_path, out) -> Path:
     """A Gemma3ForCausalLM folder (float32 safetensors, a transformers-4 style config.json,
-    tokenizer.model, tokenizer_config.json, a tokenizer.json holding only the post-processor) from a
-    gemma3 GGUF: weights dequantized, norms stored as w (the GGUF holds 1 + w)."""
+    tokenizer.model, tokenizer_config.json, a tokenizer.json holding only the added tokens and the
+    post-processor) from a gemma3 GGUF: weights dequantized, norms stored as w (the GGUF holds 1 + w)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -218,5 +218,6 @@ def gemma3_hf_folder(gguf_path, out) -> Path:
     if "tokenizer.chat_template" in md:
         tok_config["chat_template"] = md["tokenizer.chat_template"]
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    (out / "tokenizer.json").write_text(json.dumps({"post_processor": GEMMA_POST_PROCESSOR}))
+    added = [{"id": int(i), "content": d["content"], "special": d["special"]} for i, d in decoder.items()]
+    (out / "tokenizer.json").write_text(json.dumps({"added_tokens": added, "post_processor": GEMMA_POST_PROCESSOR}))
     return out
