@@ -4,7 +4,7 @@
         [--outtypes f32,f16,q8_0] [--json benchmarks/results/convert_gemma3_vs_llamacpp.json]
 
 Checkpoints (built in --work):
-- `tiny`: tests/tiny_gemma3.py's random Gemma3ForCausalLM (7 layers, window 6, vocab 512), f32;
+- `tiny`: tests/gemma3_checkpoint.py's random Gemma3ForCausalLM (7 layers, window 6, vocab 512), f32;
 - `tiny-bf16`, `tiny-f16`: the same weights saved as bf16 / f16 (Google ships bf16);
 - `tiny-multimodal`: a Gemma3ForConditionalGeneration (tiny SigLIP tower) holding the same language
   model;
@@ -63,18 +63,19 @@ def checkpoints(work: Path, gemma3_gguf: str | None) -> dict[str, Path]:
     import torch
     import transformers as tf
 
-    import tiny_gemma3
+    import gemma3_checkpoint
 
     out = {}
     tiny = work / "tiny"
     if not (tiny / "config.json").exists():
-        tiny_gemma3.gemma3_folder(tiny)
+        gemma3_checkpoint.gemma3_folder(tiny)
     out["tiny"] = tiny
     tok = [tiny / n for n in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json")]
     for dtype in ("bf16", "f16"):
         folder = work / f"tiny-{dtype}"
         if not (folder / "config.json").exists():
-            tiny_gemma3.model(0).to({"bf16": torch.bfloat16, "f16": torch.float16}[dtype]).save_pretrained(str(folder))
+            model = gemma3_checkpoint.model(0).to({"bf16": torch.bfloat16, "f16": torch.float16}[dtype])
+            model.save_pretrained(str(folder))
             for f in tok:
                 shutil.copy(f, folder / f.name)
         out[f"tiny-{dtype}"] = folder
@@ -82,10 +83,10 @@ def checkpoints(work: Path, gemma3_gguf: str | None) -> dict[str, Path]:
     if not (mm / "config.json").exists():
         vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, image_size=16, patch_size=4)
-        cfg = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**tiny_gemma3.CONFIG), vision_config=vision,
+        cfg = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**gemma3_checkpoint.CONFIG), vision_config=vision,
                               mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=4)
         model = tf.Gemma3ForConditionalGeneration(cfg)
-        model.model.language_model.load_state_dict(tiny_gemma3.model(0).model.state_dict())
+        model.model.language_model.load_state_dict(gemma3_checkpoint.model(0).model.state_dict())
         model.save_pretrained(str(mm))
         for f in tok:
             shutil.copy(f, mm / f.name)

@@ -1,6 +1,6 @@
-"""The Gemma 3 converter on a tiny random checkpoint (tests/tiny_gemma3.py: 7 layers, layer 5 global,
-sliding window 6, 24-token inputs, so four of every five layers see only part of the sequence),
-against transformers and llama.cpp.
+"""The Gemma 3 converter on a tiny random checkpoint (tests/gemma3_checkpoint.py: 7 layers, layer 5
+global, sliding window 6, 24-token inputs, so four of every five layers see only part of the
+sequence), against transformers and llama.cpp.
 
 What llama.cpp's own converter writes (convert_hf_to_gguf.py of llama-cpp-python 0.3.36, run on this
 checkpoint once by hand; CI lacks llama.cpp's sources): the same 93 tensors byte for byte at f32, f16
@@ -33,23 +33,23 @@ import torch
 
 import llamacpp
 import texts
-import tiny_gemma3
+import gemma3_checkpoint
 from qkvgguf import GGUFFile, QkvggufError
 from qkvgguf.convert import convert
 from qkvgguf.errors import UnsupportedError
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python not installed")
-N_LAYER, N_TOKENS = tiny_gemma3.CONFIG["num_hidden_layers"], 24
+N_LAYER, N_TOKENS = gemma3_checkpoint.CONFIG["num_hidden_layers"], 24
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return tiny_gemma3.gemma3_folder(tmp_path_factory.mktemp("gemma3-hf"))
+    return gemma3_checkpoint.gemma3_folder(tmp_path_factory.mktemp("gemma3-hf"))
 
 
 @pytest.fixture(scope="module")
 def hf(folder):
-    return tiny_gemma3.load(folder)
+    return gemma3_checkpoint.load(folder)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def converted(folder, tmp_path_factory) -> dict[str, Path]:
 
 
 def _ids(seed: int = 1) -> torch.Tensor:
-    ids = torch.randint(len(tiny_gemma3.SPECIALS) + 4, tiny_gemma3.VOCAB, (N_TOKENS,),
+    ids = torch.randint(len(gemma3_checkpoint.SPECIALS) + 4, gemma3_checkpoint.VOCAB, (N_TOKENS,),
                         generator=torch.Generator().manual_seed(seed))
     ids[0] = 2  # <bos>
     return ids
@@ -122,7 +122,7 @@ EXPECTED_KEYS = {  # as llama.cpp's converter writes them for this checkpoint (t
     "tokenizer.ggml.add_sep_token": (["BOOL"], False),  # from tokenizer.json's pair template
     "tokenizer.ggml.add_eos_token": (["BOOL"], False),
     "tokenizer.ggml.add_space_prefix": (["BOOL"], False),
-    "tokenizer.chat_template": (["STRING"], tiny_gemma3.TEMPLATE),
+    "tokenizer.chat_template": (["STRING"], gemma3_checkpoint.TEMPLATE),
 }
 BLOCK_TENSORS = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
                  "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"}
@@ -137,8 +137,8 @@ def test_keys_types_and_values_are_llamacpps(converted):
         assert f[key] == (types, value), key
     assert not any(k.endswith(("vocab_size", "rope.dimension_count")) for k in f)  # llama.cpp writes neither
     tokens, types = f["tokenizer.ggml.tokens"][1], f["tokenizer.ggml.token_type"][1]
-    assert len(tokens) == tiny_gemma3.VOCAB
-    assert tokens[:7] == ["<pad>", "<eos>", "<bos>", "<unk>", *tiny_gemma3.SPECIALS]
+    assert len(tokens) == gemma3_checkpoint.VOCAB
+    assert tokens[:7] == ["<pad>", "<eos>", "<bos>", "<unk>", *gemma3_checkpoint.SPECIALS]
     assert types[:7] == [3] * 7  # all control: added_tokens_decoder marks them special (<unk> too, as in Gemma's files)
     assert types[7] == 6 and tokens[7] == "<0x00>"  # byte fallback pieces
     assert _fields(converted["q8_0"])["general.file_type"] == (["UINT32"], 7)
@@ -167,7 +167,7 @@ def test_tensors_names_norm_shift_no_permutation(converted, hf):
 def test_bf16_checkpoint_norms_shift_in_float32(folder, tmp_path):
     """bf16 weights (as Google ships Gemma 3) are widened to float32 before the 1 is added."""
     src = tmp_path / "bf16"
-    model = tiny_gemma3.model(0).to(torch.bfloat16)
+    model = gemma3_checkpoint.model(0).to(torch.bfloat16)
     model.save_pretrained(str(src))
     for name in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json"):
         shutil.copy(folder / name, src / name)
@@ -207,7 +207,7 @@ def test_llamacpp_sees_the_window_and_the_cap(converted):
     ids = _ids()
     got = _llamacpp_logits(converted["f32"], ids)
     for override in ({"sliding_window": 5}, {"sliding_window": 7}, {"final_logit_softcapping": None}):
-        assert _rel(got, _logits(tiny_gemma3.model(0, **override), ids)) > 0.05, override
+        assert _rel(got, _logits(gemma3_checkpoint.model(0, **override), ids)) > 0.05, override
 
 
 @needs_llamacpp
@@ -287,7 +287,7 @@ def test_conditional_generation_folder_gives_the_text_model(folder, hf, converte
 
     vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                    image_size=16, patch_size=4)
-    cfg = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**tiny_gemma3.CONFIG), vision_config=vision,
+    cfg = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**gemma3_checkpoint.CONFIG), vision_config=vision,
                           mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=4)
     mm = tf.Gemma3ForConditionalGeneration(cfg).eval()
     mm.model.language_model.load_state_dict(hf.model.state_dict())

@@ -1,5 +1,6 @@
 """A tiny random Gemma 3 checkpoint folder, laid out like Google's (config.json, model.safetensors,
-tokenizer.model, tokenizer_config.json, tokenizer.json), for the converter's tests.
+tokenizer.model, tokenizer_config.json, tokenizer.json), for the converter's tests (the runtime's
+tests use tests/tiny_gemma3.py, which writes the GGUF directly).
 
     folder = gemma3_folder(out_dir)            # Gemma3ForCausalLM, random weights, vocab 512
     model = load(folder)                       # the transformers model, float32, eval
