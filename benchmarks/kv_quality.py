@@ -1,6 +1,7 @@
 """KV cache quality: perplexity per cache type, qkvgguf next to llama.cpp on the same windows.
 
     python benchmarks/kv_quality.py [-m FILE] [-t 2] [--windows-512 16] [--windows-2048 2] [--no-llamacpp]
+                                    [--settings f16/f16,q8_0/q8_0,...]
 
 SmolLM2 (the default model) on War and Peace (tests/texts.py, real prose): the token stream is cut
 into non-overlapping windows of -c tokens, each evaluated from an empty cache, every token but the
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows-512", type=int, default=16)
     p.add_argument("--windows-2048", type=int, default=2)
     p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--settings", default=None,
+                   help="K/V pairs to run, e.g. f16/f16,q8_0/q8_0 (default: all rows; f16/f16, the KLD reference, first)")
     p.add_argument("--json", default=os.path.join(HERE, "kv_quality.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -157,6 +160,11 @@ def main(argv=None) -> int:
             continue
         wins = windows_of(ids, n_ctx, n_win, bos)
         settings = [(k, v, True) for k, v in SETTINGS] + [("q4_0", "q4_0", False)]
+        if args.settings:
+            chosen = [tuple(kv.split("/")) for kv in args.settings.split(",")]
+            if chosen[0] != ("f16", "f16"):
+                raise SystemExit("--settings: f16/f16 (the KL divergence reference) comes first")
+            settings = [(k, v, True) for k, v in chosen]
         ref_ours, ref_llama = [], []  # each engine's f16-cache distributions: the KLD reference
         for k, v, rot in settings:
             t0 = time.perf_counter()
@@ -214,6 +222,8 @@ def main(argv=None) -> int:
                      f"{'' if se is None else f' (± {se:.2f})'} |")
     for n_ctx in sorted({r["n_ctx"] for r in rows}):
         q8, q4, qg = find(n_ctx, "q8_0", "q8_0"), find(n_ctx, "q4_0", "q4_0"), find(n_ctx, "q4g", "q4g")
+        if not (q8 and q4 and qg):  # --settings without one of them: no bars
+            continue
         checks.append((f"-c {n_ctx}: q8_0 costs <= 0.3% over f16", q8["increase_pct_qkvgguf"],
                        q8["increase_pct_qkvgguf"] <= 0.3))
         if q4["ppl_llamacpp"] is not None:

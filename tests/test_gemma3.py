@@ -169,6 +169,10 @@ def test_real_cache_bytes_at_8192(gemma, kv):
     assert local_share == pytest.approx(768 / 8192)
     assert kv_max_ctx(cfg, cache.n_bytes, kv, kv) == 8192  # the planner's inverse: solved with the rings
     assert kv_max_ctx(cfg, cache.n_bytes - 1, kv, kv) == 8191
+    # the planner (and so `inspect --vram` and --vram's budget) counts the same bytes
+    from qkvgguf.runtime.planner import plan, specs_of
+
+    assert plan(specs_of(gemma[0].gguf), cfg, None, 8192, kv, kv).kv_bytes == cache.n_bytes
 
 
 def _llamacpp_perplexity(path: str, windows: list[list[int]]) -> float:
