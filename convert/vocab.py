@@ -12,10 +12,10 @@ Ids past the tokenizer's end, up to config.json's `vocab_size`, are filled with 
 
 Special tokens (bos, eos, unk, pad): the strings in tokenizer_config.json resolved to ids, then
 `{kind}_token_id` from config.json, then generation_config.json (a list of eos ids gives its first),
-then the SentencePiece model's own ids. add_bos/add_eos: a `TemplateProcessing` post-processor in
-tokenizer.json decides (as in llama.cpp), else tokenizer_config.json's `add_bos_token` /
-`add_eos_token`. The chat template comes from tokenizer_config.json, chat_template.jinja or
-chat_template.json.
+then the SentencePiece model's own ids. add_bos/add_sep/add_eos: a `TemplateProcessing` post-processor
+in tokenizer.json decides (as in llama.cpp; add_sep from its `pair` template), else
+tokenizer_config.json's `add_bos_token` / `add_sep_token` / `add_eos_token`. The chat template
+comes from tokenizer_config.json, chat_template.jinja or chat_template.json.
 
 Differences from llama.cpp's converter, known and accepted for now: the check string is encoded
 with the `tokenizers` library (with special tokens), not transformers' AutoTokenizer (the two agree
@@ -58,6 +58,7 @@ class Vocab:
     merges: Optional[list[str]] = None  # BPE only: "left right"
     special: dict[str, int] = field(default_factory=dict)  # kind -> id
     add_bos: Optional[bool] = None
+    add_sep: Optional[bool] = None
     add_eos: Optional[bool] = None
     add_space_prefix: Optional[bool] = None
     chat_template: Optional[str] = None
@@ -76,6 +77,8 @@ class Vocab:
             getattr(w, f"add_{kind}_token_id")(token_id)  # uint32
         if self.add_bos is not None:
             w.add_add_bos_token(self.add_bos)
+        if self.add_sep is not None:
+            w.add_add_sep_token(self.add_sep)
         if self.add_eos is not None:
             w.add_add_eos_token(self.add_eos)
         if self.add_space_prefix is not None:
@@ -254,8 +257,32 @@ def bpe_vocab(path: Path, vocab_size: int, vocab_pre: Optional[str]) -> Vocab:
                  source=str(path))
 
 
+def _special_id(entry: Any) -> Optional[str]:
+    return entry.get("SpecialToken", {}).get("id") if isinstance(entry, dict) else None
+
+
+def _pair_separator(pair: list, first: Optional[str], last: Optional[str], special_text: dict[str, str]) -> Optional[bool]:
+    """add_sep from a `pair` template `[first] A [sep] [eos] B [last]`, as llama.cpp's SpecialVocab reads it:
+    True when the token between A and B is the sep or eos token (the first of two only without a
+    trailing special in `single`); None when the template is not of that form."""
+    start = 1 if first and pair and _special_id(pair[0]) == first else 0
+    stop = -1 if last and pair and _special_id(pair[-1]) == last else None
+    middle = pair[start:stop]
+    if not middle:
+        return None
+    a, b = (middle[0].get("Sequence", {}).get("id"), middle[-1].get("Sequence", {}).get("id"))
+    inner = middle[1:-1]
+    if a != "A" or b != "B" or not inner:
+        return None
+    seps = {t for t in (special_text.get("sep"), special_text.get("eos")) if t}
+    add = bool(_special_id(inner[0]) in seps and not last)
+    if len(inner) == 2 and _special_id(inner[1]) in seps:
+        add = True
+    return add
+
+
 def _post_processor_adds(tokenizer_json: dict[str, Any], special_text: dict[str, str]) -> dict[str, bool]:
-    """add_bos/add_eos implied by tokenizer.json's post-processor (llama.cpp lets it win)."""
+    """add_bos/add_sep/add_eos implied by tokenizer.json's post-processor (llama.cpp lets it win)."""
     found: dict[str, bool] = {}
     post = tokenizer_json.get("post_processor") or {} if isinstance(tokenizer_json, dict) else {}
     procs = post.get("processors", [post]) if isinstance(post, dict) else None
@@ -270,14 +297,16 @@ def _post_processor_adds(tokenizer_json: dict[str, Any], special_text: dict[str,
             found.setdefault("bos", False)
             found.setdefault("eos", False)
         elif proc.get("type") == "TemplateProcessing":
-            single = proc.get("single") or []
+            single, first, last = proc.get("single") or [], None, None
             if len(single) > 1:
-                first = single[0].get("SpecialToken", {}).get("id")
-                last = single[-1].get("SpecialToken", {}).get("id")
+                first, last = _special_id(single[0]), _special_id(single[-1])
                 if first:
                     found["bos"] = first == special_text.get("bos")
                 if last:
                     found["eos"] = last == special_text.get("eos")
+            sep = _pair_separator(proc.get("pair") or [], first, last, special_text)
+            if sep is not None:
+                found["sep"] = sep
     return found
 
 
@@ -318,11 +347,13 @@ def load_vocab(folder: Path, vocab_size: int, vocab_pre: Optional[str] = None) -
                 vocab.special[k] = v
     vocab.special = {k: vocab.special[k] for k in SPECIAL_KINDS if k in vocab.special}
 
-    adds = _post_processor_adds(read_json(tokenizer_json), text) if tokenizer_json.is_file() else {}
-    for k in ("bos", "eos"):
+    sep = _token_content(tok_config.get("sep_token"))
+    with_sep = {**text, **({"sep": sep} if sep is not None else {})}
+    adds = _post_processor_adds(read_json(tokenizer_json), with_sep) if tokenizer_json.is_file() else {}
+    for k in ("bos", "sep", "eos"):
         if k not in adds and isinstance(tok_config.get(f"add_{k}_token"), bool):
             adds[k] = tok_config[f"add_{k}_token"]
-    vocab.add_bos, vocab.add_eos = adds.get("bos"), adds.get("eos")
+    vocab.add_bos, vocab.add_sep, vocab.add_eos = adds.get("bos"), adds.get("sep"), adds.get("eos")
     if isinstance(tok_config.get("add_prefix_space"), bool):  # llama.cpp copies it for any vocab kind
         vocab.add_space_prefix = tok_config["add_prefix_space"]
 

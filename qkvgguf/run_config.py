@@ -139,7 +139,7 @@ class RunConfig:
         import torch
 
         from .config import ModelConfig
-        from .default_model import default_model_path
+        from .default_model import resolve_model
         from .gguf_file import GGUFFile
         from .kv_types import kv_cache_bytes
         from .runtime.model import Model
@@ -157,10 +157,10 @@ class RunConfig:
                 log(f"{threads} CPU thread(s): physical cores less busy ones (runtime/cpu/threads.py; -t to choose)")
         if threads is not None:
             torch.set_num_threads(threads)
-        path = self.model
-        if path is None:
-            path = default_model_path()
-            log(f"no -m given: using the default model {os.path.basename(path)} ({path})")
+        path = resolve_model(self.model)
+        if path != self.model:
+            log(f"{'no -m given' if self.model is None else '-m ' + self.model}: using the demo model "
+                f"{os.path.basename(path)} ({path})")
         t0 = time.perf_counter()
         gguf = GGUFFile(path)
         cfg = ModelConfig.from_gguf(gguf)

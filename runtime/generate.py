@@ -155,6 +155,8 @@ class Session:
             common += 1
         if common == len(ids):  # everything cached: recompute the last token for its logits
             common -= 1
+        if not self.cache.can_reset(common):  # a sliding-window ring overwrote what the suffix needs
+            common = 0
         self.cache.reset(common)
         self.tokens = self.tokens[:common]
         new = ids[common:]

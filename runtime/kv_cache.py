@@ -34,6 +34,16 @@ q4g and q3g (the 4- and 3-bit modes) keep q in float and K unrotated: their keys
 channel, their newest partial group of keys is q8_0; their values are rotated as above (`rotate_v`).
 A batch of queries is split where a key group completes, so every query sees exactly what it would
 see had the tokens come one at a time.
+
+Sliding-window layers (ModelConfig.window(i) > 0, Gemma 3's local layers) see only the last
+`window` positions. Their K and V live in stores of their own holding `swa_rows` positions
+(qkvgguf/kv_types.py: window + SWA_SLACK), used as a ring: position p sits in slot p % rows. A
+batch of queries is split so that no query's keys are overwritten before it attends (at most
+SWA_SLACK + 1 queries at once); the attention gets `window` and `ring` = rows and masks by the
+position each slot holds. When a ring would be no shorter than n_ctx the layer keeps every
+position and only the mask applies (so a full-cache computation masked the same way is
+`KVCache(..., ring=False)`). A --kv-budget cache (the precision ladder) keeps every position of
+every layer: its rungs follow positions, which a ring's reused slots would scramble.
 """
 
 from __future__ import annotations
@@ -42,21 +52,27 @@ import torch
 
 from qkvgguf.config import ModelConfig
 from qkvgguf.errors import QkvggufError
-from qkvgguf.kv_types import cache_type
+from qkvgguf.kv_types import SWA_SLACK, cache_type, swa_rows
 
 from . import ops as torch_ops
 from .kv_quant import fwht, hadamard, llama_rotation_size, make_store, q8_0_round_trip
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, type_k: str = "f32", type_v: str = "f32",
-                 device: str | torch.device = "cpu", ops=torch_ops, budget: int | None = None):
+                 device: str | torch.device = "cpu", ops=torch_ops, budget: int | None = None,
+                 ring: bool = True, swa_slack: int = SWA_SLACK):
         """budget: --kv-budget bytes; the cache is then the q8_0 -> q4g -> q3g ladder of
-        qkvgguf/kv_budget.py (type_k/type_v are ignored, and reported as "budget")."""
+        qkvgguf/kv_budget.py (type_k/type_v are ignored, and reported as "budget"), without rings.
+        ring=False: sliding-window layers keep all n_ctx positions (the mask alone applies);
+        swa_slack: their rings hold window + swa_slack positions (kv_types.swa_rows)."""
         d = cfg.head_dim
         self.ops = ops  # the backend's ops module (runtime/ops.py or ops_triton.py), chosen by Model
         self.n_ctx, self.pos = n_ctx, 0
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, d)
         device = torch.device(device)
+        # layer -> (index in its stores, window, ring rows or 0); global layers first, then local ones
+        self.windows = [cfg.window(i) for i in range(cfg.n_layer)]
+        local = [i for i, w in enumerate(self.windows) if w]
+        glob = [i for i, w in enumerate(self.windows) if not w]
         self.schedule = None
         if budget is not None:
             from qkvgguf.kv_budget import plan_budget
@@ -65,24 +81,46 @@ class KVCache:
 
             self.schedule = plan_budget(cfg, n_ctx, budget)
             self.type_k = self.type_v = "budget"
-            self.k_store = LadderStore(shape, "k", device, self.schedule)
-            self.v_store = LadderStore(shape, "v", device, self.schedule)
+            self.ring_rows = n_ctx
+
+            def make(shape, kind):
+                return LadderStore(shape, kind, device, self.schedule)
+
             self.rot_k, self.rot_v, self.q_as_q8_0 = 0, llama_rotation_size(d, False), False
             self.v_butterflies = True
         else:
             tk, tv = cache_type(type_k, d), cache_type(type_v, d)
             self.type_k, self.type_v = type_k, type_v
-            self.k_store, self.v_store = make_store(tk, shape, "k", device), make_store(tv, shape, "v", device)
+            self.ring_rows = swa_rows(cfg, n_ctx, type_k, type_v, swa_slack) if ring else n_ctx
+
+            def make(shape, kind):
+                return make_store(tk if kind == "k" else tv, shape, kind, device)
+
             self.rot_k = llama_rotation_size(d, True) if tk.llama_maths else 0
             self.rot_v = llama_rotation_size(d, False) if tv.llama_maths or tv.rotate_v else 0
             self.q_as_q8_0 = tk.llama_maths
             self.v_butterflies = not tv.llama_maths  # q4g/q3g: the same bits whatever the batch (kv_quant.fwht)
+        rings = self.ring_rows < n_ctx
+        shape = (len(glob) if rings else cfg.n_layer, cfg.n_head_kv, n_ctx, d)
+        self.k_store, self.v_store = make(shape, "k"), make(shape, "v")
+        self._where = {i: (self.k_store, self.v_store, glob.index(i) if rings else i, 0) for i in glob}
+        if rings:  # the local layers' rings
+            shape = (len(local), cfg.n_head_kv, self.ring_rows, d)
+            self.k_ring, self.v_ring = make(shape, "k"), make(shape, "v")
+            self._where.update({i: (self.k_ring, self.v_ring, j, self.ring_rows) for j, i in enumerate(local)})
+        else:
+            self.k_ring = self.v_ring = None
+            self._where.update({i: (self.k_store, self.v_store, i, 0) for i in local})
         self.device = device
         self.pos_t: torch.Tensor | None = None  # device mirror of pos (use_device_position)
 
     @property
     def n_bytes(self) -> int:
-        return self.k_store.n_bytes + self.v_store.n_bytes
+        rings = self.k_ring.n_bytes + self.v_ring.n_bytes if self.k_ring is not None else 0
+        return self.k_store.n_bytes + self.v_store.n_bytes + rings
+
+    def _stores(self):
+        return [s for s in (self.k_store, self.v_store, self.k_ring, self.v_ring) if s is not None]
 
     def use_device_position(self) -> torch.Tensor:
         """Keep a device copy of pos that one-token steps read and `advance` increments on the device,
@@ -119,24 +157,49 @@ class KVCache:
         if self.q_as_q8_0:
             q = q8_0_round_trip(q)
         ops = self.ops
+        ks, vs, j, ring = self._where[layer]
+        window = self.windows[layer]
         if self.pos_t is not None and T == 1:  # one token at the device position pos_t (CUDA graphs)
-            ops.kv_write(self.k_store, layer, self.pos_t, k)
-            ops.kv_write(self.v_store, layer, self.pos_t, v)
-            K, V = ops.kv_read(self.k_store, layer, self.n_ctx), ops.kv_read(self.v_store, layer, self.n_ctx)
-            out = ops.attention(q.to(dtype), K, V, self.pos_t).float()
+            at = self.pos_t % ring if ring else self.pos_t
+            ops.kv_write(ks, j, at, k)
+            ops.kv_write(vs, j, at, v)
+            rows = ring or self.n_ctx
+            K, V = ops.kv_read(ks, j, rows), ops.kv_read(vs, j, rows)
+            out = ops.attention(q.to(dtype), K, V, self.pos_t, window, ring).float()
             return (hadamard(out, self.rot_v) if self.rot_v else out).to(dtype)
-        cuts = sorted(set(self.k_store.cuts(p0, p0 + T) + self.v_store.cuts(p0, p0 + T)))
-        bounds = [p0, *cuts, p0 + T]
+        cuts = set(ks.cuts(p0, p0 + T) + vs.cuts(p0, p0 + T))
+        if ring:  # queries [a, b) need positions (a - window, b) in the ring at once
+            cuts |= set(range(p0 + ring - window + 1, p0 + T, ring - window + 1))
+        bounds = [p0, *sorted(cuts), p0 + T]
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:]):  # queries [a, b) all see the same stored state
-            ops.kv_write(self.k_store, layer, a, k[:, a - p0:b - p0])
-            ops.kv_write(self.v_store, layer, a, v[:, a - p0:b - p0])
-            K, V = ops.kv_read(self.k_store, layer, b), ops.kv_read(self.v_store, layer, b)
-            outs.append(ops.attention(q[:, a - p0:b - p0].to(dtype), K, V, a).float())
+            self._write(ks, j, a, k[:, a - p0:b - p0], ring)
+            self._write(vs, j, a, v[:, a - p0:b - p0], ring)
+            rows = min(b, ring) if ring else b
+            K, V = ops.kv_read(ks, j, rows), ops.kv_read(vs, j, rows)
+            outs.append(ops.attention(q[:, a - p0:b - p0].to(dtype), K, V, a, window, ring).float())
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self.rot_v:
             out = hadamard(out, self.rot_v)
         return out.to(dtype)
+
+    def _write(self, store, j: int, pos: int, x: torch.Tensor, ring: int) -> None:
+        """x (n_kv, T, d) at positions [pos, pos + T): slots pos % ring onward in a ring (wrapping)."""
+        if not ring:
+            return self.ops.kv_write(store, j, pos, x)
+        at, T = pos % ring, x.shape[1]
+        n = min(T, ring - at)
+        self.ops.kv_write(store, j, at, x[:, :n])
+        if n < T:
+            self.ops.kv_write(store, j, 0, x[:, n:])
+
+    def can_reset(self, pos: int) -> bool:
+        """Whether `reset(pos)` keeps what the next query needs: a ring still holds positions
+        [pos - window + 1, pos) unless later positions overwrote them (always true without rings)."""
+        if self.k_ring is None or pos == 0:
+            return True
+        window = max(self.windows)
+        return self.pos <= max(pos - window + 1, 0) + self.ring_rows
 
     def advance(self, n: int) -> None:
         self.pos += n
@@ -147,8 +210,11 @@ class KVCache:
         """Forget positions >= pos."""
         if not 0 <= pos <= self.pos:
             raise ValueError(f"cannot reset a cache holding {self.pos} positions to position {pos}")
-        self.k_store.truncate(self.pos, pos)
-        self.v_store.truncate(self.pos, pos)
+        if not self.can_reset(pos):
+            raise ValueError(f"cannot reset a sliding-window cache holding {self.pos} positions to position "
+                             f"{pos}: its rings of {self.ring_rows} rows no longer hold the window before it")
+        for store in self._stores():
+            store.truncate(self.pos, pos)
         self.pos = pos
         if self.pos_t is not None:
             self.pos_t.fill_(pos)

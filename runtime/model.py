@@ -1,21 +1,20 @@
 """The decoder forward pass: plain functions over a weights mapping keyed by GGUF names.
 
-One implementation serves llama, qwen2 and qwen3; their differences are `ModelConfig` flags:
+The frame is shared; the blocks come from the architecture registry (runtime/arch/, picked by
+`ModelConfig.block`: "llama" for llama/qwen2/qwen3, "gemma3" for Gemma 3):
 
-    x = token_embd[tokens]                                   # (T, n_embd)
-    for each block i:                 (each residual add is fused into the next norm: add_rms_norm)
-        h = rms_norm(x) * attn_norm
-        q, k, v = h @ attn_q/k/v (+ bias if qkv_bias)        # (T, n_head*hd), (T, n_head_kv*hd) x2
-        q, k = rms_norm per head * attn_q/k_norm  (qk_norm)
-        q, k = rope(q, k, positions)                         # adjacent pairs, or halves (rope_neox)
-        x = x + attention(q, cache(k), cache(v)) @ attn_output
-        h = rms_norm(x) * ffn_norm
-        x = x + (silu(h @ ffn_gate) * (h @ ffn_up)) @ ffn_down
-    logits = (rms_norm(x) * output_norm) @ output            # output = token_embd when tied
+    x = token_embd[tokens] * embd_scale                      # (T, n_embd); gemma: sqrt(n_embd)
+    h = rms_norm(x) * blk.0.attn_norm
+    for each block i:
+        h, x = block(i, h, x)          # the block's residual adds; h = the next norm of x
+    logits = h @ output                                      # output = token_embd when tied
+    logits = c * tanh(logits / c)                            # final_logit_softcap c, when set
 
 All arithmetic is float32 (the reference path). Weights are dequantized per matmul through the
 `Weights` cache. The ops come from one backend, chosen once in `Model.__init__`: `ops` (torch) or
-`ops_triton` (Triton kernels); the code below calls `ops.<name>` and never branches on the device.
+`ops_triton` (Triton kernels); the code calls `ops.<name>` and never branches on the device.
+Sliding-window layers get their own rope table (`rope_base_swa`) and the cache keeps only their
+window (runtime/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from qkvgguf.config import ModelConfig
 from qkvgguf.gguf_file import GGUFFile
 
 from . import ops as torch_ops
+from .arch import block_for
 from .backend import select_backend
 from .kv_cache import KVCache
 from .planner import OUTPUT_UNIT
@@ -56,6 +56,10 @@ class Model:
         self.output_name = "token_embd.weight" if self.config.tied_embeddings else "output.weight"
         freq_factors = self.weights.dense("rope_freqs.weight") if "rope_freqs.weight" in self.weights else None
         self.inv_freq = ops.rope_inv_freq(self.config, freq_factors).to(self.device)
+        # local (sliding-window) layers: their own base, no frequency factors (llama.cpp gemma3)
+        self.inv_freq_swa = ops.rope_inv_freq(self.config, None, self.config.rope_base_swa).to(self.device) \
+            if self.config.sliding_window else None
+        self.block = block_for(self.config)
 
     def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32", budget: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx, type_k, type_v, device=self.device, ops=self.ops, budget=budget)
@@ -82,18 +86,19 @@ class Model:
         T = tokens.shape[0] if embeds is None else embeds.shape[0]
         cache.check_room(T)  # ValueError when T more tokens do not fit
         positions = cache.positions(T)  # on the cache's device; a device counter in graph mode
-        cos, sin = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (T, hd/2) float32
+        rope = ops.rope_cos_sin(self.inv_freq, positions, cfg.rope_scale)  # (cos, sin) (T, hd/2) float32
+        rope_swa = rope if self.inv_freq_swa is None else \
+            ops.rope_cos_sin(self.inv_freq_swa, positions, cfg.rope_scale_swa)
         # (T, n_embd): the residual stream, float32 on every backend (fp16 overflows on outlier
         # channels); h, the normed input of each block's matmuls, is in the activation dtype
         x = (W.rows("token_embd.weight", tokens.to(self.device)) if embeds is None else embeds).to(self.device).float()
+        if cfg.embd_scale != 1.0:
+            x = x * cfg.embd_scale
         h = ops.rms_norm(x, W.dense("blk.0.attn_norm.weight"), cfg.norm_eps, out_dtype=self.dtype)
         for i in range(cfg.n_layer):
             W.begin_unit(i)  # a streamed layer's weights arrive (the next one's copy starts)
-            # each residual add is fused into the norm that follows it: (norm(x + a), x + a)
-            h, x = ops.add_rms_norm(self._attention(i, h, cos, sin, cache), x,
-                                    W.dense(f"blk.{i}.ffn_norm.weight"), cfg.norm_eps)
             after = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layer else "output_norm.weight"
-            h, x = ops.add_rms_norm(self._feed_forward(i, h), x, W.dense(after), cfg.norm_eps)
+            h, x = self.block(self, i, h, x, (rope, rope_swa), cache, after)
             W.end_unit(i)
         cache.advance(T)
         if logits == "none":
@@ -103,36 +108,9 @@ class Model:
         W.begin_unit(OUTPUT_UNIT)
         out = ops.linear(h, W, self.output_name).float()  # (T or 1, vocab)
         W.end_unit(OUTPUT_UNIT)
+        if cfg.final_logit_softcap:
+            out = torch.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return out[0] if logits == "last" else out
-
-    def _attention(self, i: int, h: torch.Tensor, cos, sin, cache: KVCache) -> torch.Tensor:
-        """h: the normed residual stream (T, n_embd) -> the attention block's output (T, n_embd)."""
-        cfg, W, ops = self.config, self.weights, self.ops
-        p = f"blk.{i}."
-        T = h.shape[0]
-        q = ops.linear(h, W, p + "attn_q.weight", p + "attn_q.bias" if cfg.qkv_bias else None)
-        k = ops.linear(h, W, p + "attn_k.weight", p + "attn_k.bias" if cfg.qkv_bias else None)
-        v = ops.linear(h, W, p + "attn_v.weight", p + "attn_v.bias" if cfg.qkv_bias else None)
-        q = q.view(T, cfg.n_head, cfg.head_dim).transpose(0, 1)  # (n_head, T, hd)
-        k = k.view(T, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)  # (n_head_kv, T, hd)
-        v = v.view(T, cfg.n_head_kv, cfg.head_dim).transpose(0, 1)
-        if cfg.qk_norm:
-            q = ops.rms_norm(q, W.dense(p + "attn_q_norm.weight"), cfg.norm_eps)
-            k = ops.rms_norm(k, W.dense(p + "attn_k_norm.weight"), cfg.norm_eps)
-        q = ops.rope(q, cos, sin, cfg.rope_neox)
-        k = ops.rope(k, cos, sin, cfg.rope_neox)
-        out = cache.attend(i, q, k, v)  # (n_head, T, hd) over positions [0, pos+T)
-        out = out.transpose(0, 1).reshape(T, cfg.q_dim)
-        return ops.linear(out, W, p + "attn_output.weight")
-
-    def _feed_forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """h: the normed residual stream -> the feed-forward block's output."""
-        W, ops = self.weights, self.ops
-        p = f"blk.{i}."
-        gate = ops.linear(h, W, p + "ffn_gate.weight")
-        up = ops.linear(h, W, p + "ffn_up.weight")
-        return ops.linear(ops.swiglu(gate, up), W, p + "ffn_down.weight")
-
 
 def load_model(path: str, cache_bytes: int | None = None, device: str = "cpu", backend: str = "auto") -> Model:
     """A Model for a GGUF path; cache_bytes None: the CLI's default weights cache (weights.default_cache_bytes:

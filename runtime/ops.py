@@ -60,11 +60,18 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
-    """theta_i = base^(-2i/d) for i < d/2, divided by per-frequency factors (llama3's rope_freqs)."""
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation, as ggml_gelu and transformers' gelu_pytorch_tanh) gated FFN (gemma)."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None,
+                  base: float | None = None) -> torch.Tensor:
+    """theta_i = base^(-2i/d) for i < d/2 (base: cfg.rope_base unless given), divided by per-frequency
+    factors (llama3's rope_freqs)."""
     d = cfg.rope_dim
     device = freq_factors.device if freq_factors is not None else None  # the factors may live on the GPU
-    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    inv = 1.0 / ((cfg.rope_base if base is None else base) ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     if freq_factors is not None:
         inv = inv / freq_factors.float()
     return inv
@@ -104,19 +111,40 @@ def kv_read(store, layer: int, end: int) -> torch.Tensor:
     return store.read(layer, end)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past) -> torch.Tensor:
-    """Causal GQA attention. q (n_head, T, d) at positions [n_past, n_past+T); k, v (n_kv, >= n_past+T, d).
+def key_positions(S: int, end, ring: int, device) -> torch.Tensor:
+    """Position held by each of S key rows: row j itself, or in a ring of `ring` rows after
+    positions [0, end) were written, the last p < end with p % ring == j (negative: never written)."""
+    j = torch.arange(S, device=device)
+    if not ring:
+        return j
+    return j + ring * torch.div(end - 1 - j, ring, rounding_mode="floor")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past, window: int = 0,
+              ring: int = 0) -> torch.Tensor:
+    """Causal GQA attention. q (n_head, T, d) at positions [n_past, n_past+T); k, v (n_kv, S, d) hold
+    positions [0, S >= n_past+T), or with ring > 0 a ring of S <= ring rows (key_positions).
+    window > 0: a query at p sees keys at positions (p - window, p] only.
 
     n_past may be a one-element device tensor (T = 1): the keys past it are masked."""
     T, S = q.shape[1], k.shape[1]
     q = q.to(k.dtype)  # the float32 rows of kv_read: the reference computes in float32
+    mask = None
+    if window or ring:
+        qpos = torch.arange(T, device=q.device)[:, None] + n_past  # (T, 1)
+        kpos = key_positions(S, n_past + T, ring, q.device)[None, :]  # (1, S)
+        mask = (kpos <= qpos) & (kpos >= 0)
+        if window:
+            mask &= kpos > qpos - window
     if T == 1 and not isinstance(n_past, torch.Tensor):
         # one query row (decode): the heads sharing a KV head as one matmul against it. SDPA with
         # enable_gqa copies K and V per query head first (9x the work at 600 keys on the CPU)
         H, d, G = q.shape[0], q.shape[2], k.shape[0]
         s = (q.reshape(G, H // G, d) @ k.transpose(1, 2)) * d ** -0.5  # (G, H/G, S)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
         return (s.softmax(-1) @ v).view(H, 1, d)
-    else:
+    if mask is None:
         # query t (absolute position n_past + t) sees keys 0 .. n_past + t
         mask = torch.arange(S, device=q.device)[None, :] <= (torch.arange(T, device=q.device)[:, None] + n_past)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[0] != k.shape[0])

@@ -49,6 +49,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return kernels.swiglu(gate, up)
 
 
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return kernels.swiglu(gate, up, act="gelu_tanh")
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """x (heads, T, d); the kernel needs a contiguous last dim (views from a (T, heads*d) matmul have it).
     cos/sin stay float32 (the kernel computes in float32), as on the torch path."""
@@ -69,13 +73,15 @@ def kv_read(store, layer: int, end: int) -> kernels.KVOperand:
     return store.operand(layer, end)
 
 
-def attention(q: torch.Tensor, k, v, n_past) -> torch.Tensor:
+def attention(q: torch.Tensor, k, v, n_past, window: int = 0, ring: int = 0) -> torch.Tensor:
     """q (n_head, T, d) at [n_past, n_past+T) over the first n_past+T positions of k, v: dense
-    (n_kv, >= n_past+T, d) tensors or `KVOperand`s (kv_read); n_past may be a device tensor (T = 1)."""
+    (n_kv, >= n_past+T, d) tensors or `KVOperand`s (kv_read); n_past may be a device tensor (T = 1).
+    window / ring: a sliding window and a ring of rows, as runtime/ops.py `attention`."""
+    kw = dict(window=window, ring=ring)
     if isinstance(k, torch.Tensor):
         if q.shape[1] == 1:
-            return kernels.flash_decode(q, k, v, n_past + 1)
-        return kernels.flash_prefill(q, k, v, n_past)
+            return kernels.flash_decode(q, k, v, n_past + 1, **kw)
+        return kernels.flash_prefill(q, k, v, n_past, **kw)
     if q.shape[1] == 1:
-        return kernels.attend_decode(q, k, v, n_past + 1)
-    return kernels.attend_prefill(q, k, v, n_past)
+        return kernels.attend_decode(q, k, v, n_past + 1, **kw)
+    return kernels.attend_prefill(q, k, v, n_past, **kw)

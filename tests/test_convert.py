@@ -406,7 +406,8 @@ def _spoil(kind: str, folder: Path) -> None:
 BAD = {
     "missing config.json": r"config\.json: missing",
     "unknown architecture": r"config\.json: architecture 'GPTBigCodeForCausalLM' is not supported \(supported: "
-                            r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM\)",
+                            r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, MistralForCausalLM, "
+                            r"Qwen2ForCausalLM, Qwen3ForCausalLM\)",
     "corrupt safetensors header": r"model\.safetensors: corrupt safetensors header",
     "huge safetensors header length": r"model\.safetensors: corrupt safetensors header: length",
     "truncated safetensors body": r"model\.safetensors: truncated: tensor '.*' ends at byte",

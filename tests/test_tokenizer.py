@@ -404,3 +404,39 @@ def test_bad_chat_template_is_a_clear_error(template, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+# -- Gemma 3: a 262k SentencePiece vocabulary with byte fallback, no space prefix, 6,414 specials ----
+@pytest.fixture(scope="module")
+def gemma(gemma3_path):
+    tok = Tokenizer.from_gguf(GGUFFile(gemma3_path))
+    return tok, llamacpp.load(gemma3_path, vocab_only=True)
+
+
+def test_gemma3_whole_book_matches_llama_cpp(gemma):
+    """The whole of The Adventures of Sherlock Holmes (~560 KB, 131,889 tokens) as llama.cpp tokenizes it."""
+    tok, llm = gemma
+    text = real_prose()
+    ids = assert_encodes_like_llama(tok, llm, text, add_special=False, parse_special=False)
+    assert len(ids) > 100_000
+    assert tok.decode(ids) == text
+    assert_decodes_like_llama(tok, llm, ids[:20_000])
+
+
+@pytest.mark.parametrize("parse_special", [False, True])
+@pytest.mark.parametrize("add_special", [False, True])
+def test_gemma3_mixed_text_matches_llama_cpp(gemma, add_special, parse_special):
+    tok, llm = gemma
+    ids = assert_encodes_like_llama(tok, llm, MIXED + " <start_of_turn>user\nhi<end_of_turn>", add_special,
+                                    parse_special)
+    assert_decodes_like_llama(tok, llm, ids)
+    assert (tok.tokens.index("<start_of_turn>") in ids) == parse_special
+
+
+def test_gemma3_vocab_facts_match_llama_cpp(gemma):
+    tok, llm = gemma
+    assert tok.model_name == "llama" and tok.vocab_size == 262144
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.add_space_prefix) == (2, 1, True, False)
+    assert {tok.tokens[t] for t in tok.eog_ids} >= {"<eos>", "<end_of_turn>"}
+    assert tok.chat_template is None  # the base model's file carries none
+    assert_same_vocab_facts(tok, llm)

@@ -34,6 +34,6 @@ def for_config(config: dict, config_path: str) -> Arch:
 
 
 # Each module registers itself on import (they need `register` defined above).
-from . import llama, qwen2, qwen3  # noqa: E402,F401
+from . import gemma3, llama, qwen2, qwen3  # noqa: E402,F401
 
 __all__ = ["ARCHITECTURES", "Arch", "ConfigError", "for_config", "register"]

@@ -3,7 +3,8 @@
 An architecture is data plus three hooks:
 - `TENSORS`: Hugging Face name -> GGUF name, `{i}` standing for the layer number;
 - `write_metadata(w)`: the `{arch}.*` keys llama.cpp needs (typed through `gguf.GGUFWriter` helpers);
-- `transform(gguf_name, tensor)`: reshaping a tensor on its way out (llama's Q/K row permutation).
+- `transform(gguf_name, tensor)`: reshaping a tensor on its way out (llama's Q/K row permutation);
+- `adjust_vocab(vocab)`: a family's fix-ups of the tokenizer keys (Gemma's add_space_prefix).
 The shared llama-family layout (RMSNorm, rope, SwiGLU, grouped-query attention) lives here; the
 families differ by a few table rows and flags.
 """
@@ -206,3 +207,7 @@ class Arch:
     def transform(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Reshape a tensor for GGUF (same shape out). The default is the identity."""
         return tensor
+
+    def adjust_vocab(self, vocab):
+        """The folder's vocab (convert.vocab.Vocab) as this family writes it (Gemma: no space prefix)."""
+        return vocab

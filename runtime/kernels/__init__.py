@@ -6,7 +6,7 @@ first launch. Under TRITON_INTERPRET=1 (set before triton is imported) they run 
     qmatmul(x, w_raw, qtype)            quantized GEMV/GEMM on raw GGUF bytes      qmatmul.py
     rms_norm(x, w, eps, residual=None)  RMSNorm, optionally fused residual add     norm.py
     rope(x, cos, sin, neox)             rotary embedding, adjacent or NeoX pairs   rope.py
-    swiglu(gate, up)                    silu(gate) * up                            swiglu.py
+    swiglu(gate, up, act)               silu(gate) * up (or gelu_tanh)             swiglu.py
     flash_prefill(q, k, v, n_past)      causal GQA flash attention                 attention.py
     flash_decode(q, k, v, n_valid)      split-K flash-decoding for one token       attention.py
     attend_prefill/attend_decode        the same over a stored KV cache layer      attention.py

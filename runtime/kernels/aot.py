@@ -100,8 +100,9 @@ def _specs(all_configs: bool, arch: int):
            {"x_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*fp16", "H": "i32", "HALF": "i32",
             "stride_xh": "i32", "stride_xt": "i32", "stride_oh": "i32", "stride_ot": "i32", "stride_ct": "i32"},
            {"NEOX": False, "BLOCK_H": 16, "BLOCK_HALF": 64}, 4, 1, "rope d=128")
-    yield (swiglu._swiglu_kernel, {"gate_ptr": "*fp16", "up_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"},
-           {"BLOCK": 1024}, 4, 1, "swiglu")
+    for gelu in (False, True):  # SwiGLU (llama) and GeGLU (gemma3)
+        yield (swiglu._swiglu_kernel, {"gate_ptr": "*fp16", "up_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32"},
+               {"BLOCK": 1024, "GELU": gelu}, 4, 1, "geglu" if gelu else "swiglu")
     kvw = importlib.import_module(__package__ + ".kv_write")
     for fmt in kvw.BLOCK_BYTES:
         code = att.FORMATS[fmt]
@@ -131,17 +132,19 @@ def _specs(all_configs: bool, arch: int):
                 quant = kf != "dense"
                 pc, dc = att.prefill_config(d, f16, quant), att.decode_config(d, quant)
                 yield (att._prefill_kernel,
-                       {"q_ptr": t, "o_ptr": t, "T": "i32", "S": "i32", "n_past": "i32", "GROUP": "i32",
+                       {"q_ptr": t, "o_ptr": t, "T": "i32", "S": "i32", "n_past": "i32", "window": "i32",
+                        "ring": "i32", "GROUP": "i32",
                         "qk_scale": "fp32", **{s: "i32" for s in ("stride_qh", "stride_qt", "stride_oh", "stride_ot")},
                         **ks, **vs},
                        {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_M": pc["block_m"], "BLOCK_N": pc["block_n"], **kc, **vc,
-                        "DOT_F16": f16, "PRECISION": prec},
+                        "DOT_F16": f16, "PRECISION": prec, "SWA": False},
                        pc["num_warps"], pc["num_stages"], f"flash_prefill {name}")
                 yield (att._decode_split_kernel,
                        {"q_ptr": t, "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "n_valid_ptr": "*i32",
-                        "n_valid": "i32", "GROUP": "i32", "qk_scale": "fp32", "stride_qh": "i32", **ks, **vs},
+                        "n_valid": "i32", "window": "i32", "ring": "i32", "GROUP": "i32", "qk_scale": "fp32", "stride_qh": "i32", **ks, **vs},
                        {"HEAD_DIM": d, "BLOCK_D": d, "BLOCK_H": 16, "BLOCK_N": dc["block_n"],
-                        **kc, **vc, "VALID_FROM_PTR": True, "DOT_F16": f16, "PRECISION": prec},
+                        **kc, **vc, "VALID_FROM_PTR": True, "DOT_F16": f16, "PRECISION": prec,
+                        "SWA": False},
                        dc["num_warps"], 2, f"flash_decode {name}")
         yield (att._decode_reduce_kernel,
                {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp16", "num_splits": "i32",

@@ -192,15 +192,24 @@ def _softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, DOT_F16: tl.constex
     return m_new, l_i, acc
 
 
+@triton.jit
+def _key_pos(rn, end, ring):
+    """Position held by rows rn: rn itself (ring 0), or in a ring of `ring` rows after positions
+    [0, end) were written, the last p < end with p % ring == rn (negative: never written).
+    end - 1 - rn + ring > 0 for rows of the ring, so the integer division is a floor."""
+    rr = tl.maximum(ring, 1)
+    return rn + ring * ((end - 1 - rn + rr) // rr - 1)
+
+
 # -- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def _prefill_kernel(
-    q_ptr, o_ptr, T, S, n_past, GROUP, qk_scale, stride_qh, stride_qt, stride_oh, stride_ot,
+    q_ptr, o_ptr, T, S, n_past, window, ring, GROUP, qk_scale, stride_qh, stride_qt, stride_oh, stride_ot,
     ka, kb, kb16, kbs, kc, k_a_end, k_b_end, k_sh_a, k_ss_a, k_sh_b, k_ss_b, k_sh_bs, k_sh_c, k_ss_c,
     va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_sh_a, v_ss_a, v_sh_b, v_ss_b, v_sh_bs, v_sh_c, v_ss_c,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_FMT: tl.constexpr, K_SEG: tl.constexpr, V_FMT: tl.constexpr, V_SEG: tl.constexpr,
-    DOT_F16: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F16: tl.constexpr, PRECISION: tl.constexpr, SWA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -218,14 +227,25 @@ def _prefill_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     end = tl.minimum(S, n_past + (pid_m + 1) * BLOCK_M)  # past the last key this tile's queries see
-    for start in range(0, end, BLOCK_N):
+    lo = 0
+    if SWA:  # a ring: every row may hold a visible position; a window without one: skip the early keys
+        end = tl.where(ring > 0, S, end)
+        lo = tl.where((ring == 0) & (window > 0),
+                      tl.maximum(n_past + pid_m * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    for start in range(lo, end, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         valid = rn < S
         k = _load_kv(rn, valid, rd, ka, kb, kb16, kbs, kc, k_a_end, k_b_end, k_ss_a, k_ss_b, k_ss_c,
                      K_FMT, K_SEG, HEAD_DIM)
         v = _load_kv(rn, valid, rd, va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_ss_a, v_ss_b, v_ss_c,
                      V_FMT, V_SEG, HEAD_DIM)
-        visible = (rn[None, :] <= n_past + rm[:, None]) & valid[None, :]
+        if SWA:
+            kpos = _key_pos(rn, n_past + T, ring)
+            qpos = n_past + rm
+            visible = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= 0) & valid[None, :]
+            visible &= (window == 0) | (kpos[None, :] > qpos[:, None] - window)
+        else:
+            visible = (rn[None, :] <= n_past + rm[:, None]) & valid[None, :]
         m_i, l_i, acc = _softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, DOT_F16, PRECISION)
     out = acc / l_i[:, None]
     tl.store(o_ptr + h * stride_oh + rm[:, None] * stride_ot + rd[None, :],
@@ -235,19 +255,22 @@ def _prefill_kernel(
 @triton.jit
 def _decode_split_kernel(
     q_ptr, acc_ptr, m_ptr, l_ptr,  # partials (n_head, num_splits[, d]) fp32
-    n_valid_ptr, n_valid, GROUP, qk_scale, stride_qh,  # valid keys (from n_valid_ptr if VALID_FROM_PTR)
+    n_valid_ptr, n_valid, window, ring, GROUP, qk_scale, stride_qh,  # valid keys (from n_valid_ptr if VALID_FROM_PTR)
     ka, kb, kb16, kbs, kc, k_a_end, k_b_end, k_sh_a, k_ss_a, k_sh_b, k_ss_b, k_sh_bs, k_sh_c, k_ss_c,
     va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_sh_a, v_ss_a, v_sh_b, v_ss_b, v_sh_bs, v_sh_c, v_ss_c,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     K_FMT: tl.constexpr, K_SEG: tl.constexpr, V_FMT: tl.constexpr, V_SEG: tl.constexpr,
-    VALID_FROM_PTR: tl.constexpr, DOT_F16: tl.constexpr, PRECISION: tl.constexpr,
+    VALID_FROM_PTR: tl.constexpr, DOT_F16: tl.constexpr, PRECISION: tl.constexpr, SWA: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     if VALID_FROM_PTR:  # a device scalar: one CUDA graph serves every cache length
         n_valid = tl.load(n_valid_ptr).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(n_valid, num_splits), BLOCK_N) * BLOCK_N  # keys per split
+    n_rows = n_valid  # rows holding positions [0, n_valid)
+    if SWA:
+        n_rows = tl.where(ring > 0, tl.minimum(n_valid, ring), n_valid)
+    split_len = tl.cdiv(tl.cdiv(n_rows, num_splits), BLOCK_N) * BLOCK_N  # keys per split
     rh = tl.arange(0, BLOCK_H)
     heads = kvh * GROUP + rh
     hmask = (rh < GROUP)[:, None]
@@ -263,7 +286,7 @@ def _decode_split_kernel(
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
     lo = split * split_len
-    hi = tl.minimum(lo + split_len, n_valid)
+    hi = tl.minimum(lo + split_len, n_rows)
     for start in range(lo, hi, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         valid = rn < hi
@@ -271,6 +294,9 @@ def _decode_split_kernel(
                      K_FMT, K_SEG, HEAD_DIM)
         v = _load_kv(rn, valid, rd, va, vb, vb16, vbs, vc, v_a_end, v_b_end, v_ss_a, v_ss_b, v_ss_c,
                      V_FMT, V_SEG, HEAD_DIM)
+        if SWA:
+            kpos = _key_pos(rn, n_valid, ring)
+            valid &= (kpos >= 0) & ((window == 0) | (kpos > n_valid - 1 - window))
         m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], qk_scale, m_i, l_i, acc, DOT_F16, PRECISION)
     # an empty split (lo >= n_valid) stores m = -inf, l = 0, acc = 0: the reduction weighs it 0
     part = heads * num_splits + split
@@ -392,16 +418,17 @@ def _quantized(K: KVOperand, V: KVOperand) -> bool:
     return K.fmt != "dense" or V.fmt != "dense"
 
 
-def attend_prefill(q: torch.Tensor, K: KVOperand, V: KVOperand, n_past: int,
+def attend_prefill(q: torch.Tensor, K: KVOperand, V: KVOperand, n_past: int, window: int = 0, ring: int = 0,
                    *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None, precision: str | None = None) -> torch.Tensor:
     """Causal GQA attention of q (n_head, T, d) at positions [n_past, n_past + T) over positions
-    [0, n_past + T) of K, V -> (n_head, T, d) in q's dtype.
+    [0, n_past + T) of K, V -> (n_head, T, d) in q's dtype. window > 0: a query at p sees keys at
+    (p - window, p] only; ring > 0: K, V are rings of `ring` rows (position p in row p % ring).
 
     Tiles default to prefill_config; precision applies to fp32 operands (launch.fp32_precision).
     """
     n_head, T, d, n_kv = _check(q, K, V, "attention prefill")
-    S = n_past + T
+    S = n_past + T if not ring else min(n_past + T, ring)  # rows read
     if n_past < 0 or min(K.capacity, V.capacity) < S:
         raise QkvggufError(f"attention prefill: the cache holds {min(K.capacity, V.capacity)} positions, "
                            f"need n_past + T = {S}")
@@ -414,18 +441,19 @@ def attend_prefill(q: torch.Tensor, K: KVOperand, V: KVOperand, n_past: int,
     block_n = block_n or cfg["block_n"]
     grid = (triton.cdiv(T, block_m), n_head)
     _prefill_kernel[grid](
-        q, out, T, S, n_past, n_head // n_kv, LOG2E / math.sqrt(d),
+        q, out, T, S, n_past, window, ring, n_head // n_kv, LOG2E / math.sqrt(d),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *K.args(), *V.args(),
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
         **K.constexprs("K"), **V.constexprs("V"), DOT_F16=f16, PRECISION=fp32_precision(q.device, precision),
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        SWA=bool(window or ring), num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out
 
 
-def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int, **kw) -> torch.Tensor:
+def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int, window: int = 0,
+                  ring: int = 0, **kw) -> torch.Tensor:
     """attend_prefill over dense k, v (n_kv, >= n_past + T, d)."""
-    return attend_prefill(q, *_dense_pair(q, k, v, "flash_prefill"), n_past, **kw)
+    return attend_prefill(q, *_dense_pair(q, k, v, "flash_prefill"), n_past, window, ring, **kw)
 
 
 def decode_config(head_dim: int, quantized: bool = False) -> dict:
@@ -445,13 +473,14 @@ def decode_splits(n_kv: int, n_valid: int, device: torch.device, block_n: int = 
 
 
 def attend_decode(q: torch.Tensor, K: KVOperand, V: KVOperand, n_valid: int | torch.Tensor,
-                  num_splits: int | None = None, *, block_n: int | None = None, num_warps: int | None = None,
+                  num_splits: int | None = None, window: int = 0, ring: int = 0, *, block_n: int | None = None, num_warps: int | None = None,
                   precision: str | None = None) -> torch.Tensor:
     """One query per head, q (n_head, 1, d), over positions [0, n_valid) of K, V -> (n_head, 1, d)
     in q's dtype; split-K over num_splits key ranges (default: decode_splits).
 
     n_valid may be a one-element int32/int64 tensor on q's device (read by the kernel, so a captured
     CUDA graph replays for any cache length); then num_splits is sized for the whole cache.
+    window, ring: as attend_prefill (with a ring, n_valid may exceed the capacity).
     """
     n_head, T, d, n_kv = _check(q, K, V, "attention decode")
     if T != 1:
@@ -466,9 +495,9 @@ def attend_decode(q: torch.Tensor, K: KVOperand, V: KVOperand, n_valid: int | to
             raise QkvggufError(f"attention decode: n_valid tensor must be one int32/int64 on {q.device}")
         keys = capacity  # splits sized for the capacity; the kernel clips to n_valid
     else:
-        if not 1 <= n_valid <= capacity:
+        if not 1 <= (min(n_valid, ring) if ring else n_valid) <= capacity:
             raise QkvggufError(f"attention decode: n_valid={n_valid} outside 1..{capacity} (cache positions)")
-        keys = int(n_valid)
+        keys = int(min(n_valid, ring) if ring else n_valid)
     if num_splits is None:
         num_splits = decode_splits(n_kv, keys, q.device, block_n)
     num_splits = max(1, min(int(num_splits), triton.cdiv(keys, block_n)))
@@ -479,11 +508,12 @@ def attend_decode(q: torch.Tensor, K: KVOperand, V: KVOperand, n_valid: int | to
     l = torch.empty((n_head, num_splits), **f32)  # noqa: E741
     block_d = max(16, next_pow2(d))
     _decode_split_kernel[(n_kv, num_splits)](
-        q, acc, m, l, n_valid if from_ptr else acc, 0 if from_ptr else keys, group, LOG2E / math.sqrt(d),
+        q, acc, m, l, n_valid if from_ptr else acc, 0 if from_ptr else int(n_valid), window, ring, group,
+        LOG2E / math.sqrt(d),
         q.stride(0), *K.args(), *V.args(),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n,
         **K.constexprs("K"), **V.constexprs("V"), VALID_FROM_PTR=from_ptr, DOT_F16=_dot_f16(q, K, V),
-        PRECISION=fp32_precision(q.device, precision), num_warps=num_warps,
+        PRECISION=fp32_precision(q.device, precision), SWA=bool(window or ring), num_warps=num_warps,
     )
     out = torch.empty_like(q)
     _decode_reduce_kernel[(n_head,)](
@@ -494,6 +524,6 @@ def attend_decode(q: torch.Tensor, K: KVOperand, V: KVOperand, n_valid: int | to
 
 
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int | torch.Tensor,
-                 num_splits: int | None = None, **kw) -> torch.Tensor:
+                 num_splits: int | None = None, window: int = 0, ring: int = 0, **kw) -> torch.Tensor:
     """attend_decode over dense k, v (n_kv, >= n_valid, d)."""
-    return attend_decode(q, *_dense_pair(q, k, v, "flash_decode"), n_valid, num_splits, **kw)
+    return attend_decode(q, *_dense_pair(q, k, v, "flash_decode"), n_valid, num_splits, window, ring, **kw)
