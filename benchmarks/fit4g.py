@@ -1,6 +1,7 @@
 """A 7-8B model on a 4 GiB card, on paper: the bit allocation and the placement, from published shapes.
 
     python benchmarks/fit4g.py [--out benchmarks/results/fit4g.json] [--chunks 4] [--threads 2]
+    python benchmarks/fit4g.py --e2e [--out benchmarks/results/fit4g_e2e.json]   # benchmarks/fit4g_e2e.py
 
 For Llama-3-8B and Qwen2.5-7B (shapes from their published config.json, written down in SHAPES),
 at 4 GiB and 4,096 tokens of context, for each KV cache type:
@@ -256,10 +257,33 @@ def placements(shape: dict, rule: str, type_k: str, type_v: str, cpu_rates: dict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/fit4g.json")
+    ap.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/fit4g.json, "
+                    "with --e2e fit4g_e2e.json)")
     ap.add_argument("--chunks", type=int, default=4, help="imatrix chunks of 512 tokens on SmolLM2")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the CPU matmul rates")
+    e2e = ap.add_argument_group("--e2e: a synthetic 1B checkpoint converted with --fit below its Q4_0 size "
+                                "(benchmarks/fit4g_e2e.py)")
+    e2e.add_argument("--e2e", action="store_true", help="run the end-to-end check instead of the 8B tables")
+    e2e.add_argument("--margin", type=float, default=0.08,
+                     help="the budget is Q4_0's VRAM total minus this fraction of its weight bytes (default 0.08)")
+    e2e.add_argument("--calib-chunks", type=int, default=2, help="convert --calib-chunks (default 2)")
+    e2e.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    e2e.add_argument("--workdir", default=None, help="folder for the checkpoint and the GGUF (default: the temp folder)")
+    e2e.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
+    if args.e2e:
+        if not 0 < args.margin < 1:
+            ap.error(f"--margin must be between 0 and 1, got {args.margin}")
+        if args.calib_chunks < 1:
+            ap.error(f"--calib-chunks must be at least 1, got {args.calib_chunks}")
+        if args.workdir is not None and not os.path.isdir(args.workdir):
+            ap.error(f"--workdir {args.workdir}: not a folder")
+        import fit4g_e2e
+
+        args.out = args.out or "benchmarks/results/fit4g_e2e.json"
+        args.argv = argv if argv is not None else sys.argv[1:]
+        return fit4g_e2e.main(args)
+    args.out = args.out or "benchmarks/results/fit4g.json"
     torch.set_num_threads(args.threads)
     from qkvgguf.runtime.machine import measure_cpu
 

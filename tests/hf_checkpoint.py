@@ -4,6 +4,7 @@ written out here (not taken from the converter) to stay independent.
 
     smollm2_hf_folder(gguf_path, out_dir) -> out_dir     # SmolLM2 (llama): tokenizer.json
     gemma3_hf_folder(gguf_path, out_dir) -> out_dir      # Gemma 3 270M: tokenizer.model
+    write_tokenizer_json(gguf.metadata, out_dir)         # the BPE tokenizer alone (benchmarks/fit4g_e2e.py)
 """
 
 import json
@@ -110,14 +111,19 @@ def smollm2_hf_folder(gguf_path, out, dither: float = 0.0, seed: int = 0, rotate
         "bos_token_id": md["tokenizer.ggml.bos_token_id"], "eos_token_id": md["tokenizer.ggml.eos_token_id"],
     }
     (out / "config.json").write_text(json.dumps(config))
+    write_tokenizer_json(md, out)
+    return out
+
+
+def write_tokenizer_json(md: dict, out) -> None:
+    """out/tokenizer.json: the GGUF's BPE vocabulary and merges, its control tokens as added tokens."""
     tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]
     tokenizer = {
         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": md["tokenizer.ggml.merges"]},
         "added_tokens": [{"id": i, "content": t, "special": True, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False} for i, (t, k) in enumerate(zip(tokens, types)) if k == 3],
     }
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
-    return out
+    (Path(out) / "tokenizer.json").write_text(json.dumps(tokenizer))
 
 
 # -- Gemma 3 ------------------------------------------------------------------------------------------
