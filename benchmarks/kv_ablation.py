@@ -1,20 +1,24 @@
-"""Which part of q4g earns its quality: per-channel keys, the f16 sinks, the f16 newest group.
+"""Which part of q4g earns its quality: per-channel keys, the f16 sinks, the newest group kept apart.
 
     python benchmarks/kv_ablation.py -t 2 --json benchmarks/results/kv_ablation.json
 
-q4g (runtime/kv_quant.py GroupStore) differs from a plain q4_0 cache in three ways: keys are
-quantized per channel over groups of 64 positions (values per token, as q4_0 rows), the first 4
-positions stay in f16 ("sinks"), and the newest partial group stays in f16 until it is complete
-("tail"). This benchmark registers cache types that switch the parts off one at a time
-(`qkvgguf.kv_types.register`, the same records `-ctk/-ctv` read; they exist only in this process)
-and scores each through `runtime.perplexity`, the function `qkvgguf perplexity` runs:
+q4g (qkvgguf/kv_types.py, runtime/kv_lowbit.py) differs from a plain q4_0 cache in four ways: keys
+are quantized per channel over groups of 64 positions, values are Hadamard-rotated rows of 64 with
+16 levels, the first 4 positions stay in f16 ("sinks"), and the newest partial group of keys (64)
+and values (16) stays in q8_0 until it is complete ("tail"). This benchmark registers cache types
+that switch parts off one at a time (`qkvgguf.kv_types.register`, the same records `-ctk/-ctv`
+read; they exist only in this process) and scores each through `runtime.perplexity`, the function
+`qkvgguf perplexity` runs:
 
     q4g                  per-channel K, sinks, tail        (the shipped type)
     q4g, no sinks        per-channel K, tail
     q4g, per-token K     q4_0 K rows, sinks, tail
     tail only            q4_0 K rows, tail
-    q4_0, no rotation    q4_0 K and V rows and nothing else (no Hadamard rotation, as q4g has none)
+    q4_0, no rotation    q4_0 K and V rows and nothing else (no Hadamard rotation)
     q4_0                 our q4_0 with llama.cpp's maths (Hadamard rotation), the shipped type
+
+(benchmarks/results/kv_ablation.json and its RESULTS.md table predate the q4g rework: they ablate
+the earlier q4g, whose sinks and tail were f16 and whose values were q4_0 rows.)
 
 Same model, text and windows as benchmarks/kv_quality.py (SmolLM2 Q4_1, War and Peace, windows
 scored from an empty cache); KLD from our f16 cache's distributions; bits per value are measured
@@ -51,11 +55,11 @@ Q4G = kv_types.KV_TYPES["q4g"]
 Q4_0 = kv_types.KV_TYPES["q4_0"]
 VARIANTS = [  # (cache type name, label, record registered for this run or None for a shipped type)
     ("q4g", "q4g (per-channel K, sinks, tail)", None),
-    ("abl-nosink", "q4g, no sinks", dataclasses.replace(Q4G, name="abl-nosink", n_sink=0, f16_rows=kv_types.GROUP)),
+    ("abl-nosink", "q4g, no sinks", dataclasses.replace(Q4G, name="abl-nosink", n_sink=0)),
     ("abl-tokk", "q4g, per-token K (q4_0 rows)", dataclasses.replace(
-        Q4G, name="abl-tokk", formats=("q4_0", "q4_0"), row_bytes=Q4_0.row_bytes)),
-    ("abl-tail", "tail only (q4_0 rows, f16 newest group)", dataclasses.replace(
-        Q4G, name="abl-tail", formats=("q4_0", "q4_0"), row_bytes=Q4_0.row_bytes, n_sink=0, f16_rows=kv_types.GROUP)),
+        Q4G, name="abl-tokk", formats=("q4_0", Q4G.formats[1]), row_bytes=Q4_0.row_bytes)),
+    ("abl-tail", "tail only (q4_0 K rows, no sinks)", dataclasses.replace(
+        Q4G, name="abl-tail", formats=("q4_0", Q4G.formats[1]), row_bytes=Q4_0.row_bytes, n_sink=0)),
     ("abl-q4_0", "q4_0 rows, no rotation", dataclasses.replace(Q4_0, name="abl-q4_0", llama_maths=False)),
     ("q4_0", "q4_0 (llama.cpp's maths: rotation)", None),
 ]

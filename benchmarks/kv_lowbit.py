@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import texts  # noqa: E402
 
-from qkvgguf.default_model import default_model_path  # noqa: E402
+from qkvgguf.default_model import default_model_path, resolve_model  # noqa: E402
 from qkvgguf.units import parse_size  # noqa: E402
 
 CLI = [sys.executable, "-m", "qkvgguf.cli"]
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench", action="store_true", help="also decode tokens/s per row (qkvgguf bench, one at a time)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "kv_lowbit_2048.json"))
     args = p.parse_args(argv)
-    model = args.model or default_model_path()
+    model = resolve_model(args.model) if args.model else default_model_path()  # a file or a demo name (gemma3)
     tmp = tempfile.mkdtemp(prefix="kv_lowbit")
     text = os.path.join(tmp, "war_and_peace_200k.txt")
     with open(text, "w", encoding="utf-8") as f:

@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import llamacpp  # noqa: E402
 import texts  # noqa: E402
 
-from qkvgguf.default_model import default_model_path  # noqa: E402
+from qkvgguf.default_model import default_model_path, resolve_model  # noqa: E402
 from qkvgguf.gguf_file import GGUFFile  # noqa: E402
 from qkvgguf.runtime import Model, perplexity  # noqa: E402
 from qkvgguf.kv_types import kv_bits_per_value  # noqa: E402
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=os.path.join(HERE, "kv_quality.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = args.model or default_model_path()
+    path = resolve_model(args.model) if args.model else default_model_path()  # -m: a file or a demo name (gemma3)
     gguf = GGUFFile(path)
     tok = Tokenizer.from_gguf(gguf)
     model = Model(gguf, cache_bytes=1 << 30)

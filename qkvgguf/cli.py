@@ -225,7 +225,10 @@ def cmd_inspect(args) -> int:
         plot_size = parse_plot_size(args.plot_size)
         check_output_path("--plot", args.plot)
     vram = parse_size(args.vram) if args.vram is not None else None
+    from .default_model import resolve_model
     from .inspect.hf import is_hf_folder
+
+    args.file = resolve_model(args.file)  # a short name (gemma3) -> that demo model's file, as run -m takes
 
     if is_hf_folder(args.file):  # a Hugging Face checkpoint: what it holds and what convert would write
         return _inspect_hf(args)
@@ -370,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a GGUF file (types, layers, one tensor's blocks, memory, diffs, plots) "
                                        "or a Hugging Face folder (tensors, dtypes, what each outtype would write)")
-    p.add_argument("file", help="GGUF file, or a Hugging Face model folder")
+    p.add_argument("file", help="GGUF file, a demo model's short name (smollm2, gemma3), or a Hugging Face model folder")
     p.add_argument("--json", action="store_true", help="machine-readable output (everything the text shows, and more)")
     p.add_argument("--full", action="store_true", help="with --json: include whole metadata arrays (vocabulary)")
     p.add_argument("--tensors", action="store_true", help="add the full tensor table (name, type, shape, bytes, offset)")

@@ -290,6 +290,17 @@ def test_inspect_shapes_in_ggml_order_and_metadata_types(smollm2_path):
     assert next(t for t in data["tensors"] if t["name"] == "token_embd.weight")["ne"] == [576, 49152]
 
 
+def test_inspect_takes_a_demo_models_short_name(smollm2_path):
+    """`inspect smollm2` reads the demo file, as `run -m smollm2` does."""
+    rc, out, err = _cli("inspect", "smollm2", "--json")
+    assert rc == 0, err
+    by_name = json.loads(out)
+    assert os.path.samefile(by_name["file"], smollm2_path)
+    rc, out, err = _cli("inspect", smollm2_path, "--json")
+    assert rc == 0, err
+    assert by_name["totals"] == json.loads(out)["totals"]
+
+
 def test_inspect_collapses_runs_of_identical_blocks(tiny_hf, tmp_path):
     out_file = tmp_path / "m.gguf"
     assert _cli("convert", tiny_hf, "-o", out_file, "--outtype", "q4_k_m", "--vocab-pre", "gpt-2")[0] == 0
