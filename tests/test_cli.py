@@ -24,7 +24,7 @@ def _cli(*args, stdin=None):
 def test_run_default_model_greedy():
     rc, out, err = _cli("run", "Once upon a time", "-n", "24", "--temp", "0", "--stats")
     assert rc == 0, err
-    assert "default model SmolLM2-135M-Instruct" in err
+    assert "no -m given: using the demo model SmolLM2-135M-Instruct" in err
     assert out.startswith("Once upon a time") and len(out) > len("Once upon a time") + 40
     assert "decode: " in err
 
