@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import select
+import signal
 import stat
 import struct
 import subprocess
@@ -144,10 +145,16 @@ def test_run_json_holds_text_tokens_timings_and_seed(smollm2_path):
 class Terminal:
     """A child process on a pseudo-terminal (its controlling terminal, so Ctrl-C is a SIGINT)."""
 
+    alive: list[int] = []  # children not yet reaped: the fixture below kills them after a failed test
+
     def __init__(self, *args):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child
+            # Ctrl-C as in a user's shell: a pytest started in the background (`cmd &` in a script)
+            # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(sys.executable, [sys.executable, "-m", "qkvgguf", *map(str, args)])
+        Terminal.alive.append(self.pid)
         # a terminal 100 columns wide (a new pty has 0 x 0, where tqdm draws nothing)
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
         self.seen = b""
@@ -183,6 +190,7 @@ class Terminal:
                 self.seen += data
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
+                Terminal.alive.remove(self.pid)
                 try:
                     while select.select([self.fd], [], [], 0.2)[0]:
                         self.seen += os.read(self.fd, 4096)
@@ -191,6 +199,19 @@ class Terminal:
                 return os.waitstatus_to_exitcode(status), self.seen.decode("utf-8", errors="replace")
         os.kill(self.pid, 9)
         raise AssertionError(f"still running after {timeout} s: {self.seen[-800:]!r}")
+
+
+@pytest.fixture(autouse=True)
+def _kill_terminals():
+    """A test that fails mid-conversation leaves no child running."""
+    yield
+    while Terminal.alive:
+        pid = Terminal.alive.pop()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 @pytest.mark.slow
