@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -49,19 +48,6 @@ PROMPTS = [
     "The three most important things to know about the French Revolution are",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
 ]
-
-
-def llamacpp_ppl(path, windows):
-    llm = llamacpp.load(path, n_ctx=len(windows[0]), n_batch=512, logits_all=True)
-    total, count = 0.0, 0
-    for w in windows:
-        llm.reset()
-        llm.eval(w)
-        logits = torch.tensor(llm.scores[: len(w)], dtype=torch.float64)
-        lp = torch.log_softmax(logits[:-1], dim=-1)
-        total -= float(lp.gather(1, torch.tensor(w[1:])[:, None]).sum())
-        count += len(w) - 1
-    return math.exp(total / count)
 
 
 def llamacpp_greedy(llm, prompt, n):
@@ -149,7 +135,7 @@ def main() -> None:
         ours = perplexity(model, ids[: n_ctx * n_windows], n_ctx, bos_id=tok.bos_id).ppl
         t1 = time.perf_counter()
         windows = [[tok.bos_id] + ids[i * n_ctx + 1:(i + 1) * n_ctx] for i in range(n_windows)]
-        ref = llamacpp_ppl(path, windows)
+        ref = llamacpp.perplexity(path, windows)
         row = {"n_ctx": n_ctx, "windows": n_windows, "scored": n_windows * (n_ctx - 1), "ours": round(ours, 4),
                "llamacpp": round(ref, 4), "ratio": round(ours / ref, 5), "ours_seconds": round(t1 - t0, 1)}
         print(row, flush=True)

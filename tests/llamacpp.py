@@ -71,3 +71,22 @@ def last_logits(llm):
     import numpy as np
 
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
+def perplexity(path: str, windows: list[list[int]]) -> float:
+    """llama.cpp's perplexity over token windows, each from an empty cache, every token but the
+    first scored (as llama-perplexity and `qkvgguf perplexity` cut them)."""
+    import math
+
+    import torch
+
+    llm = load(path, n_ctx=len(windows[0]), n_batch=512, logits_all=True)
+    total, count = 0.0, 0
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        logits = torch.tensor(llm.scores[: len(w)], dtype=torch.float64)
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        total -= float(logp.gather(1, torch.tensor(w[1:])[:, None]).sum())
+        count += len(w) - 1
+    return math.exp(total / count)

@@ -16,7 +16,6 @@ on the same file:
 """
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -177,19 +176,6 @@ def test_real_cache_bytes_at_8192(gemma, kv):
     assert plan(specs_of(gemma[0].gguf), cfg, None, 8192, kv, kv).kv_bytes == cache.n_bytes
 
 
-def _llamacpp_perplexity(path: str, windows: list[list[int]]) -> float:
-    llm = llamacpp.load(path, n_ctx=len(windows[0]), n_batch=512, logits_all=True)
-    total, count = 0.0, 0
-    for w in windows:
-        llm.reset()
-        llm.eval(w)
-        logits = torch.tensor(llm.scores[: len(w)], dtype=torch.float64)
-        logp = torch.log_softmax(logits[:-1], dim=-1)
-        total -= float(logp.gather(1, torch.tensor(w[1:])[:, None]).sum())
-        count += len(w) - 1
-    return math.exp(total / count)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("n_ctx,n_windows", [(512, 2), (2048, 1)])
 def test_real_perplexity_close_to_llamacpp(gemma, gemma3_path, n_ctx, n_windows):
@@ -198,7 +184,7 @@ def test_real_perplexity_close_to_llamacpp(gemma, gemma3_path, n_ctx, n_windows)
     assert len(ids) == n_ctx * n_windows
     res = perplexity(model, ids, n_ctx, bos_id=tok.bos_id)
     windows = [[tok.bos_id] + ids[i * n_ctx + 1:(i + 1) * n_ctx] for i in range(n_windows)]
-    ref = _llamacpp_perplexity(gemma3_path, windows)
+    ref = llamacpp.perplexity(gemma3_path, windows)
     assert abs(res.ppl / ref - 1) <= 0.01, f"ours {res.ppl:.4f}, llama.cpp {ref:.4f}"
 
 

@@ -5,7 +5,6 @@
 - perplexity with -c 512 within 1% of llama.cpp's, computed the same way (same windows, same scoring)
 """
 
-import math
 import os
 
 import pytest
@@ -75,19 +74,6 @@ def test_greedy_matches_transformers(ours, hf, prompt):
     assert got == _hf_greedy(hf, ids, 64)
 
 
-def _llamacpp_perplexity(path: str, windows: list[list[int]]) -> float:
-    llm = llamacpp.load(path, n_ctx=len(windows[0]), n_batch=512, logits_all=True)
-    total, count = 0.0, 0
-    for w in windows:
-        llm.reset()
-        llm.eval(w)
-        logits = torch.tensor(llm.scores[: len(w)], dtype=torch.float64)
-        logp = torch.log_softmax(logits[:-1], dim=-1)
-        total -= float(logp.gather(1, torch.tensor(w[1:])[:, None]).sum())
-        count += len(w) - 1
-    return math.exp(total / count)
-
-
 def test_perplexity_close_to_llamacpp(ours, smollm2_path):
     model, tok = ours
     n_ctx, n_windows = 512, 4
@@ -96,5 +82,5 @@ def test_perplexity_close_to_llamacpp(ours, smollm2_path):
     res = perplexity(model, ids, n_ctx, bos_id=tok.bos_id if tok.add_bos else None)
     assert res.n_scored == n_windows * (n_ctx - 1)
     windows = [ids[i * n_ctx:(i + 1) * n_ctx] for i in range(n_windows)]
-    ref = _llamacpp_perplexity(smollm2_path, windows)
+    ref = llamacpp.perplexity(smollm2_path, windows)
     assert abs(res.ppl / ref - 1) <= 0.01, f"ours {res.ppl:.4f}, llama.cpp {ref:.4f}"
