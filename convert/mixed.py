@@ -194,9 +194,10 @@ def _budget(arch, planned, target: Target) -> tuple[int, int, int]:
     return target.fit_bytes - reserve_bytes(arch, target) - fixed, fixed, elements
 
 
-def check_budget(arch, planned, target: Target) -> None:
-    """BudgetError unless the target holds every quantized tensor at its cheapest candidate type.
-    Needs only shapes, so `convert` calls it before calibrating or measuring anything."""
+def check_budget(arch, planned, target: Target) -> tuple[int, int, int]:
+    """BudgetError unless the target holds every quantized tensor at its cheapest candidate type;
+    else `_budget`'s (quantized bytes allowed, float bytes, elements). Needs only shapes, so
+    `convert` calls it before calibrating or measuring anything."""
     floats = (T.F32, T.F16, T.BF16)
     budget, fixed, elements = _budget(arch, planned, target)
     smallest = 0
@@ -213,6 +214,7 @@ def check_budget(arch, planned, target: Target) -> None:
         raise BudgetError(f"--fit {target.fit_bytes:,} bytes at -c {target.n_ctx} (K {target.type_k}, "
                           f"V {target.type_v}) is below the smallest possible: "
                           f"{int(smallest + fixed + reserve_bytes(arch, target)):,} bytes")
+    return budget, fixed, elements
 
 
 def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
@@ -224,8 +226,7 @@ def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
 
     floats = (T.F32, T.F16, T.BF16)
     quant = [p for p in planned if p.type not in floats]
-    check_budget(arch, planned, target)
-    budget, fixed, elements = _budget(arch, planned, target)
+    budget, fixed, elements = check_budget(arch, planned, target)
     options = {}
     for k, p in enumerate(quant):
         values = arch.transform(p.name, ckpt.load(p.hf_name).to(torch.float32)).numpy()
