@@ -388,13 +388,15 @@ def run_gguf(n: int, seed: int, timeout: float, folder: str, progress: bool = Fa
 
 # ---- the command line -----------------------------------------------------------------------------------
 
-def forked_cli(argv: list[str], timeout: float, extra_bytes: int) -> tuple[int | None, str, str]:
+def forked_cli(argv: list[str], timeout: float, extra_bytes: int,
+               errors: str = "replace") -> tuple[int | None, str, str]:
     """`qkvgguf ARGV` in a forked child of this process: (exit status or None on a hang, stdout,
     stderr). The child sets RLIMIT_AS to what it maps plus `extra_bytes`, swaps in strict UTF-8
     stdout/stderr (an unencodable character raises there, as on a strict terminal), calls
     `qkvgguf.cli.main(argv)` and prints a traceback for anything main() lets escape, as the
     interpreter would. A fork costs milliseconds where a fresh interpreter importing torch costs
-    seconds; the code path from main() on is the command's."""
+    seconds; the code path from main() on is the command's. `errors`: how the parent decodes the
+    child's output ("strict": tests/test_hostile.py's check that it is valid UTF-8)."""
     import io
     import selectors
 
@@ -455,7 +457,7 @@ def forked_cli(argv: list[str], timeout: float, extra_bytes: int) -> tuple[int |
     for fd in chunks:
         os.close(fd)
     _, status = os.waitpid(pid, 0)
-    out, err = (b"".join(chunks[fd]).decode("utf-8", "replace") for fd in (out_r, err_r))
+    out, err = (b"".join(chunks[fd]).decode("utf-8", errors) for fd in (out_r, err_r))
     return (None if hung else os.waitstatus_to_exitcode(status)), out, err
 
 

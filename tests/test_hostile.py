@@ -13,18 +13,15 @@ real `python -m qkvgguf` too (signals, the interpreter's own error path).
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
 import os
-import resource
 import signal
 import stat
 import struct
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -47,64 +44,12 @@ fuzz = _fuzz()
 
 
 def cli(*argv: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    """`qkvgguf ARGV` in a forked child under RLIMIT_AS with strict UTF-8 streams: (rc, stdout, stderr).
-    A child that outlives `timeout` is killed and the test fails (a hang)."""
-    import torch  # noqa: F401  (imported before the fork, so the child does not pay for it)
-
-    with open("/proc/self/statm") as f:
-        limit = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + MEMORY_LIMIT
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        rc = 1
-        try:
-            os.close(out_r)
-            os.close(err_r)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            sys.stdout = io.TextIOWrapper(os.fdopen(out_w, "wb"), encoding="utf-8", errors="strict")
-            sys.stderr = io.TextIOWrapper(os.fdopen(err_w, "wb"), encoding="utf-8", errors="strict")
-            sys.stdin = io.StringIO("")
-            from qkvgguf.cli import main
-
-            try:
-                rc = main(list(argv))
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else 1
-            except BaseException:  # what the interpreter does with an uncaught exception
-                traceback.print_exc()
-                rc = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(rc)
-    os.close(out_w)
-    os.close(err_w)
-    import selectors
-
-    chunks = {out_r: [], err_r: []}
-    sel = selectors.DefaultSelector()
-    for fd in chunks:
-        sel.register(fd, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    open_fds = set(chunks)
-    while open_fds:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"qkvgguf {' '.join(argv)} hung (over {timeout} s)")
-        for key, _ in sel.select(left):
-            data = os.read(key.fd, 65536)
-            if data:
-                chunks[key.fd].append(data)
-            else:
-                sel.unregister(key.fd)
-                os.close(key.fd)
-                open_fds.discard(key.fd)
-    _, status = os.waitpid(pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    out, err = (b"".join(chunks[fd]).decode("utf-8", "strict") for fd in (out_r, err_r))
+    """`qkvgguf ARGV` in a forked child under RLIMIT_AS with strict UTF-8 streams (fuzz.forked_cli):
+    (rc, stdout, stderr), the output decoded strictly. A child that outlives `timeout` is killed and
+    the test fails (a hang)."""
+    rc, out, err = fuzz.forked_cli(list(argv), timeout, MEMORY_LIMIT, errors="strict")
+    if rc is None:
+        pytest.fail(f"qkvgguf {' '.join(argv)} hung (over {timeout} s)")
     return rc, out, err
 
 
