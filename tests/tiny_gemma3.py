@@ -7,7 +7,6 @@ checkpoints is convert/arch/ (another file).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 VOCAB = 320
@@ -49,7 +48,7 @@ def write_gguf(model, path: str, qtypes=None, pattern: int = 3) -> None:
     """qtypes: optional ggml types for the 2-D weights, in turn (our quantizers)."""
     import gguf
 
-    from qkvgguf.quants import get_format, quantize
+    from tiny_models import write_tensors
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "gemma3")
@@ -73,20 +72,5 @@ def write_gguf(model, path: str, qtypes=None, pattern: int = 3) -> None:
     for i in range(cfg.num_hidden_layers):
         for hf, gg in PER_LAYER.items():
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
-    n_quantized = 0
-    for hf_name, gg_name in names.items():
-        t = sd[hf_name]
-        if gg_name.endswith("norm.weight"):
-            t = t + 1.0
-        values = np.ascontiguousarray(t.numpy(), dtype=np.float32)
-        if qtypes and values.ndim == 2:
-            qtype = qtypes[n_quantized % len(qtypes)]
-            n_quantized += 1
-            if values.shape[1] % get_format(qtype).block_size == 0:
-                w.add_tensor(gg_name, quantize(values, qtype), raw_dtype=qtype)
-                continue
-        w.add_tensor(gg_name, values)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    # GGUF stores Gemma's norms as 1 + w
+    write_tensors(w, [(gg, sd[hf] + 1.0 if gg.endswith("norm.weight") else sd[hf]) for hf, gg in names.items()], qtypes)

@@ -46,8 +46,6 @@ def write_gguf(model, arch: str, path: str, qtypes=None) -> None:
     """qtypes: optional list of ggml types; 2-D weights are quantized with them in turn (our quantizers)."""
     import gguf
 
-    from qkvgguf.quants import get_format, quantize
-
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch)
@@ -80,7 +78,7 @@ def write_gguf(model, arch: str, path: str, qtypes=None) -> None:
     for i in range(cfg.num_hidden_layers):
         for hf, gg in per_layer.items():
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
-    n_quantized = 0
+    tensors = []
     for hf_name, gg_name in names.items():
         if hf_name not in sd:
             continue
@@ -88,6 +86,17 @@ def write_gguf(model, arch: str, path: str, qtypes=None) -> None:
         if arch == "llama" and gg_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if "attn_q" in gg_name else cfg.num_key_value_heads
             t = _permute(t, heads)
+        tensors.append((gg_name, t))
+    write_tensors(w, tensors, qtypes)
+
+
+def write_tensors(w, tensors, qtypes=None) -> None:
+    """Add (GGUF name, float tensor) pairs to the GGUFWriter `w` and write the file: the 2-D ones
+    take `qtypes` in turn (where the row fits the type's block; else float32), the rest float32."""
+    from qkvgguf.quants import get_format, quantize
+
+    n_quantized = 0
+    for gg_name, t in tensors:
         values = np.ascontiguousarray(t.numpy(), dtype=np.float32)
         if qtypes and values.ndim == 2:
             qtype = qtypes[n_quantized % len(qtypes)]
