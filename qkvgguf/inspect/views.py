@@ -311,8 +311,11 @@ def _model_lines(summary: dict) -> list[str]:
                        + ("; ..." if n_bad > len(bad) else ""))
         a = p.get("auto")
         if a:
-            out.append(f"        auto: target {a.get('target')}, {_num(a.get('bpw'), '.3f')} bits per weight, "
-                       f"weighted error {_num(a.get('weighted_error'), '.4g')}")
+            how = a.get("sensitivity")
+            err = (f"predicted KL {_num(a.get('weighted_error'), '.4g')} nats/token ({how})"
+                   if isinstance(how, str) and how.startswith("fisher") else
+                   f"weighted error {_num(a.get('weighted_error'), '.4g')}")
+            out.append(f"        auto: target {a.get('target')}, {_num(a.get('bpw'), '.3f')} bits per weight, {err}")
             out.append(f"        calibration: {a.get('calibration')} ({a.get('calibration_chunks')} chunks)")
             lb = a.get("layer_bpw")
             if isinstance(lb, list) and lb and all(_is_number(x) for x in lb):
