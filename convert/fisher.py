@@ -42,7 +42,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .imatrix import Imatrix, ImatrixError
+from .imatrix import Imatrix, chunking
 
 EMBD = "token_embd.weight"
 EMBD_ALPHA = 0.1  # add-alpha smoothing of the embedding rows' token counts
@@ -146,12 +146,7 @@ def collect_fisher(gguf_path: str, token_ids: list[int], n_ctx: int = 512, n_chu
     if form not in ("full", "rank1"):
         raise ValueError(f"Fisher form must be 'full' or 'rank1', got {form!r}")
     model = Model(GGUFFile(str(gguf_path)), cache_bytes=cache_bytes, backend="torch")
-    step = n_ctx - (bos_id is not None)
-    total = len(token_ids) // step
-    if n_chunks is not None:
-        total = min(total, n_chunks)
-    if total < 1:
-        raise ImatrixError(f"the calibration text has {len(token_ids)} tokens, fewer than one chunk of {n_ctx}")
+    step, total = chunking(len(token_ids), n_ctx, bos_id, n_chunks)
     fisher = Fisher(form, imatrix=Imatrix(datasets=[dataset] if dataset else [], n_chunks=total, chunk_size=n_ctx))
     fisher.token_counts = np.zeros(model.config.vocab_size)
     fisher.embd_grad_sq = np.zeros(model.config.n_embd)

@@ -149,6 +149,18 @@ def _recording_ops(ops, imatrix: Imatrix):
     return rec
 
 
+def chunking(n_tokens: int, n_ctx: int, bos_id: Optional[int], n_chunks: Optional[int]) -> tuple[int, int]:
+    """(text tokens per chunk, chunks) for calibration over chunks of n_ctx tokens, BOS first when
+    bos_id is given; ImatrixError when the text holds less than one chunk."""
+    step = n_ctx - (bos_id is not None)
+    total = n_tokens // step
+    if n_chunks is not None:
+        total = min(total, n_chunks)
+    if total < 1:
+        raise ImatrixError(f"the calibration text has {n_tokens} tokens, fewer than one chunk of {n_ctx}")
+    return step, total
+
+
 def collect_imatrix(gguf_path: str | os.PathLike, text: "str | list[int]", n_ctx: int = 512,
                     n_chunks: Optional[int] = None, bos_id: Optional[int] = None, dataset: str = "",
                     progress: Optional[Callable[[int, int], None]] = None, cache_bytes: int = 2 << 30) -> Imatrix:
@@ -173,12 +185,7 @@ def collect_imatrix(gguf_path: str | os.PathLike, text: "str | list[int]", n_ctx
     else:
         token_ids = list(text)
     model = Model(gguf_file, cache_bytes=cache_bytes)
-    step = n_ctx - (bos_id is not None)
-    total = len(token_ids) // step
-    if n_chunks is not None:
-        total = min(total, n_chunks)
-    if total < 1:
-        raise ImatrixError(f"the calibration text has {len(token_ids)} tokens, fewer than one chunk of {n_ctx}")
+    step, total = chunking(len(token_ids), n_ctx, bos_id, n_chunks)
     imatrix = Imatrix(datasets=[dataset] if dataset else [], n_chunks=total, chunk_size=n_ctx)
     model.ops = _recording_ops(model.ops, imatrix)
     for c in range(total):
