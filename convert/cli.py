@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     # the stages this run goes through, announced as they start ("stage 2/4: calibrating: ...")
     names = []
     fisher_pass = args.outtype == "auto" and args.sensitivity != "weighted"
-    if fisher_pass or args.outtype == "auto" or args.imatrix is not None:
+    if args.outtype == "auto" or args.imatrix is not None:
         if fisher_pass or args.imatrix is None or not os.path.exists(args.imatrix):
             names += ["f16 copy", "calibrating"]
     if args.outtype == "auto":

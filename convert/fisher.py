@@ -61,19 +61,22 @@ class Fisher:
     def weights(self, name: str, rows: np.ndarray) -> Optional[np.ndarray]:
         """Per-token Fisher F (len(rows), n) float32 of the given rows of weight `name`, or None
         when the pass never saw the tensor."""
+        out = self._weights(name, rows)
+        return None if out is None else out.astype(np.float32)
+
+    def _weights(self, name: str, rows: np.ndarray) -> Optional[np.ndarray]:
+        """`weights` in float64."""
         out = None
         T = max(1, self.n_tokens)
         if name in self.out_sq:
             if self.form == "full":
-                out = self.full[name][rows].numpy().astype(np.float32) / T
+                out = self.full[name][rows].numpy().astype(np.float64) / T
             else:
-                a = self.out_sq[name][rows]
-                b = self.imatrix.sums[name]
-                out = (np.outer(a, b) / (T * T)).astype(np.float32)
+                out = np.outer(self.out_sq[name][rows], self.imatrix.sums[name]) / (T * T)
         if name == EMBD and self.embd_grad_sq is not None:
             counts = self.token_counts
             p = (counts[rows] + EMBD_ALPHA) / (counts.sum() + EMBD_ALPHA * len(counts))
-            lookup = np.outer(p, self.embd_grad_sq / T).astype(np.float32)
+            lookup = np.outer(p, self.embd_grad_sq / T)
             out = lookup if out is None else out + lookup
         return out
 
@@ -81,23 +84,12 @@ class Fisher:
         """float64 (rows,): sum_j F_ij W_ij^2 of each row of W = `values` (rows, n), the scale of the
         row's expected error (quantization error grows with the row's magnitude); rows are sampled
         in proportion to it. None when the pass never saw the tensor."""
-        rows = len(values)
         if name not in self.out_sq and not (name == EMBD and self.embd_grad_sq is not None):
             return None
-        T = max(1, self.n_tokens)
-        out = np.zeros(rows)
-        for lo in range(0, rows, 4096):  # bounded temporaries on a vocabulary-sized head
-            w2 = values[lo:lo + 4096].astype(np.float64) ** 2
-            idx = np.arange(lo, lo + len(w2))
-            if name in self.out_sq:
-                if self.form == "full":
-                    out[idx] += (self.full[name][lo:lo + len(w2)].numpy() * w2).sum(1) / T
-                else:
-                    out[idx] += self.out_sq[name][idx] * (w2 @ self.imatrix.sums[name]) / (T * T)
-            if name == EMBD and self.embd_grad_sq is not None:
-                c = self.token_counts
-                p = (c[idx] + EMBD_ALPHA) / (c.sum() + EMBD_ALPHA * len(c))
-                out[idx] += p * (w2 @ (self.embd_grad_sq / T))
+        out = np.zeros(len(values))
+        for lo in range(0, len(values), 4096):  # bounded temporaries on a vocabulary-sized head
+            idx = np.arange(lo, min(lo + 4096, len(values)))
+            out[idx] = (self._weights(name, idx) * values[idx].astype(np.float64) ** 2).sum(1)
         return out
 
 
@@ -108,7 +100,7 @@ def _recording_ops(ops, fisher: Fisher):
     rec = types.SimpleNamespace(**{k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")})
 
     def linear(x, W, name, bias=None):
-        x2 = x.detach().float().reshape(-1, x.shape[-1]) ** 2
+        x2 = x.detach().float().reshape(-1, x.shape[-1]) ** 2 if fisher.form == "full" else None
         fisher.imatrix.add(name, x.detach())
         y = x @ W.dense(name).T
         if bias is not None:
