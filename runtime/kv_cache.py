@@ -167,6 +167,11 @@ class KVCache:
             K, V = ops.kv_read(ks, j, rows), ops.kv_read(vs, j, rows)
             out = ops.attention(q.to(dtype), K, V, self.pos_t, window, ring).float()
             return (hadamard(out, self.rot_v) if self.rot_v else out).to(dtype)
+        if T == 1 and not (self.rot_k or self.rot_v or self.q_as_q8_0):  # a plain-float cache, one query
+            fast = getattr(ops, "attend_one", None)  # the CPU decode step in one call (runtime/ops.py)
+            out = fast(ks, vs, j, q, k, v, p0, window, ring) if fast is not None else None
+            if out is not None:
+                return out.to(dtype)
         cuts = set(ks.cuts(p0, p0 + T) + vs.cuts(p0, p0 + T))
         if ring:  # queries [a, b) need positions (a - window, b) in the ring at once
             cuts |= set(range(p0 + ring - window + 1, p0 + T, ring - window + 1))

@@ -102,6 +102,11 @@ class Store:
         """This layer as a `kernels.attention.KVOperand` (read in place) once [0, end) is written."""
         raise NotImplementedError
 
+    def dense(self, layer: int) -> torch.Tensor | None:
+        """This layer's rows as stored, (n_kv, n_ctx, d) float32 or float16, where the format is plain
+        floats (the CPU decode attention reads and writes them in place); None for block formats."""
+        return None
+
     def truncate(self, old: int, new: int) -> None:
         pass
 
@@ -119,6 +124,9 @@ class DenseStore(Store):
 
     def write_at(self, layer, pos_t, x, fused=False):
         self.data[layer].index_copy_(1, pos_t, x.to(self.data.dtype))
+
+    def dense(self, layer):
+        return self.data[layer]
 
     def operand(self, layer, end):
         from .kernels.attention import KVOperand

@@ -46,12 +46,16 @@ def host_linear(x: torch.Tensor, W, name: str, bias: str | None = None) -> torch
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Normalize over the last dim: x / sqrt(mean(x^2) + eps) * weight (in out_dtype, default x's)."""
-    out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    fused = cpu.add_rms_norm(x, None, weight, eps)  # float32 on the CPU: one call (runtime/cpu)
+    out = fused[0] if fused is not None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
     return out if out_dtype is None else out.to(out_dtype)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """h = x + residual (the new residual stream), out = rms_norm(h) * weight -> (out, h)."""
+    fused = cpu.add_rms_norm(residual, x, weight, eps)
+    if fused is not None:
+        return fused
     h = residual + x
     return rms_norm(h, weight, eps), h
 
@@ -88,6 +92,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
 
     Normal (llama GGUF): pairs (x[2i], x[2i+1]). NeoX (qwen): pairs (x[i], x[i + d/2]).
     """
+    fused = cpu.rope(x, cos, sin, neox)  # float32 on the CPU: one call (runtime/cpu)
+    if fused is not None:
+        return fused
     if neox:
         half = x.shape[-1] // 2
         x0, x1 = x[..., :half], x[..., half:]
@@ -109,6 +116,18 @@ def kv_write(store, layer: int, pos, x: torch.Tensor) -> None:
 def kv_read(store, layer: int, end: int) -> torch.Tensor:
     """Positions [0, end) of one layer as `attention` takes them: float32 (n_kv, end, d)."""
     return store.read(layer, end)
+
+
+def attend_one(ks, vs, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int = 0,
+               ring: int = 0) -> torch.Tensor | None:
+    """The decode step's kv_write + kv_read + attention in one call, where the stores keep plain
+    f32/f16 rows on the CPU (runtime/cpu attend_one reads them in place, no float32 copy of the
+    layer): q (n_head, 1, d) at position pos -> (n_head, 1, d) float32. None otherwise (the caller
+    then writes, reads and attends through the three ops above)."""
+    K, V = ks.dense(layer), vs.dense(layer)
+    if K is None or V is None:
+        return None
+    return cpu.attend_one(K, V, q, k, v, pos, window, ring)
 
 
 def key_positions(S: int, end, ring: int, device) -> torch.Tensor:

@@ -94,7 +94,9 @@ def _from_memmap(array: np.ndarray) -> torch.Tensor:
 
 
 class DequantCache:
-    """Dequantized float32 copies of weights, admitted until `budget` bytes, never evicted."""
+    """Dequantized float32 copies of weights, admitted until `budget` bytes, never evicted. Vectors
+    (1-D: norms, biases; a few KiB each, read at every step) are always kept, beyond the budget:
+    with budget 0 (the CPU kernels' default) the decode step re-made each of them at every use."""
 
     def __init__(self, budget: int):
         self.budget = int(budget)
@@ -111,7 +113,7 @@ class DequantCache:
             return hit
         values = w.dequantize()
         if w.name not in self._refused:
-            if self.used + w.dequantized_bytes <= self.budget:
+            if self.used + w.dequantized_bytes <= self.budget or len(w.shape) == 1:
                 self._store[w.name] = values
                 self.used += w.dequantized_bytes
             else:

@@ -162,7 +162,7 @@ def test_fallback_without_compiler(monkeypatch, fresh_build, caplog):
 
 def test_failed_build_falls_back(monkeypatch, fresh_build, tmp_path, caplog):
     monkeypatch.setenv("QKVGGUF_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(build, "SOURCE", str(tmp_path / "broken.cpp"))
+    monkeypatch.setattr(build, "SOURCES", [str(tmp_path / "broken.cpp")])
     (tmp_path / "broken.cpp").write_text("this is not C++\n")
     if build._compiler() is None:
         pytest.skip("no C++ compiler here")

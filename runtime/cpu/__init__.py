@@ -38,6 +38,11 @@ same-process A/B ratios):
 Adding a block format: one dequant_<type> function and one row of FORMATS in qmatmul.cpp. A type the
 library lacks falls back to the torch path for that tensor (logged once per type).
 
+The decode step's small ops (decode.cpp), each one call where torch needs several: `add_rms_norm`,
+`rope`, `attend_one` (one query row over an f32/f16 cache). At SmolLM2's size a decode step made
+~100 torch calls per layer of a few microseconds each, as long in all as the step's matmuls at 2
+threads; each function returns None where it does not apply (the caller then takes the torch ops).
+
 Threads: torch's thread count (set by -t), one OpenMP pool shared with torch.
 """
 
@@ -129,3 +134,63 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor | None:
         tile = dequantize_rows(w, r0, r1, _tile((r1 - r0) * K).view(r1 - r0, K))
         torch.mm(x, tile.T, out=y[:, r0:r1]) if r1 - r0 == N else y[:, r0:r1].copy_(x @ tile.T)
     return y
+
+
+# -- the decode step's small ops (decode.cpp) ------------------------------------------------------------
+def _plain(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor | None, w: torch.Tensor, eps: float):
+    """(rms_norm(x + a) * w, x + a) over the last dim (a None: rms_norm(x) * w, x); None when the
+    library is unavailable or a tensor is not float32 on the CPU."""
+    lib = build.load()
+    if lib is None or not _plain(x, w) or (a is not None and (not _plain(a) or a.shape != x.shape)):
+        return None
+    n = x.shape[-1]
+    if w.numel() != n:
+        return None
+    x = x.contiguous()
+    a = a.contiguous() if a is not None else None
+    w = w.contiguous()
+    h = torch.empty_like(x)
+    xo = torch.empty_like(x) if a is not None else x
+    lib.qk_add_rms_norm(x.data_ptr(), a.data_ptr() if a is not None else None, w.data_ptr(), x.numel() // n, n,
+                        eps, xo.data_ptr(), h.data_ptr(), torch.get_num_threads())
+    return h, xo
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor | None:
+    """ops.rope's rotation of x (heads, T, d) as a new tensor; None where the library cannot."""
+    lib = build.load()
+    if lib is None or not _plain(x, cos, sin) or x.dim() != 3 or cos.shape != (x.shape[1], x.shape[2] // 2) \
+            or sin.shape != cos.shape or x.shape[2] % 2:
+        return None
+    out = x.contiguous().clone() if x.is_contiguous() else x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    lib.qk_rope(out.data_ptr(), out.shape[0], out.shape[1], out.shape[2], cos.data_ptr(), sin.data_ptr(), int(neox))
+    return out
+
+
+def attend_one(K: torch.Tensor, V: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
+               window: int = 0, ring: int = 0) -> torch.Tensor | None:
+    """Store k, v (n_kv, 1, d) at position pos of one layer's cache rows K, V ((n_kv, rows, d) float32
+    or float16, written in place; a ring of `ring` rows: slot pos % ring), then attention of the one
+    query q (n_head, 1, d) over the positions it sees (causal; window > 0: the last `window`) as
+    ops.attention computes it -> (n_head, 1, d) float32. None where the library cannot."""
+    lib = build.load()
+    if lib is None or not _plain(q, k, v) or K.dtype not in (torch.float16, torch.float32) or V.dtype != K.dtype \
+            or K.device.type != "cpu" or not (K.is_contiguous() and V.is_contiguous()) or q.shape[1] != 1:
+        return None
+    H, _, d = q.shape
+    G, cap = K.shape[0], K.shape[1]
+    slot = pos % ring if ring else pos
+    S = min(pos + 1, ring) if ring else pos + 1
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(H, 1, d, dtype=torch.float32)
+    rc = lib.qk_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, G, d, K.data_ptr(), V.data_ptr(),
+                            int(K.dtype == torch.float16), cap, slot, S, pos, window, ring, d ** -0.5,
+                            out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"attend_one: {H} query heads, {G} KV heads, slot {slot} of {cap} rows: bad shape")
+    return out

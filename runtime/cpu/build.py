@@ -1,4 +1,4 @@
-"""Compile qmatmul.cpp once per machine and load it with ctypes; None (and one log line) if that fails.
+"""Compile qmatmul.cpp and decode.cpp once per machine and load them with ctypes; None (and one log line) if that fails.
 
     lib = load()        # ctypes.CDLL, or None: no compiler, a failed build, or QKVGGUF_CPU_KERNELS=0
 
@@ -31,7 +31,9 @@ import time
 
 log = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qmatmul.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# the block-format matmuls and the decode step's small ops, compiled into one library
+SOURCES = [os.path.join(_HERE, "qmatmul.cpp"), os.path.join(_HERE, "decode.cpp")]
 # -ffp-contract=off: the dequant functions round like ggml's (no fused q*d + m), so they match the
 # reference bit for bit; the SIMD dot products use FMA explicitly
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -72,8 +74,9 @@ def _cpu_flags() -> str:
 
 def _key(cxx: str) -> str:
     h = hashlib.sha256()
-    with open(SOURCE, "rb") as f:
-        h.update(f.read())
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            h.update(f.read())
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -95,7 +98,7 @@ def build(cxx: str) -> str:
     os.close(fd)
     try:
         t0 = time.perf_counter()
-        subprocess.run([cxx, *FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run([cxx, *FLAGS, *SOURCES, "-o", tmp], check=True, capture_output=True, text=True, timeout=300)
         os.replace(tmp, target)
         log.info("built the CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
     finally:
@@ -114,6 +117,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_matmul.restype = i32
     lib.qk_dequant_rows.argtypes = [i32, p, i64, i64, i64, i64, p, i32]
     lib.qk_dequant_rows.restype = i32
+    f32 = ctypes.c_float
+    lib.qk_add_rms_norm.argtypes = [p, p, p, i64, i64, f32, p, p, i32]
+    lib.qk_add_rms_norm.restype = None
+    lib.qk_rope.argtypes = [p, i64, i64, i64, p, p, i32]
+    lib.qk_rope.restype = None
+    lib.qk_attn_decode.argtypes = [p, p, p, i64, i64, i64, p, p, i32, i64, i64, i64, i64, i64, i64, f32, p, i32]
+    lib.qk_attn_decode.restype = i32
     return lib
 
 
