@@ -167,9 +167,10 @@ class KVCache:
             K, V = ops.kv_read(ks, j, rows), ops.kv_read(vs, j, rows)
             out = ops.attention(q.to(dtype), K, V, self.pos_t, window, ring).float()
             return (hadamard(out, self.rot_v) if self.rot_v else out).to(dtype)
-        if T == 1 and not (self.rot_k or self.rot_v or self.q_as_q8_0):  # a plain-float cache, one query
-            fast = getattr(ops, "attend_one", None)  # the CPU decode step in one call (runtime/ops.py)
-            out = fast(ks, vs, j, q, k, v, p0, window, ring) if fast is not None else None
+        rows = self.dense_layer(layer) if T == 1 else None
+        if rows is not None:  # a plain-float cache, one query: write + attend in one call (runtime/ops.py)
+            fast = getattr(ops, "attend_one", None)
+            out = fast(*rows, q, k, v, p0, window) if fast is not None else None
             if out is not None:
                 return out.to(dtype)
         cuts = set(ks.cuts(p0, p0 + T) + vs.cuts(p0, p0 + T))
@@ -187,6 +188,19 @@ class KVCache:
         if self.rot_v:
             out = hadamard(out, self.rot_v)
         return out.to(dtype)
+
+    def dense_layer(self, layer: int):
+        """(K, V, ring) of a layer whose rows are stored as plain floats and read as stored: the rows
+        (n_kv, rows, d) float32/float16, written and read in place by the CPU decode kernels (ring:
+        the rows form a ring, position p in row p % ring; 0: row p). None for a rotated or quantized
+        cache, or in device-position mode."""
+        if self.rot_k or self.rot_v or self.q_as_q8_0 or self.pos_t is not None:
+            return None
+        ks, vs, j, ring = self._where[layer]
+        K, V = ks.dense(j), vs.dense(j)
+        if K is None or V is None:
+            return None
+        return K, V, ring
 
     def _write(self, store, j: int, pos: int, x: torch.Tensor, ring: int) -> None:
         """x (n_kv, T, d) at positions [pos, pos + T): slots pos % ring onward in a ring (wrapping)."""

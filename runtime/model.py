@@ -60,6 +60,9 @@ class Model:
         self.inv_freq_swa = ops.rope_inv_freq(self.config, None, self.config.rope_base_swa).to(self.device) \
             if self.config.sliding_window else None
         self.block = block_for(self.config)
+        # one token through a whole block in one call, where the backend has that (the CPU's; it
+        # returns None for what it does not do, and the block above runs)
+        self.decode_block = getattr(ops, "decode_block", None)
 
     def new_cache(self, n_ctx: int, type_k: str = "f32", type_v: str = "f32", budget: int | None = None) -> KVCache:
         return KVCache(self.config, n_ctx, type_k, type_v, device=self.device, ops=self.ops, budget=budget)
@@ -95,10 +98,12 @@ class Model:
         if cfg.embd_scale != 1.0:
             x = x * cfg.embd_scale
         h = ops.rms_norm(x, W.dense("blk.0.attn_norm.weight"), cfg.norm_eps, out_dtype=self.dtype)
+        fused = self.decode_block if T == 1 else None
         for i in range(cfg.n_layer):
             W.begin_unit(i)  # a streamed layer's weights arrive (the next one's copy starts)
             after = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layer else "output_norm.weight"
-            h, x = self.block(self, i, h, x, (rope, rope_swa), cache, after)
+            out = fused(self, i, h, x, rope_swa if cfg.window(i) else rope, cache, after) if fused else None
+            h, x = out if out is not None else self.block(self, i, h, x, (rope, rope_swa), cache, after)
             W.end_unit(i)
         cache.advance(T)
         if logits == "none":

@@ -118,16 +118,21 @@ def kv_read(store, layer: int, end: int) -> torch.Tensor:
     return store.read(layer, end)
 
 
-def attend_one(ks, vs, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window: int = 0,
-               ring: int = 0) -> torch.Tensor | None:
-    """The decode step's kv_write + kv_read + attention in one call, where the stores keep plain
-    f32/f16 rows on the CPU (runtime/cpu attend_one reads them in place, no float32 copy of the
-    layer): q (n_head, 1, d) at position pos -> (n_head, 1, d) float32. None otherwise (the caller
-    then writes, reads and attends through the three ops above)."""
-    K, V = ks.dense(layer), vs.dense(layer)
-    if K is None or V is None:
-        return None
+def attend_one(K: torch.Tensor, V: torch.Tensor, ring: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               pos: int, window: int = 0) -> torch.Tensor | None:
+    """The decode step's kv_write + kv_read + attention in one call, over a layer's plain f32/f16
+    rows K, V (KVCache.dense_layer) on the CPU (runtime/cpu attend_one reads them in place, no
+    float32 copy of the layer): q (n_head, 1, d) at position pos -> (n_head, 1, d) float32. None
+    otherwise (the caller then writes, reads and attends through the three ops above)."""
     return cpu.attend_one(K, V, q, k, v, pos, window, ring)
+
+
+def decode_block(m, i: int, h: torch.Tensor, x: torch.Tensor, rope, cache, next_norm: str):
+    """Block i for one token on the CPU as one call (runtime/cpu/layer.py), returning the block's
+    (h, x); None where it does not apply (the caller runs the architecture's Python block)."""
+    from .cpu.layer import decode_block as fused
+
+    return fused(m, i, h, x, rope, cache, next_norm)
 
 
 def key_positions(S: int, end, ring: int, device) -> torch.Tensor:

@@ -8,6 +8,9 @@
 //                    (x[2i], x[2i+1]) or NeoX halves (x[i], x[i + d/2])
 //   qk_attn_decode   store k, v at one slot of a layer's cache; out = softmax(q K^T * scale) V per
 //                    query head over the cache rows the query sees (causal, sliding window, ring)
+//   qk_decode_layer  a whole transformer block for one token (llama's and Gemma 3's, by flags), the
+//                    ops above and qk_matmul in sequence: one call from Python per layer instead of
+//                    ~15 (each call through ctypes costs 5-15 us, a third of a 2-thread SmolLM2 step)
 //
 // Arithmetic in float32 (f16 cache values converted on load); results equal torch's to float
 // rounding (sums in another order). Built with qmatmul.cpp into one library (runtime/cpu/build.py).
@@ -276,6 +279,96 @@ int qk_attn_decode(const float* q, const float* k, const float* v, int64_t H, in
         }
         for (int64_t i = 0; i < d; i++) o[i] /= L;
     }
+    return 0;
+}
+
+// -- a whole block for one token --------------------------------------------------------------------
+
+int qk_matmul(int type, const uint8_t* w, int64_t row_stride, int64_t N, int64_t K, const float* x, int64_t T,
+              float* y, int n_threads);  // qmatmul.cpp
+
+struct QkWeight {     // one GGUF matrix (N rows of K values), its bytes in place
+    const uint8_t* data;
+    int64_t row_stride, N, K;
+    int32_t type, pad;
+};
+
+// The block, fixed fields first (set once per model and layer), then the ones a step sets. Mirrored
+// field for field by runtime/cpu/layer.py's ctypes Structure.
+struct QkLayer {
+    QkWeight wq, wk, wv, wo, gate, up, down;
+    const float *bq, *bk, *bv;                   // biases (qkv_bias), or null
+    const float *q_norm, *k_norm;                // per-head RMSNorm weights (qk_norm), or null
+    const float *post_attn_norm, *post_ffn_norm; // Gemma 3's norms after attention and FFN, or null
+    const float *ffn_norm, *next_norm;           // the FFN's input norm; the norm after the block
+    int64_t n_embd, n_head, n_head_kv, head_dim, n_ff;
+    float eps, q_scale;                          // q_scale: q multiplied by it after rope (1: none)
+    int32_t neox, gelu;                          // rope pairs; FFN gate gelu_tanh (1) or silu (0)
+    int64_t window;                              // sliding window (0: none)
+    // per step
+    void *K, *V;                                 // this layer's cache rows (n_kv, cap, d)
+    int64_t cap, ring, pos;
+    int32_t kv_f16, n_threads;
+    const float *cos_, *sin_;                    // (d/2) for this token and this layer's rope
+    const float *x, *h;                          // the residual stream and its normed copy (n_embd)
+    float *x_out, *h_out;                        // the block's outputs (n_embd each)
+};
+
+static inline void add_bias(float* y, const float* b, int64_t n) {
+    if (b)
+        for (int64_t i = 0; i < n; i++) y[i] += b[i];
+}
+
+static inline float sigmoid(float v) {  // 1 / (1 + e^-v) through exp_neg on either side of 0
+    const float e = exp_neg(-std::fabs(v));
+    return v >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
+// returns 0, or the failing step (1: a matmul, 2: attention)
+int qk_decode_layer(const QkLayer* L) {
+    const int64_t E = L->n_embd, H = L->n_head, G = L->n_head_kv, d = L->head_dim, F = L->n_ff;
+    const int nt = L->n_threads;
+    static thread_local std::vector<float> ws;
+    ws.resize((size_t)(2 * H * d + 2 * G * d + 2 * E + 2 * F));
+    float *q = ws.data(), *k = q + H * d, *v = k + G * d, *att = v + G * d, *a = att + H * d, *g = a + E,
+          *u = g + F, *f = u + F;
+    auto mm = [&](const QkWeight& w, const float* in, float* out) {
+        return qk_matmul(w.type, w.data, w.row_stride, w.N, w.K, in, 1, out, nt);
+    };
+    if (mm(L->wq, L->h, q) || mm(L->wk, L->h, k) || mm(L->wv, L->h, v)) return 1;
+    add_bias(q, L->bq, H * d);
+    add_bias(k, L->bk, G * d);
+    add_bias(v, L->bv, G * d);
+    if (L->q_norm) qk_add_rms_norm(q, nullptr, L->q_norm, H, d, L->eps, q, q, 1);
+    if (L->k_norm) qk_add_rms_norm(k, nullptr, L->k_norm, G, d, L->eps, k, k, 1);
+    qk_rope(q, H, 1, d, L->cos_, L->sin_, L->neox);
+    qk_rope(k, G, 1, d, L->cos_, L->sin_, L->neox);
+    if (L->q_scale != 1.0f)
+        for (int64_t i = 0; i < H * d; i++) q[i] *= L->q_scale;
+    const int64_t slot = L->ring ? L->pos % L->ring : L->pos;
+    const int64_t S = L->ring ? (L->pos + 1 < L->ring ? L->pos + 1 : L->ring) : L->pos + 1;
+    if (qk_attn_decode(q, k, v, H, G, d, L->K, L->V, L->kv_f16, L->cap, slot, S, L->pos, L->window, L->ring,
+                       1.0f / std::sqrt((float)d), att, nt))
+        return 2;
+    if (mm(L->wo, att, a)) return 1;
+    if (L->post_attn_norm) qk_add_rms_norm(a, nullptr, L->post_attn_norm, 1, E, L->eps, a, a, 1);
+    float* x1 = L->x_out;  // x + a, then the FFN's output added in place
+    qk_add_rms_norm(L->x, a, L->ffn_norm, 1, E, L->eps, x1, L->h_out, 1);
+    if (mm(L->gate, L->h_out, g) || mm(L->up, L->h_out, u)) return 1;
+    if (L->gelu) {  // gelu_tanh(g) u: tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|)
+#pragma omp simd
+        for (int64_t i = 0; i < F; i++) {
+            const float y = 0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+            const float e = exp_neg(-2.0f * std::fabs(y)), t = std::copysign((1.0f - e) / (1.0f + e), y);
+            g[i] = 0.5f * g[i] * (1.0f + t) * u[i];
+        }
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < F; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
+    }
+    if (mm(L->down, g, f)) return 1;
+    if (L->post_ffn_norm) qk_add_rms_norm(f, nullptr, L->post_ffn_norm, 1, E, L->eps, f, f, 1);
+    qk_add_rms_norm(x1, f, L->next_norm, 1, E, L->eps, x1, L->h_out, 1);
     return 0;
 }
 
