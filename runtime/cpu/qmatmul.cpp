@@ -305,6 +305,9 @@ static inline vf zero() { return _mm512_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vi set1i(int v) { return _mm512_set1_epi32(v); }
+static inline vi vsrlv(vi a, vi s) { return _mm512_srlv_epi32(a, s); }
+static inline vi ldi(const int32_t* p) { return _mm512_loadu_si512((const void*)p); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QK_SIMD 8
 typedef __m256 vf;
@@ -322,6 +325,9 @@ static inline vf set1(float v) { return _mm256_set1_ps(v); }
 static inline vf zero() { return _mm256_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vi set1i(int v) { return _mm256_set1_epi32(v); }
+static inline vi vsrlv(vi a, vi s) { return _mm256_srlv_epi32(a, s); }
+static inline vi ldi(const int32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 static inline float hsum(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -342,6 +348,46 @@ static inline vf nibbles_dot(const uint8_t* q, const float* x, int bias) {
         p = vfma(cvt(vsubi(vsrl(v, 4), bias)), ldf(x + 16 + g), p);
     }
     return p;
+}
+
+static const int32_t LANE[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+
+// sum (q - bias) x over a 32-block of 5-bit values: nibble j | bit j of qh << 4 (values 0..15), nibble
+// j's high half | bit j + 16 of qh << 4 (values 16..31), as ggml's dequantize_row_q5_0 reads them
+static inline vf q5_dot(const uint8_t* q, uint32_t qh, const float* x, int bias) {
+    vf p = zero();
+    const vi h = set1i((int)qh);
+    for (int g = 0; g < 16; g += VW) {
+        const vi v = ld_u8(q + g);
+        const vi lo = vor(vand(v, 0xf), vsll(vand(vsrlv(h, ldi(LANE + g)), 1), 4));
+        const vi hi = vor(vsrl(v, 4), vsll(vand(vsrlv(h, ldi(LANE + 16 + g)), 1), 4));
+        p = vfma(cvt(vsubi(lo, bias)), ldf(x + g), p);
+        p = vfma(cvt(vsubi(hi, bias)), ldf(x + 16 + g), p);
+    }
+    return p;
+}
+
+static float dot_q5_0(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 22, x += 32) {
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        acc = vfma(set1(f16(b)), q5_dot(b + 6, qh, x, 16), acc);
+    }
+    return hsum(acc);
+}
+
+static float dot_q5_1(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
+    vf acc = zero();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < nb; i++, b += 24, x += 32) {
+        uint32_t qh;
+        std::memcpy(&qh, b + 4, 4);
+        acc = vfma(set1(f16(b)), q5_dot(b + 8, qh, x, 0), acc);
+        mins += f16(b + 2) * xs[i];
+    }
+    return hsum(acc) + mins;
 }
 
 static float dot_q4_0(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
@@ -439,8 +485,8 @@ static const Format FORMATS[] = {
     {1, 1, 2, dequant_f16, nullptr},           // F16
     {2, 32, 2 + 16, dequant_q4_0, DOT(dot_q4_0)},    // Q4_0
     {3, 32, 2 + 2 + 16, dequant_q4_1, DOT(dot_q4_1)},  // Q4_1
-    {6, 32, 2 + 4 + 16, dequant_q5_0, nullptr},  // Q5_0
-    {7, 32, 2 + 2 + 4 + 16, dequant_q5_1, nullptr},  // Q5_1
+    {6, 32, 2 + 4 + 16, dequant_q5_0, DOT(dot_q5_0)},  // Q5_0
+    {7, 32, 2 + 2 + 4 + 16, dequant_q5_1, DOT(dot_q5_1)},  // Q5_1
     {8, 32, 2 + 32, dequant_q8_0, DOT(dot_q8_0)},    // Q8_0
     {10, 256, 16 + 64 + 2 + 2, dequant_q2_k, nullptr},  // Q2_K
     {11, 256, 32 + 64 + 12 + 2, dequant_q3_k, nullptr},  // Q3_K
