@@ -303,11 +303,14 @@ static inline vf ldf(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf set1(float v) { return _mm512_set1_ps(v); }
 static inline vf zero() { return _mm512_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline vi set1i(int v) { return _mm512_set1_epi32(v); }
 static inline vi vsrlv(vi a, vi s) { return _mm512_srlv_epi32(a, s); }
 static inline vi ldi(const int32_t* p) { return _mm512_loadu_si512((const void*)p); }
+// t[idx & 15] per lane, t: 16 floats
+static inline vf lut16(const float* t, vi idx) { return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(t)); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QK_SIMD 8
 typedef __m256 vf;
@@ -324,10 +327,16 @@ static inline vf ldf(const float* p) { return _mm256_loadu_ps(p); }
 static inline vf set1(float v) { return _mm256_set1_ps(v); }
 static inline vf zero() { return _mm256_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vi set1i(int v) { return _mm256_set1_epi32(v); }
 static inline vi vsrlv(vi a, vi s) { return _mm256_srlv_epi32(a, s); }
 static inline vi ldi(const int32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline vf lut16(const float* t, vi idx) {  // t[idx & 15] per lane: two 8-entry permutes, picked by bit 3
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
 static inline float hsum(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -465,6 +474,110 @@ static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, co
     }
     return hsum(acc);
 }
+// Q5_K: Q4_K with a fifth bit per weight, bit j of qh[l] for sub-block j
+static float dot_q5_k(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
+    vf acc = zero();
+    float mins = 0.0f;
+    for (int64_t i = 0; i < nb; i++, b += 176) {
+        const float d = f16(b), dmin = f16(b + 2);
+        const uint8_t* s = b + 4;
+        const uint8_t* qh = b + 16;
+        const uint8_t* q = b + 48;
+        for (int j = 0; j < 8; j += 2, q += 32, x += 64, xs += 2) {
+            int sc1, m1, sc2, m2;
+            scale_min_k4(j, s, &sc1, &m1);
+            scale_min_k4(j + 1, s, &sc2, &m2);
+            vf lo = zero(), hi = zero();
+            for (int g = 0; g < 32; g += VW) {
+                const vi v = ld_u8(q + g), h = ld_u8(qh + g);
+                lo = vfma(cvt(vor(vand(v, 0xf), vsll(vand(vsrl(h, j), 1), 4))), ldf(x + g), lo);
+                hi = vfma(cvt(vor(vsrl(v, 4), vsll(vand(vsrl(h, j + 1), 1), 4))), ldf(x + 32 + g), hi);
+            }
+            acc = vfma(set1(d * sc1), lo, acc);
+            acc = vfma(set1(d * sc2), hi, acc);
+            mins += dmin * m1 * xs[0] + dmin * m2 * xs[1];
+        }
+    }
+    return hsum(acc) - mins;
+}
+
+// Q2_K: 16 sub-blocks of 16, element 128 h + 32 p + l = (qs[32 h + l] >> 2 p) & 3, weights dl q - ml
+// formed per lane as the dequantizer forms them (then one FMA with x)
+static float dot_q2_k(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 84) {
+        const float d = f16(b + 80), dmin = f16(b + 82);
+        const uint8_t* sc = b;
+        const uint8_t* qs = b + 16;
+        for (int h = 0; h < 2; h++)
+            for (int p = 0; p < 4; p++)
+                for (int l16 = 0; l16 < 32; l16 += 16) {
+                    const int e = 128 * h + 32 * p + l16, sb = e / 16;
+                    const vf dl = set1(d * (float)(sc[sb] & 15)), ml = set1(dmin * (float)(sc[sb] >> 4));
+                    for (int g = 0; g < 16; g += VW) {
+                        const vi q = vand(vsrl(ld_u8(qs + 32 * h + l16 + g), 2 * p), 3);
+                        acc = vfma(vsub(vmul(dl, cvt(q)), ml), ldf(x + e + g), acc);
+                    }
+                }
+        x += 256;
+    }
+    return hsum(acc);
+}
+
+// Q3_K: q = (low 2 bits | the hmask bit << 2) - 4, 16 sub-blocks of 16 with 6-bit signed scales
+static float dot_q3_k(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 110, x += 256) {
+        const uint8_t* hm = b;
+        const uint8_t* qs = b + 32;
+        const uint8_t* sc = b + 96;
+        const float d = f16(b + 108);
+        for (int h = 0; h < 2; h++)
+            for (int p = 0; p < 4; p++)
+                for (int l16 = 0; l16 < 32; l16 += 16) {
+                    const int e = 128 * h + 32 * p + l16, sb = e / 16;
+                    const int low = sb < 8 ? (sc[sb] & 15) : (sc[sb - 8] >> 4), high = (sc[8 + sb % 4] >> (2 * (sb / 4))) & 3;
+                    vf part = zero();
+                    for (int g = 0; g < 16; g += VW) {
+                        const vi q = vand(vsrl(ld_u8(qs + 32 * h + l16 + g), 2 * p), 3);
+                        const vi bit = vand(vsrl(ld_u8(hm + l16 + g), 4 * h + p), 1);
+                        part = vfma(cvt(vsubi(vor(q, vsll(bit, 2)), 4)), ldf(x + e + g), part);
+                    }
+                    acc = vfma(set1(d * (float)((int)(int8_t)(uint8_t)(low | (high << 4)) - 32)), part, acc);
+                }
+    }
+    return hsum(acc);
+}
+
+// IQ4_NL / IQ4_XS: nibbles index the 16 non-linear levels (a permute per lane)
+static inline vf iq4_dot(const uint8_t* q, const float* x) {
+    vf p = zero();
+    for (int g = 0; g < 16; g += VW) {
+        const vi v = ld_u8(q + g);
+        p = vfma(lut16(IQ4_LEVELS, vand(v, 0xf)), ldf(x + g), p);
+        p = vfma(lut16(IQ4_LEVELS, vsrl(v, 4)), ldf(x + 16 + g), p);
+    }
+    return p;
+}
+
+static float dot_iq4_nl(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 18, x += 32) acc = vfma(set1(f16(b)), iq4_dot(b + 2, x), acc);
+    return hsum(acc);
+}
+
+static float dot_iq4_xs(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
+    vf acc = zero();
+    for (int64_t i = 0; i < nb; i++, b += 136) {
+        const float d = f16(b);
+        const int sh = b[2] | (b[3] << 8);
+        for (int s = 0; s < 8; s++, x += 32) {
+            const int ls = (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+            acc = vfma(set1(d * (float)ls), iq4_dot(b + 8 + 16 * s, x), acc);
+        }
+    }
+    return hsum(acc);
+}
 #define DOT(f) f
 #else
 #define DOT(f) nullptr
@@ -488,13 +601,13 @@ static const Format FORMATS[] = {
     {6, 32, 2 + 4 + 16, dequant_q5_0, DOT(dot_q5_0)},  // Q5_0
     {7, 32, 2 + 2 + 4 + 16, dequant_q5_1, DOT(dot_q5_1)},  // Q5_1
     {8, 32, 2 + 32, dequant_q8_0, DOT(dot_q8_0)},    // Q8_0
-    {10, 256, 16 + 64 + 2 + 2, dequant_q2_k, nullptr},  // Q2_K
-    {11, 256, 32 + 64 + 12 + 2, dequant_q3_k, nullptr},  // Q3_K
+    {10, 256, 16 + 64 + 2 + 2, dequant_q2_k, DOT(dot_q2_k)},  // Q2_K
+    {11, 256, 32 + 64 + 12 + 2, dequant_q3_k, DOT(dot_q3_k)},  // Q3_K
     {12, 256, 2 + 2 + 12 + 128, dequant_q4_k, DOT(dot_q4_k)},  // Q4_K
-    {13, 256, 2 + 2 + 12 + 32 + 128, dequant_q5_k, nullptr},  // Q5_K
+    {13, 256, 2 + 2 + 12 + 32 + 128, dequant_q5_k, DOT(dot_q5_k)},  // Q5_K
     {14, 256, 128 + 64 + 16 + 2, dequant_q6_k, DOT(dot_q6_k)},  // Q6_K
-    {20, 32, 2 + 16, dequant_iq4_nl, nullptr},  // IQ4_NL
-    {23, 256, 2 + 2 + 4 + 128, dequant_iq4_xs, nullptr},  // IQ4_XS
+    {20, 32, 2 + 16, dequant_iq4_nl, DOT(dot_iq4_nl)},  // IQ4_NL
+    {23, 256, 2 + 2 + 4 + 128, dequant_iq4_xs, DOT(dot_iq4_xs)},  // IQ4_XS
     {30, 1, 2, dequant_bf16, nullptr},         // BF16
 };
 
