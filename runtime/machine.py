@@ -110,7 +110,6 @@ def measure_cpu(type_name: str, rows: int = 2048, cols: int = 4096) -> Optional[
     length does not hold the type's blocks."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from . import cpu
     from .weights import QTensor
 
     from qkvgguf.errors import QkvggufError

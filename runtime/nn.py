@@ -38,7 +38,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from qkvgguf.errors import QkvggufError

@@ -15,6 +15,7 @@ fallback tests run everywhere.
 """
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -115,6 +116,26 @@ def test_matmul_smollm2_weights(kernels, smollm2_path, name):
         w = QTensor(name, w.type, (4096, w.shape[1]), w.raw[:4096])
     for rows in (1, cpu.GEMV_ROWS + 1):
         check_matmul(w, rows)
+
+
+SIMD_LEVELS = {"avx2": ["-mno-avx512f"], "scalar": ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"]}
+
+
+@pytest.mark.parametrize("level", list(SIMD_LEVELS))
+def test_matmul_other_simd_levels(kernels, level, monkeypatch, fresh_build, tmp_path):
+    """The library built as for a CPU without AVX-512 (the AVX2 + FMA dots) and without any SIMD
+    extension (the dequantize-into-a-buffer loop): the same reference checks, every type."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if level == "avx2" and not (" avx2" in flags and " fma" in flags):
+        pytest.skip("this CPU has no AVX2 + FMA")
+    monkeypatch.setenv("QKVGGUF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "FLAGS", build.FLAGS + SIMD_LEVELS[level])
+    assert cpu.available()
+    for qtype in TYPES:
+        fmt = get_format(qtype)
+        w = random_tensor(qtype, 37, 3 if fmt.block_size == 256 else (7 if fmt.block_size > 1 else 96), seed=5)
+        for rows in (1, 3):
+            check_matmul(w, rows)
 
 
 def test_row_length_not_whole_blocks(kernels):
