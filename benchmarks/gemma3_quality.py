@@ -60,6 +60,18 @@ def llamacpp_greedy(llm, prompt, n):
     return out
 
 
+def llamacpp_greedy_batch(llm, prompt, n):
+    """llama.cpp's greedy continuation with every step evaluated as one batch from an empty cache (its
+    prefill path), next to llamacpp_greedy's one-token decode path: where the two disagree,
+    llama.cpp's own 8-bit activation rounding decides the token."""
+    out = []
+    for _ in range(n):
+        llm.reset()
+        llm.eval(list(prompt) + out)
+        out.append(int(llamacpp.last_logits(llm).argmax()))
+    return out
+
+
 def first_difference(a: list[int], b: list[int]):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if a == b else min(len(a), len(b)))
 
@@ -146,8 +158,13 @@ def main() -> None:
         pids = tok.encode(prompt, add_special=True)
         ours = list(Session(model, n_ctx=256).generate(pids, 64, Sampler(SamplingParams(temperature=0))))
         ref = llamacpp_greedy(llm, pids, 64)
+        batch = llamacpp_greedy_batch(llm, pids, 64)
         row = {"prompt": prompt, "identical_to_llamacpp": ours == ref,
-               "first_difference_llamacpp": first_difference(ours, ref), "text": tok.decode(ours),
+               "first_difference_llamacpp": first_difference(ours, ref),
+               "identical_to_llamacpp_batch_path": ours == batch,
+               "first_difference_llamacpp_batch_path": first_difference(ours, batch),
+               "llamacpp_paths_identical": ref == batch,
+               "llamacpp_paths_first_difference": first_difference(ref, batch), "text": tok.decode(ours),
                "text_llamacpp": tok.decode(ref)}
         row.update(teacher_forced(model, llm, path, pids, ref))
         if hf is not None:

@@ -304,6 +304,7 @@ static inline vf set1(float v) { return _mm512_set1_ps(v); }
 static inline vf zero() { return _mm512_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float hsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline vi set1i(int v) { return _mm512_set1_epi32(v); }
@@ -328,6 +329,7 @@ static inline vf set1(float v) { return _mm256_set1_ps(v); }
 static inline vf zero() { return _mm256_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vi set1i(int v) { return _mm256_set1_epi32(v); }
 static inline vi vsrlv(vi a, vi s) { return _mm256_srlv_epi32(a, s); }
@@ -425,29 +427,40 @@ static float dot_q8_0(const uint8_t* __restrict b, const float* __restrict x, co
     return hsum(acc);
 }
 
+// the 8 sub-block scales d sc_j and the block's min term dmin sum_j m_j xs_j of a Q4_K/Q5_K block,
+// decoded up front (straight-line: j is a constant in the unrolled loop)
+static inline float k4_scales(const uint8_t* b, const float* xs, float* dsc) {
+    const float d = f16(b), dmin = f16(b + 2);
+    float msum = 0.0f;
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        scale_min_k4(j, b + 4, &sc, &m);
+        dsc[j] = d * (float)sc;
+        msum += (float)m * xs[j];
+    }
+    return dmin * msum;
+}
+
+// two accumulators (low and high nibble sub-blocks) so consecutive FMAs into them do not wait on each other
 static float dot_q4_k(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
-    vf acc = zero();
+    vf acc0 = zero(), acc1 = zero();
     float mins = 0.0f;
-    for (int64_t i = 0; i < nb; i++, b += 144) {
-        const float d = f16(b), dmin = f16(b + 2);
-        const uint8_t* s = b + 4;
+    for (int64_t i = 0; i < nb; i++, b += 144, xs += 8) {
+        float dsc[8];
+        mins += k4_scales(b, xs, dsc);
         const uint8_t* q = b + 16;
-        for (int j = 0; j < 8; j += 2, q += 32, x += 64, xs += 2) {
-            int sc1, m1, sc2, m2;
-            scale_min_k4(j, s, &sc1, &m1);
-            scale_min_k4(j + 1, s, &sc2, &m2);
+        for (int j = 0; j < 8; j += 2, q += 32, x += 64) {
             vf lo = zero(), hi = zero();
             for (int g = 0; g < 32; g += VW) {
                 const vi v = ld_u8(q + g);
                 lo = vfma(cvt(vand(v, 0xf)), ldf(x + g), lo);
                 hi = vfma(cvt(vsrl(v, 4)), ldf(x + 32 + g), hi);
             }
-            acc = vfma(set1(d * sc1), lo, acc);
-            acc = vfma(set1(d * sc2), hi, acc);
-            mins += dmin * m1 * xs[0] + dmin * m2 * xs[1];
+            acc0 = vfma(set1(dsc[j]), lo, acc0);
+            acc1 = vfma(set1(dsc[j + 1]), hi, acc1);
         }
     }
-    return hsum(acc) - mins;
+    return hsum(vadd(acc0, acc1)) - mins;
 }
 
 static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
@@ -476,29 +489,25 @@ static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, co
 }
 // Q5_K: Q4_K with a fifth bit per weight, bit j of qh[l] for sub-block j
 static float dot_q5_k(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
-    vf acc = zero();
+    vf acc0 = zero(), acc1 = zero();
     float mins = 0.0f;
-    for (int64_t i = 0; i < nb; i++, b += 176) {
-        const float d = f16(b), dmin = f16(b + 2);
-        const uint8_t* s = b + 4;
+    for (int64_t i = 0; i < nb; i++, b += 176, xs += 8) {
+        float dsc[8];
+        mins += k4_scales(b, xs, dsc);
         const uint8_t* qh = b + 16;
         const uint8_t* q = b + 48;
-        for (int j = 0; j < 8; j += 2, q += 32, x += 64, xs += 2) {
-            int sc1, m1, sc2, m2;
-            scale_min_k4(j, s, &sc1, &m1);
-            scale_min_k4(j + 1, s, &sc2, &m2);
+        for (int j = 0; j < 8; j += 2, q += 32, x += 64) {
             vf lo = zero(), hi = zero();
             for (int g = 0; g < 32; g += VW) {
                 const vi v = ld_u8(q + g), h = ld_u8(qh + g);
                 lo = vfma(cvt(vor(vand(v, 0xf), vsll(vand(vsrl(h, j), 1), 4))), ldf(x + g), lo);
                 hi = vfma(cvt(vor(vsrl(v, 4), vsll(vand(vsrl(h, j + 1), 1), 4))), ldf(x + 32 + g), hi);
             }
-            acc = vfma(set1(d * sc1), lo, acc);
-            acc = vfma(set1(d * sc2), hi, acc);
-            mins += dmin * m1 * xs[0] + dmin * m2 * xs[1];
+            acc0 = vfma(set1(dsc[j]), lo, acc0);
+            acc1 = vfma(set1(dsc[j + 1]), hi, acc1);
         }
     }
-    return hsum(acc) - mins;
+    return hsum(vadd(acc0, acc1)) - mins;
 }
 
 // Q2_K: 16 sub-blocks of 16, element 128 h + 32 p + l = (qs[32 h + l] >> 2 p) & 3, weights dl q - ml
