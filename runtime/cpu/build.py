@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # the block-format matmuls and the decode step's small ops, compiled into one library
 SOURCES = [os.path.join(_HERE, "qmatmul.cpp"), os.path.join(_HERE, "decode.cpp")]
+HEADERS = [os.path.join(_HERE, "half.h")]  # part of the build key: an edit rebuilds
 # -ffp-contract=off: the dequant functions round like ggml's (no fused q*d + m), so they match the
 # reference bit for bit; the SIMD dot products use FMA explicitly
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -74,7 +75,7 @@ def _cpu_flags() -> str:
 
 def _key(cxx: str) -> str:
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             h.update(f.read())
     try:

@@ -23,34 +23,16 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__F16C__)
+#include "half.h"
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
 static inline float f16(const uint8_t* p) {
     uint16_t h;
     std::memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
+    return half_to_float(h);
 }
-#else
-static inline float f16(const uint8_t* p) {  // IEEE half -> float, subnormals and inf/nan included
-    uint16_t h;
-    std::memcpy(&h, p, 2);
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {  // subnormal: normalize
-        int e = -1;
-        do { man <<= 1; e++; } while (!(man & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-#endif
 
 static inline float bf16(const uint8_t* p) {
     uint16_t h;
