@@ -118,13 +118,46 @@ def test_matmul_smollm2_weights(kernels, smollm2_path, name):
         check_matmul(w, rows)
 
 
+def check_attend_one(dtype, window=0, ring=0, d=40, pos=37):
+    """cpu.attend_one (store k, v at pos, attend) against ops.attention over the same rows as float32."""
+    g = torch.Generator().manual_seed(pos + d)
+    rows = ring or pos + 16
+    K = torch.randn(3, rows, d, generator=g).to(dtype)
+    V = torch.randn(3, rows, d, generator=g).to(dtype)
+    q, k, v = torch.randn(6, 1, d, generator=g), torch.randn(3, 1, d, generator=g), torch.randn(3, 1, d, generator=g)
+    Kr, Vr = K.clone(), V.clone()
+    slot = pos % ring if ring else pos
+    Kr[:, slot], Vr[:, slot] = k[:, 0].to(dtype), v[:, 0].to(dtype)
+    S = min(pos + 1, ring) if ring else pos + 1
+    want = ops.attention(q, Kr[:, :S].float(), Vr[:, :S].float(), pos, window, ring)
+    got = cpu.attend_one(K, V, q, k, v, pos, window, ring)
+    assert torch.equal(K, Kr) and torch.equal(V, Vr), "k, v stored at their slot as the torch cast stores them"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attend_one(kernels, dtype):
+    """One query row over a plain cache: GQA (6 query heads on 3 KV heads), head_dim 40 (SIMD tails),
+    causal, a sliding window, a ring of rows that has wrapped, and 2 threads (keys split)."""
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            check_attend_one(dtype)
+            check_attend_one(dtype, window=9)
+            check_attend_one(dtype, window=9, ring=12, pos=40)
+            check_attend_one(dtype, d=256, pos=300)
+        finally:
+            torch.set_num_threads(1)
+
+
 SIMD_LEVELS = {"avx2": ["-mno-avx512f"], "scalar": ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"]}
 
 
 @pytest.mark.parametrize("level", list(SIMD_LEVELS))
 def test_matmul_other_simd_levels(kernels, level, monkeypatch, fresh_build, tmp_path):
     """The library built as for a CPU without AVX-512 (the AVX2 + FMA dots) and without any SIMD
-    extension (the dequantize-into-a-buffer loop): the same reference checks, every type."""
+    extension (the dequantize-into-a-buffer loop, software half floats): the same reference checks,
+    every type, and the decode attention."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if level == "avx2" and not (" avx2" in flags and " fma" in flags):
         pytest.skip("this CPU has no AVX2 + FMA")
@@ -136,6 +169,9 @@ def test_matmul_other_simd_levels(kernels, level, monkeypatch, fresh_build, tmp_
         w = random_tensor(qtype, 37, 3 if fmt.block_size == 256 else (7 if fmt.block_size > 1 else 96), seed=5)
         for rows in (1, 3):
             check_matmul(w, rows)
+    for dtype in (torch.float32, torch.float16):  # decode.cpp: the half conversions, the attention's dots
+        check_attend_one(dtype, window=9, ring=12, pos=40)
+        check_attend_one(dtype, d=256, pos=300)
 
 
 def test_row_length_not_whole_blocks(kernels):
