@@ -370,3 +370,20 @@ def test_decode_block_declines_what_it_does_not_do(kernels, tmp_path):
     assert layer.decode_block(model, 0, h, h, rope, cache, "blk.1.attn_norm.weight") is None
     assert layer.decode_block(model, 0, h.half(), h, rope, model.new_cache(16, "f16", "f16"),
                               "blk.1.attn_norm.weight") is None  # not float32
+
+
+def test_batch_of_one_sequence_decodes(kernels, tmp_path):
+    """runtime/batch.py's decode of one sequence (T = 1 over a SequenceBatch, which has no plain rows
+    to hand out) runs the Python block and equals the model's own one-token step."""
+    from qkvgguf import GGUFFile
+    from qkvgguf.runtime import Model
+    from qkvgguf.runtime.batch import decode_batch
+
+    path = tmp_path / "llama.gguf"
+    _tiny("llama", None, path)
+    model = Model(GGUFFile(path))
+    a, b = model.new_cache(16, "f16", "f16"), model.new_cache(16, "f16", "f16")
+    for c in (a, b):
+        model.forward(torch.tensor([1, 2, 3]), c)
+    torch.testing.assert_close(decode_batch(model, [7], [a])[0], model.forward(torch.tensor([7]), b),
+                               rtol=1e-5, atol=1e-5)

@@ -93,7 +93,8 @@ def decode_block(m, i: int, h: torch.Tensor, x: torch.Tensor, rope, cache, next_
     (1, n_embd) float32; None where the C block does not apply (the caller runs the Python block)."""
     if h.shape[0] != 1 or h.dtype != torch.float32 or x.dtype != torch.float32 or h.device.type != "cpu":
         return None
-    rows = cache.dense_layer(i)
+    dense_layer = getattr(cache, "dense_layer", None)  # a batch of sequences (runtime/batch.py) has none
+    rows = dense_layer(i) if dense_layer is not None else None
     if rows is None:
         return None
     lib = build.load()
@@ -109,7 +110,7 @@ def decode_block(m, i: int, h: torch.Tensor, x: torch.Tensor, rope, cache, next_
     K, V, ring = rows
     if K.dtype != V.dtype or K.dtype not in (torch.float16, torch.float32) or K.device.type != "cpu":
         return None
-    L = entry[0]
+    L = QkLayer.from_buffer_copy(entry[0])  # a copy per call: two threads may run one model
     cos, sin = rope
     cos, sin, h, x = cos.contiguous(), sin.contiguous(), h.contiguous(), x.contiguous()
     out = torch.empty(2, 1, x.shape[1], dtype=torch.float32)
