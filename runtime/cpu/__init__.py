@@ -145,7 +145,8 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor | None:
 
 # -- the decode step's small ops (decode.cpp) ------------------------------------------------------------
 def _plain(*ts: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+    """float32 CPU tensors outside autograd (convert/fisher.py differentiates through the torch ops)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in ts)
 
 
 def add_rms_norm(x: torch.Tensor, a: torch.Tensor | None, w: torch.Tensor, eps: float):

@@ -91,7 +91,8 @@ def _layer(m, i: int, next_norm: str, lib):
 def decode_block(m, i: int, h: torch.Tensor, x: torch.Tensor, rope, cache, next_norm: str):
     """Block i of model m for one token at cache.pos: (the next normed input, the new residual), both
     (1, n_embd) float32; None where the C block does not apply (the caller runs the Python block)."""
-    if h.shape[0] != 1 or h.dtype != torch.float32 or x.dtype != torch.float32 or h.device.type != "cpu":
+    if h.shape[0] != 1 or h.dtype != torch.float32 or x.dtype != torch.float32 or h.device.type != "cpu" \
+            or h.requires_grad or x.requires_grad:
         return None
     dense_layer = getattr(cache, "dense_layer", None)  # a batch of sequences (runtime/batch.py) has none
     rows = dense_layer(i) if dense_layer is not None else None
