@@ -82,6 +82,11 @@ def _layer(m, i: int, next_norm: str, lib):
     L.ffn_norm, L.next_norm = vec(p + "ffn_norm.weight"), vec(next_norm)
     L.n_embd, L.n_head, L.n_head_kv, L.head_dim = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
     L.n_ff = W[p + "ffn_gate.weight"].shape[0]
+    E, qd, kvd, F = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, L.n_ff
+    want = {"wq": (qd, E), "wk": (kvd, E), "wv": (kvd, E), "wo": (E, qd), "gate": (F, E), "up": (F, E),
+            "down": (E, F)}
+    if any(tuple(W[p + MATRICES[f] + ".weight"].shape) != shape for f, shape in want.items()):
+        return None  # the C block sizes its buffers from these: anything else goes to the Python block
     L.eps = cfg.norm_eps
     L.q_scale = cfg.attn_scale * cfg.head_dim ** 0.5 if cfg.attn_scale else 1.0
     L.neox, L.gelu, L.window = int(cfg.rope_neox), int(cfg.ffn_act == "gelu_tanh"), cfg.window(i)
