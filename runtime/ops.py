@@ -61,12 +61,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+    fused = cpu.glu(gate, up, gelu=False)  # float32 on the CPU: the decode block's own arithmetic
+    return fused if fused is not None else F.silu(gate) * up
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """GELU (tanh approximation, as ggml_gelu and transformers' gelu_pytorch_tanh) gated FFN (gemma)."""
-    return F.gelu(gate, approximate="tanh") * up
+    fused = cpu.glu(gate, up, gelu=True)
+    return fused if fused is not None else F.gelu(gate, approximate="tanh") * up
 
 
 def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None,

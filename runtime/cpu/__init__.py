@@ -45,7 +45,7 @@ The decode step (decode.cpp). At SmolLM2's size a decode step made ~100 torch ca
 few microseconds each, as long in all as the step's matmuls at 2 threads, and each ctypes call costs
 5-15 us of Python. So a decode token goes through a whole block in one call (layer.py: llama and
 Gemma 3 blocks, qk_decode_layer = these kernels in sequence), and where that does not apply the
-small ops are still one call each: `add_rms_norm`, `rope`, `attend_one` (one query row over an
+small ops are still one call each: `add_rms_norm`, `rope`, `glu`, `attend_one` (one query row over an
 f32/f16 cache, read in place: keys split across threads, flash-decoding style). Each returns None
 where it does not apply (the caller then takes the torch ops). Measured effect, SmolLM2 decode at
 2 threads against llama.cpp in the same run: 0.72x with the small ops, 1.11x with the whole block.
@@ -166,6 +166,18 @@ def add_rms_norm(x: torch.Tensor, a: torch.Tensor | None, w: torch.Tensor, eps: 
     lib.qk_add_rms_norm(x.data_ptr(), a.data_ptr() if a is not None else None, w.data_ptr(), x.numel() // n, n,
                         eps, xo.data_ptr(), h.data_ptr(), torch.get_num_threads())
     return h, xo
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor | None:
+    """silu(gate) * up, or gelu_tanh(gate) * up, as the decode block computes it (so the one-call block
+    and the op-by-op path give the same bits); None where the library cannot."""
+    lib = build.load()
+    if lib is None or not _plain(gate, up) or gate.shape != up.shape:
+        return None
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    lib.qk_glu(gate.data_ptr(), up.data_ptr(), gate.numel(), int(gelu), out.data_ptr())
+    return out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor | None:

@@ -125,6 +125,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_rope.restype = None
     lib.qk_attn_decode.argtypes = [p, p, p, i64, i64, i64, p, p, i32, i64, i64, i64, i64, i64, i64, f32, p, i32]
     lib.qk_attn_decode.restype = i32
+    lib.qk_glu.argtypes = [p, p, i64, i32, p]
+    lib.qk_glu.restype = None
     return lib
 
 

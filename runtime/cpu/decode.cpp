@@ -8,6 +8,7 @@
 //                    (x[2i], x[2i+1]) or NeoX halves (x[i], x[i + d/2])
 //   qk_attn_decode   store k, v at one slot of a layer's cache; out = softmax(q K^T * scale) V per
 //                    query head over the cache rows the query sees (causal, sliding window, ring)
+//   qk_glu           silu(g) u or gelu_tanh(g) u (the gated FFN's middle)
 //   qk_decode_layer  a whole transformer block for one token (llama's and Gemma 3's, by flags), the
 //                    ops above and qk_matmul in sequence: one call from Python per layer instead of
 //                    ~15 (each call through ctypes costs 5-15 us, a third of a 2-thread SmolLM2 step)
@@ -272,6 +273,7 @@ struct QkLayer {
     const float *ffn_norm, *next_norm;           // the FFN's input norm; the norm after the block
     int64_t n_embd, n_head, n_head_kv, head_dim, n_ff;
     float eps, q_scale;                          // q_scale: q multiplied by it after rope (1: none)
+    float kq_scale;                              // the scores' 1/sqrt(head_dim), as the caller rounds it
     int32_t neox, gelu;                          // rope pairs; FFN gate gelu_tanh (1) or silu (0)
     int64_t window;                              // sliding window (0: none)
     // per step
@@ -291,6 +293,22 @@ static inline void add_bias(float* y, const float* b, int64_t n) {
 static inline float sigmoid(float v) {  // 1 / (1 + e^-v) through exp_neg on either side of 0
     const float e = exp_neg(-std::fabs(v));
     return v >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
+// out = act(g) u over n values: act gelu_tanh (gelu) or silu; out may be g. The unfused path calls this
+// too (ops.swiglu / ops.geglu on the CPU), so both paths round alike.
+void qk_glu(const float* g, const float* u, int64_t n, int gelu, float* out) {
+    if (gelu) {  // tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|)
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const float y = 0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+            const float e = exp_neg(-2.0f * std::fabs(y)), t = std::copysign((1.0f - e) / (1.0f + e), y);
+            out[i] = 0.5f * g[i] * (1.0f + t) * u[i];
+        }
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) out[i] = g[i] * sigmoid(g[i]) * u[i];
+    }
 }
 
 // returns 0, or the failing step (1: a matmul, 2: attention)
@@ -317,24 +335,14 @@ int qk_decode_layer(const QkLayer* L) {
     const int64_t slot = L->ring ? L->pos % L->ring : L->pos;
     const int64_t S = L->ring ? (L->pos + 1 < L->ring ? L->pos + 1 : L->ring) : L->pos + 1;
     if (qk_attn_decode(q, k, v, H, G, d, L->K, L->V, L->kv_f16, L->cap, slot, S, L->pos, L->window, L->ring,
-                       1.0f / std::sqrt((float)d), att, nt))
+                       L->kq_scale, att, nt))
         return 2;
     if (mm(L->wo, att, a)) return 1;
     if (L->post_attn_norm) qk_add_rms_norm(a, nullptr, L->post_attn_norm, 1, E, L->eps, a, a, 1);
     float* x1 = L->x_out;  // x + a, then the FFN's output added in place
     qk_add_rms_norm(L->x, a, L->ffn_norm, 1, E, L->eps, x1, L->h_out, 1);
     if (mm(L->gate, L->h_out, g) || mm(L->up, L->h_out, u)) return 1;
-    if (L->gelu) {  // gelu_tanh(g) u: tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|)
-#pragma omp simd
-        for (int64_t i = 0; i < F; i++) {
-            const float y = 0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
-            const float e = exp_neg(-2.0f * std::fabs(y)), t = std::copysign((1.0f - e) / (1.0f + e), y);
-            g[i] = 0.5f * g[i] * (1.0f + t) * u[i];
-        }
-    } else {
-#pragma omp simd
-        for (int64_t i = 0; i < F; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
-    }
+    qk_glu(g, u, F, L->gelu, g);
     if (mm(L->down, g, f)) return 1;
     if (L->post_ffn_norm) qk_add_rms_norm(f, nullptr, L->post_ffn_norm, 1, E, L->eps, f, f, 1);
     qk_add_rms_norm(x1, f, L->next_norm, 1, E, L->eps, x1, L->h_out, 1);

@@ -35,7 +35,7 @@ class QkLayer(ctypes.Structure):
                 *((n, _p) for n in ("bq", "bk", "bv", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm",
                                     "ffn_norm", "next_norm")),
                 ("n_embd", _i64), ("n_head", _i64), ("n_head_kv", _i64), ("head_dim", _i64), ("n_ff", _i64),
-                ("eps", _f32), ("q_scale", _f32), ("neox", _i32), ("gelu", _i32), ("window", _i64),
+                ("eps", _f32), ("q_scale", _f32), ("kq_scale", _f32), ("neox", _i32), ("gelu", _i32), ("window", _i64),
                 ("K", _p), ("V", _p), ("cap", _i64), ("ring", _i64), ("pos", _i64), ("kv_f16", _i32),
                 ("n_threads", _i32), ("cos_", _p), ("sin_", _p), ("x", _p), ("h", _p), ("x_out", _p), ("h_out", _p)]
 
@@ -89,6 +89,7 @@ def _layer(m, i: int, next_norm: str, lib):
         return None  # the C block sizes its buffers from these: anything else goes to the Python block
     L.eps = cfg.norm_eps
     L.q_scale = cfg.attn_scale * cfg.head_dim ** 0.5 if cfg.attn_scale else 1.0
+    L.kq_scale = cfg.head_dim ** -0.5  # as cpu.attend_one passes it (the same float32 for any head_dim)
     L.neox, L.gelu, L.window = int(cfg.rope_neox), int(cfg.ffn_act == "gelu_tanh"), cfg.window(i)
     return L, keep
 
