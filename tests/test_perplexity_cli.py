@@ -127,6 +127,21 @@ def test_perplexity_cache_types_change_the_result_and_match_the_api(ppl, api_mod
         assert res["nll_stderr"] == pytest.approx(want.nll_stderr, rel=1e-6), t
 
 
+def test_numerics_flag_reaches_the_model(ppl, api_model):
+    """--numerics llamacpp (matmul inputs rounded as llama.cpp's CPU backend does) moves the result,
+    says so in --json, and is the API's Model(numerics="llamacpp")."""
+    from qkvgguf import GGUFFile
+    from qkvgguf.runtime.perplexity import perplexity
+
+    exact, rounded = ppl("f32", "f32"), ppl("f32", "f32", "--numerics", "llamacpp")
+    assert (exact["numerics"], rounded["numerics"]) == ("exact", "llamacpp")
+    assert 1e-5 < abs(rounded["ppl"] / exact["ppl"] - 1) < 0.05
+    model, tok, ids = api_model
+    want = perplexity(Model(GGUFFile(model.gguf.path), numerics="llamacpp"), ids, N_CTX,
+                      bos_id=tok.bos_id if tok.add_bos else None, type_k="f32", type_v="f32")
+    assert rounded["ppl"] == pytest.approx(want.ppl, rel=1e-6)
+
+
 def test_perplexity_flags_reach_the_caches_and_batches(smollm2_path, text_file, spy, restore_threads):
     made, chunks = spy
     rc, _, err = _main("perplexity", "-m", smollm2_path, "-f", text_file, "-c", N_CTX, "--chunks", CHUNKS,

@@ -171,6 +171,8 @@ def quantize_bf16(values: np.ndarray) -> np.ndarray:
 register(QuantFormat(T.F32, 1, 4, dequantize_f32, Layout.of([("x", 4, "IEEE binary32")], "x"),
                      quantize=quantize_f32, outtype="f32", file_type=FT.ALL_F32))
 register(QuantFormat(T.F16, 1, 2, dequantize_f16, Layout.of([("x", 2, "IEEE binary16")], "x"),
-                     quantize=quantize_f16, outtype="f16", file_type=FT.MOSTLY_F16))
+                     quantize=quantize_f16, outtype="f16", file_type=FT.MOSTLY_F16,
+                     act_type=T.F16))
 register(QuantFormat(T.BF16, 1, 2, dequantize_bf16, Layout.of([("x", 2, "bfloat16: the top 16 bits of a binary32")], "x"),
-                     quantize=quantize_bf16, outtype="bf16", file_type=FT.MOSTLY_BF16))
+                     quantize=quantize_bf16, outtype="bf16", file_type=FT.MOSTLY_BF16,
+                     act_type=T.BF16))

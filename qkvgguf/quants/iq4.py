@@ -228,7 +228,7 @@ register(QuantFormat(
     T.IQ4_NL, 32, 2 + 16, dequantize_iq4_nl,
     Layout.of([("d", 2, "f16 scale"), ("qs", 16, f"32 x 4-bit index into KVALUES; {NIBBLES}")], IQ4_FORMULA, (0, 15)),
     decode_iq4_nl, quantize_iq4_nl, np_quantize_rows_weighted(T.IQ4_NL, 32, IQ4_NL_SIZE, quantize_blocks_iq4_nl),
-    Tiling(1, 16, 2, gemm_spills=frozenset({(128, 64)})), auto=True))
+    Tiling(1, 16, 2, gemm_spills=frozenset({(128, 64)})), auto=True, act_type=T.Q8_0))
 register(QuantFormat(
     T.IQ4_XS, QK_K, 2 + 2 + 4 + 128, dequantize_iq4_xs,
     Layout.of([("d", 2, "f16 super-block scale"), ("scales_h", 2, "u16: bits 2j, 2j+1 = bits 4, 5 of ls[j]"),
@@ -236,4 +236,4 @@ register(QuantFormat(
                ("qs", 128, "256 x 4-bit index; sub-block j: bytes 16j..16j+15, as IQ4_NL")],
               "x = (d * (ls[j] - 32)) * KVALUES[q], j = sub-block of 32", (0, 15), 32),
     decode_iq4_xs, quantize_iq4_xs, np_quantize_rows_weighted(T.IQ4_XS, QK_K, IQ4_XS_SIZE, quantize_blocks_iq4_xs),
-    Tiling(8, 16, 2, gemm_spills=frozenset({(64, 64), (128, 64)})), fallback=T.IQ4_NL, auto=True))
+    Tiling(8, 16, 2, gemm_spills=frozenset({(64, 64), (128, 64)})), fallback=T.IQ4_NL, auto=True, act_type=T.Q8_K))

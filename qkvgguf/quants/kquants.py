@@ -400,18 +400,18 @@ register(QuantFormat(
               K4_FORMULA, (0, 15), 32),
     lambda b: decode_k4(b, lambda t: _nibbles_k(t[:, 16:])), quantize_q4_k,
     weighted.blocks(T.Q4_K, quantize_blocks_q4_k), Tiling(4, 32, 2, gemv_skip=GEMV_SPILLS_G4),
-    "q4_k", FT.MOSTLY_Q4_K_S, fallback=T.Q5_0, auto=True))
+    "q4_k", FT.MOSTLY_Q4_K_S, fallback=T.Q5_0, auto=True, act_type=T.Q8_K))
 register(QuantFormat(
     T.Q5_K, QK_K, 2 + 2 + 12 + 32 + 128, dequantize_q5_k,
     Layout.of(K4_HEAD + [("qh", 32, "bit 2i+h of byte l: bit 4 of sub-block 2i+h's q[l]"),
                          ("qs", 128, "low 4 bits of 256 q, as Q4_K")], K4_FORMULA, (0, 31), 32),
     lambda b: decode_k4(b, _codes_q5_k), quantize_q5_k,
     weighted.blocks(T.Q5_K, quantize_blocks_q5_k), Tiling(4, 32, 2, gemv_skip=GEMV_SPILLS_G4),
-    "q5_k", FT.MOSTLY_Q5_K_S, fallback=T.Q5_1, auto=True))
+    "q5_k", FT.MOSTLY_Q5_K_S, fallback=T.Q5_1, auto=True, act_type=T.Q8_K))
 register(QuantFormat(
     T.Q6_K, QK_K, 128 + 64 + 16 + 2, dequantize_q6_k,
     Layout.of([("ql", 128, "low 4 bits of 256 q"), ("qh", 64, "high 2 bits of 256 q"),
                ("scales", 16, "16 x int8 sub-block scale"), ("d", 2, "f16 super-block scale")],
               "x = (d * scale[j]) * (q - 32), j = sub-block of 16", (0, 63), 16),
     decode_q6_k, quantize_q6_k, weighted.blocks(T.Q6_K, quantize_blocks_q6_k), Tiling(8, 16, 2),
-    "q6_k", FT.MOSTLY_Q6_K, fallback=T.Q8_0, auto=True))
+    "q6_k", FT.MOSTLY_Q6_K, fallback=T.Q8_0, auto=True, act_type=T.Q8_K))

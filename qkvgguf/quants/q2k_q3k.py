@@ -339,7 +339,7 @@ register(QuantFormat(
               "x = (d * sc[j]) * q - dmin * m[j], j = sub-block of 16", (0, 3), 16),
     decode_q2_k, quantize_q2_k, np_quantize_rows_weighted(T.Q2_K, QK_K, Q2_K_SIZE, quantize_blocks_q2_k),
     Tiling(4, 16, 4, gemv_skip=frozenset({(16, 128, 4), (16, 256, 4)}), gemm_spills=frozenset({(64, 64), (128, 64)})),
-    fallback=T.Q4_0, auto=True))
+    fallback=T.Q4_0, auto=True, act_type=T.Q8_K))
 register(QuantFormat(
     T.Q3_K, QK_K, 32 + 64 + 12 + 2, dequantize_q3_k,
     Layout.of([("hmask", 32, "bit b of byte l: bit 2 of q[32b + l]"), ("qs", 64, "low 2 bits of 256 q, as Q2_K"),
@@ -347,4 +347,4 @@ register(QuantFormat(
               "x = (d * (s[j] - 32)) * (q - 4), j = sub-block of 16", (0, 7), 16),
     decode_q3_k, quantize_q3_k, np_quantize_rows_weighted(T.Q3_K, QK_K, Q3_K_SIZE, quantize_blocks_q3_k),
     Tiling(4, 16, 4, gemv_skip=frozenset({(16, 128, 4)}), gemm_spills=frozenset({(64, 64), (128, 64)})),
-    fallback=T.Q4_0, auto=True))
+    fallback=T.Q4_0, auto=True, act_type=T.Q8_K))

@@ -129,10 +129,10 @@ register(QuantFormat(
     T.Q4_0, 32, 2 + 16, dequantize_q4_0,
     Layout.of([("d", 2, "f16 scale"), ("qs", 16, f"32 x 4-bit q; {NIBBLES}")], "x = d * (q - 8)", (0, 15)),
     lambda b: decode_nibbles(b, 2, False, 8), quantize_q4_0, weighted.symmetric(T.Q4_0, 8, -8, 7, bits=4, zero=8),
-    Tiling(1, 16, 2), "q4_0", FT.MOSTLY_Q4_0, auto=True))
+    Tiling(1, 16, 2), "q4_0", FT.MOSTLY_Q4_0, auto=True, act_type=T.Q8_0))
 register(QuantFormat(
     T.Q4_1, 32, 2 + 2 + 16, dequantize_q4_1,
     Layout.of([("d", 2, "f16 scale"), ("m", 2, "f16 min"), ("qs", 16, f"32 x 4-bit q; {NIBBLES}")],
               "x = d * q + m", (0, 15)),
     lambda b: decode_nibbles(b, 4, True, 0), quantize_q4_1, weighted.asymmetric(T.Q4_1, 15, bits=4),
-    Tiling(1, 16, 2), "q4_1", FT.MOSTLY_Q4_1, auto=True))
+    Tiling(1, 16, 2), "q4_1", FT.MOSTLY_Q4_1, auto=True, act_type=T.Q8_1))

@@ -73,10 +73,10 @@ register(QuantFormat(
     Layout.of([("d", 2, "f16 scale"), ("qh", 4, QH), ("qs", 16, f"low 4 bits of 32 q; {NIBBLES}")],
               "x = d * (q - 16)", (0, 31)),
     lambda b: decode_q5(b, False), None, weighted.symmetric(T.Q5_0, 16, -16, 15, bits=5, zero=16),
-    Tiling(1, 16, 2), "q5_0", FT.MOSTLY_Q5_0, auto=True))
+    Tiling(1, 16, 2), "q5_0", FT.MOSTLY_Q5_0, auto=True, act_type=T.Q8_0))
 register(QuantFormat(
     T.Q5_1, 32, 2 + 2 + 4 + 16, dequantize_q5_1,
     Layout.of([("d", 2, "f16 scale"), ("m", 2, "f16 min"), ("qh", 4, QH),
                ("qs", 16, f"low 4 bits of 32 q; {NIBBLES}")], "x = d * q + m", (0, 31)),
     lambda b: decode_q5(b, True), None, weighted.asymmetric(T.Q5_1, 31, bits=5),
-    Tiling(1, 16, 2), "q5_1", FT.MOSTLY_Q5_1, auto=True))
+    Tiling(1, 16, 2), "q5_1", FT.MOSTLY_Q5_1, auto=True, act_type=T.Q8_1))

@@ -93,4 +93,4 @@ register(QuantFormat(
     T.Q8_0, 32, 2 + 32, dequantize_q8_0,
     Layout.of([("d", 2, "f16 scale"), ("qs", 32, "32 x int8 q")], "x = d * q", (-128, 127)),
     decode_q8_0, quantize_q8_0, weighted.symmetric(T.Q8_0, 127, -127, 127, bits=8, amax=True),
-    Tiling(1, 32, 1), "q8_0", FT.MOSTLY_Q8_0, auto=True))
+    Tiling(1, 32, 1), "q8_0", FT.MOSTLY_Q8_0, auto=True, act_type=T.Q8_0))

@@ -139,6 +139,10 @@ class QuantFormat:
     file_type: Optional[FT] = None  # general.file_type of such a file
     fallback: Optional[int] = None  # the type a row that is not a multiple of block_size takes
     auto: bool = False  # a candidate type of convert --outtype auto
+    # the type llama.cpp's CPU backend rounds the activations to before multiplying them with a
+    # weight of this type (ggml's vec_dot_type: Q8_0, Q8_1, Q8_K, F16, BF16); None: they stay float32.
+    # The runtime's --numerics llamacpp does the same rounding (runtime/llamacpp_numerics.py)
+    act_type: Optional[int] = None
     name: str = field(default="")  # default: gguf-py's name of the type
 
     def __post_init__(self):
