@@ -14,10 +14,10 @@ References and tolerances (relative: max|d| / max|ref| over every position's log
   runtime rounding the same way (--numerics llamacpp, runtime/llamacpp_numerics.py) its logits equal
   llama.cpp's: median position <= 1e-5 (seen ~2e-7), every position <= 1e-2 (a float32-ulp
   difference upstream can move one rounding by a step, and that shows in the positions after it:
-  seen in 13 of 1,152 positions over 48 files, at most 0.74%). Our exact runtime is as far from
+  seen in 2 of 480 positions over 20 files, 0.53%; benchmarks/hf_llamacpp.py). Our exact runtime is as far from
   llama.cpp's quantized run as llama.cpp is from its own run of an f32 file of the same weights
-  (asserted: within 1e-3 of each other; seen 0.44% .. 1.21%), while that f32 file is within 1e-4 of
-  ours (seen <= 1e-6): the gap is the rounding, not the file;
+  (asserted: within 1e-3 of each other; seen 0.42% .. 1.25%), while that f32 file is within 1e-4 of
+  ours (seen <= 5.3e-7): the gap is the rounding, not the file;
 - SmolLM2 (slow): from_gguf logits within 1e-3 of our runtime, greedy generate equal to
   `qkvgguf run --temp 0`, every projection's blocks the file's own memory (no copies but Q and K);
   the README snippet run as written, its q8_0 file equal to the in-memory model in our runtime
