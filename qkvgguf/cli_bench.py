@@ -119,7 +119,7 @@ def cmd_bench(args, run_config, load, memory_report) -> int:
             for n_gen in n_gens:
                 res = {"model": model.gguf.path, "model_size": model.gguf.tensor_data_bytes,
                        "n_params": sum(t.n_elements for t in model.gguf.tensors.values()),
-                       "device": str(model.device), "backend": model.backend,
+                       "device": str(model.device), "backend": model.backend, "numerics": model.numerics,
                        "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": args.repetitions,
                        "n_ctx": n_ctx, "n_batch": session.n_batch, "threads": torch.get_num_threads(),
                        "type_k": session.cache.type_k, "type_v": session.cache.type_v,  # from the cache itself

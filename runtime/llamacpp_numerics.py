@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
+from qkvgguf.errors import QkvggufError
 from qkvgguf.quants import get_format
 
 NUMERICS = ("exact", "llamacpp")
@@ -104,8 +105,12 @@ class LlamacppOps:
         return y
 
 
-def numerics_ops(ops, numerics: str):
-    """The ops a Model runs for --numerics: the backend's own ("exact") or wrapped ("llamacpp")."""
+def numerics_ops(ops, numerics: str, dtype: torch.dtype = torch.float32):
+    """The ops a Model runs for --numerics: the backend's own ("exact") or wrapped ("llamacpp", which
+    needs float32 activations: the rounded values are not float16 numbers)."""
     if numerics not in NUMERICS:
-        raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got '{numerics}'")
+        raise QkvggufError(f"--numerics must be one of {', '.join(NUMERICS)}, got '{numerics}'")
+    if numerics == "llamacpp" and dtype != torch.float32:
+        raise QkvggufError("--numerics llamacpp reproduces llama.cpp's CPU backend and needs float32 activations; "
+                           "the Triton backend computes in float16 (use --device cpu or --backend torch)")
     return LlamacppOps(ops) if numerics == "llamacpp" else ops

@@ -51,10 +51,10 @@ class Model:
             from . import ops_triton as ops
         else:
             ops = torch_ops
-        ops = numerics_ops(ops, numerics)
+        self.dtype = torch.float16 if (self.backend == "triton" and self.device.type == "cuda") else torch.float32
+        ops = numerics_ops(ops, numerics, self.dtype)
         self.ops = ops
         self.numerics = numerics
-        self.dtype = torch.float16 if (self.backend == "triton" and self.device.type == "cuda") else torch.float32
         self.config = ModelConfig.from_gguf(gguf)
         self.plan = plan  # runtime.planner.Plan: what is resident and what streams (None: all resident)
         self.weights = Weights(gguf, cache_bytes, self.device, plan)

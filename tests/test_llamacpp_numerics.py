@@ -15,6 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 import llamacpp
+from qkvgguf.errors import QkvggufError
 from qkvgguf.quants import FORMATS, dequantize, quantize
 from qkvgguf.runtime import llamacpp_numerics as LN
 from qkvgguf.runtime import ops as torch_ops
@@ -128,7 +129,7 @@ def test_linear_equals_ggml_vec_dot(qtype):
 
 def test_model_numerics_choice(tmp_path):
     """Model(numerics=...): "llamacpp" wraps the backend's ops without the one-call decode block;
-    anything else is refused."""
+    anything else, or float16 activations, is refused with a one-line error."""
     import tiny_models
 
     from qkvgguf import GGUFFile
@@ -143,6 +144,8 @@ def test_model_numerics_choice(tmp_path):
     a = exact.forward(ids, exact.new_cache(8), logits="all")
     b = rounded.forward(ids, rounded.new_cache(8), logits="all")
     assert 1e-5 < float((a - b).abs().max() / a.abs().max()) < 0.05
-    with pytest.raises(ValueError, match="numerics"):
+    with pytest.raises(QkvggufError, match="numerics"):
         Model(gguf, numerics="fast")
+    with pytest.raises(QkvggufError, match="float32"):  # the Triton backend's float16 activations
+        LN.numerics_ops(torch_ops, "llamacpp", torch.float16)
     assert math.isfinite(float(b.sum()))
