@@ -409,12 +409,13 @@ static float dot_q8_0(const uint8_t* __restrict b, const float* __restrict x, co
     return hsum(acc);
 }
 
-// the 8 sub-block scales d sc_j and the block's min term dmin sum_j m_j xs_j of a Q4_K/Q5_K block.
-// The 6-bit scales and mins are unpacked four at a time from 32-bit words (the layout scale_min_k4
-// reads one at a time: 53% of a Q4_K dot's time was this per-block scalar work), the 8 products of
-// each kind formed in one AVX2 vector; the same float operations as the scalar form (each product
-// rounded once, msum summed in order j = 0..7), so the same bits.
-static inline float k4_scales(const uint8_t* b, const float* xs, float* dsc) {
+// The 8 sub-block scales d sc_j of a Q4_K/Q5_K block into dsc, and its min terms dmin m_j xs_j added
+// lane-wise into macc (summed once per row by hsum8). The 6-bit scales and mins are unpacked four at
+// a time from 32-bit words (the layout scale_min_k4 reads one at a time) and multiplied in AVX2
+// vectors: this per-block work was scalar code between the vector loops, 53% of a hot Q4_K dot's
+// samples (perf), and summing the min terms in order within each block was a chain of 8 dependent
+// adds per block.
+static inline void k4_scales(const uint8_t* b, const float* xs, float* dsc, __m256& macc) {
     const float d = f16(b), dmin = f16(b + 2);
     uint32_t u[3];
     std::memcpy(u, b + 4, 12);
@@ -424,20 +425,22 @@ static inline float k4_scales(const uint8_t* b, const float* xs, float* dsc) {
     const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
     const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
     _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(d), scf));
-    alignas(32) float mx[8];
-    _mm256_store_ps(mx, _mm256_mul_ps(mf, _mm256_loadu_ps(xs)));
-    float msum = 0.0f;
-    for (int j = 0; j < 8; j++) msum += mx[j];
-    return dmin * msum;
+    macc = _mm256_add_ps(macc, _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_mul_ps(mf, _mm256_loadu_ps(xs))));
+}
+
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // two accumulators (low and high nibble sub-blocks) so consecutive FMAs into them do not wait on each other
 static float dot_q4_k(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
     vf acc0 = zero(), acc1 = zero();
-    float mins = 0.0f;
+    __m256 mins = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++, b += 144, xs += 8) {
-        float dsc[8];
-        mins += k4_scales(b, xs, dsc);
+        alignas(32) float dsc[8];
+        k4_scales(b, xs, dsc, mins);
         const uint8_t* q = b + 16;
         for (int j = 0; j < 8; j += 2, q += 32, x += 64) {
             vf lo = zero(), hi = zero();
@@ -450,7 +453,7 @@ static float dot_q4_k(const uint8_t* __restrict b, const float* __restrict x, co
             acc1 = vfma(set1(dsc[j + 1]), hi, acc1);
         }
     }
-    return hsum(vadd(acc0, acc1)) - mins;
+    return hsum(vadd(acc0, acc1)) - hsum8(mins);
 }
 
 static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, const float*, int64_t nb) {
@@ -485,10 +488,10 @@ static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, co
 // Q5_K: Q4_K with a fifth bit per weight, bit j of qh[l] for sub-block j
 static float dot_q5_k(const uint8_t* __restrict b, const float* __restrict x, const float* __restrict xs, int64_t nb) {
     vf acc0 = zero(), acc1 = zero();
-    float mins = 0.0f;
+    __m256 mins = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++, b += 176, xs += 8) {
-        float dsc[8];
-        mins += k4_scales(b, xs, dsc);
+        alignas(32) float dsc[8];
+        k4_scales(b, xs, dsc, mins);
         const uint8_t* qh = b + 16;
         const uint8_t* q = b + 48;
         for (int j = 0; j < 8; j += 2, q += 32, x += 64) {
@@ -502,7 +505,7 @@ static float dot_q5_k(const uint8_t* __restrict b, const float* __restrict x, co
             acc1 = vfma(set1(dsc[j + 1]), hi, acc1);
         }
     }
-    return hsum(vadd(acc0, acc1)) - mins;
+    return hsum(vadd(acc0, acc1)) - hsum8(mins);
 }
 
 // Q2_K: 16 sub-blocks of 16, element 128 h + 32 p + l = (qs[32 h + l] >> 2 p) & 3, weights dl q - ml
