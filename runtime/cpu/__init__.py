@@ -30,13 +30,13 @@ same-process A/B ratios):
     dequantized into a buffer at 0.5-2.8 G weights/s, now 4.5-13 G on a hot 5632 x 2048 GEMV, 1 thread;
     Q4_0 12, Q4_K 8.7). The sub-4-bit types are what `--fit` picks for layers a small GPU computes here.
   - The K-quants' per-block scale work (6-bit scales and mins, d * scale products) was scalar code
-    between the vector loops: 53% of a hot Q4_K dot's samples (perf). Unpacking the scales a 32-bit
-    word at a time and forming the products in AVX2 vectors made the dots faster by ~1.2x (Q4_K),
-    ~1.07x (Q6_K), ~1.3x (Q2_K), ~1.5x (Q3_K) on an L2-resident 256 x 2048 GEMV, 1 thread (5
-    alternating runs, machine loaded), with the same float operations (bit-identical outputs,
-    checked against the previous library); Q4_K/Q5_K then sum their min terms lane-wise over the row
-    instead of in order within each block (a chain of 8 dependent adds per block): ~1.13x more, the
-    min terms' rounding order changed.
+    between the vector loops: 53% of a hot Q4_K dot's samples (perf). The scales are now unpacked a
+    32-bit word at a time and the products formed in AVX2 vectors, with the same float operations
+    (Q2_K, Q3_K, Q6_K: bit-identical outputs, checked against the previous library), and Q4_K/Q5_K
+    sum their min terms lane-wise over the row instead of in order within each block (a chain of 8
+    dependent adds per block; their rounding order changed). 1B Q4_K_M decode against llama.cpp
+    went from 0.63x / 0.59x to 0.90x / 0.77x (1 / 2 threads, benchmarks/RESULTS.md); per-type
+    figures: benchmarks/cpu_kernels.py.
   - Prefetching the row 4 rows ahead (the hardware prefetchers stop at 4 KiB pages): 17.0 -> 12.6 ms
     per token's matmuls.
   - int8 activations with VNNI dot products, as llama.cpp does (tried for Q4_0/Q4_1/Q8_0): only ~10%
