@@ -31,7 +31,8 @@ def _rows(n: int, K: int, seed: int = 0) -> np.ndarray:
     x = (rng.standard_normal((n, K)) * 10.0 ** rng.integers(-3, 4, (n, 1))).astype(np.float32)
     x[0, :256] = 0.0
     x[1, :32] = np.arange(32, dtype=np.float32) - 31.0  # max |x| = 31 and negative
-    x[2, :32] = (np.arange(32, dtype=np.float32) - 16.0) * np.float32(127.0 / 15.5) / 127.0 * 15.5 + 0.5
+    x[2, :256] = np.arange(256) % 32 - 15.5  # with a largest magnitude of 127 the scale is 1: exact ties at .5
+    x[2, :256:32] = -127.0
     return x
 
 
