@@ -2,14 +2,16 @@
 
     python benchmarks/cpu_decode.py [--models smollm2,1b-q4_k_m,1b-q4_0] [--threads 1,2]
                                     [--prompt-tokens 512] [--decode-tokens 128] [--repeats 3]
+                                    [--numerics exact,bf16]
 
 For every model and thread count, each repeat runs ours and llama.cpp one after the other in fresh
 processes (who goes first alternates between repeats), so the load of other processes on a shared
 machine falls on both alike; figures are medians over the repeats, with their ranges.
 
-  ours       `qkvgguf bench -m FILE -p P -n N -r 1 -t T --device cpu --json`: the code path a user's
-             CLI call takes (its own warm-up, then one timed prompt of P random token ids from torch's
-             generator seeded 0, then N greedy decode steps)
+  ours       `qkvgguf bench -m FILE -p P -n N -r 1 -t T --device cpu --json [--numerics X]`: the code
+             path a user's CLI call takes (its own warm-up, then one timed prompt of P random token ids
+             from torch's generator seeded 0, then N greedy decode steps); once per --numerics value in
+             each repeat, a row each, all paired with the same llama.cpp runs
   llama.cpp  this script in --llamacpp-worker mode: the same P ids, evaluated as one batch after a
              warm-up, then N greedy decode steps (llama_cpp.Llama.eval, one token at a time)
 
@@ -50,13 +52,14 @@ def run_child(cmd: list[str]) -> tuple[dict, int]:
     return json.loads(line), usage.ru_maxrss * 1024  # Linux: KiB
 
 
-def ours_cmd(path: str, n_prompt: int, n_decode: int, threads: int) -> list[str]:
+def ours_cmd(path: str, n_prompt: int, n_decode: int, threads: int, numerics: str = "exact") -> list[str]:
     return [sys.executable, "-m", "qkvgguf.cli", "bench", "-m", path, "-p", str(n_prompt), "-n", str(n_decode),
-            "-r", "1", "-t", str(threads), "--device", "cpu", "--json"]
+            "-r", "1", "-t", str(threads), "--device", "cpu", "--json"] + \
+        (["--numerics", numerics] if numerics != "exact" else [])
 
 
-def bench_ours(path, n_prompt, n_decode, threads) -> dict:
-    res, rss = run_child(ours_cmd(path, n_prompt, n_decode, threads))
+def bench_ours(path, n_prompt, n_decode, threads, numerics="exact") -> dict:
+    res, rss = run_child(ours_cmd(path, n_prompt, n_decode, threads, numerics))
     return {"prompt_tps": res["prompt_tokens_per_s"], "decode_tps": res["decode_tokens_per_s"], "peak_rss": rss,
             "threads": res["threads"]}
 
@@ -125,6 +128,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--repeats-synthetic", type=int, default=None, help="repeats for the synthetic models (default --repeats)")
+    ap.add_argument("--numerics", default="exact", help="ours with each of these --numerics values (comma list)")
     ap.add_argument("--synthetic-dir", default=os.path.join(tempfile.gettempdir(), "qkvgguf-synthetic"))
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--llamacpp-worker", metavar="FILE", help=argparse.SUPPRESS)
@@ -139,35 +143,38 @@ def main():
     for name in args.models.split(","):
         path = model_path(name, args.synthetic_dir)
         repeats = args.repeats if name in ("smollm2", "gemma3") or args.repeats_synthetic is None else args.repeats_synthetic
+        numerics = args.numerics.split(",")
         for threads in (int(t) for t in args.threads.split(",")):
-            ours, theirs = [], []
+            ours, theirs = {n: [] for n in numerics}, []
             for r in range(repeats):
-                pair = [("ours", bench_ours), ("llama.cpp", bench_llamacpp)]
+                pair = [(n, bench_ours) for n in numerics] + [("llama.cpp", bench_llamacpp)]
                 for who, fn in (pair if r % 2 == 0 else pair[::-1]):
-                    res = fn(path, args.prompt_tokens, args.decode_tokens, threads)
-                    (ours if who == "ours" else theirs).append(res)
+                    res = (fn(path, args.prompt_tokens, args.decode_tokens, threads) if who == "llama.cpp" else
+                           fn(path, args.prompt_tokens, args.decode_tokens, threads, who))
+                    (theirs if who == "llama.cpp" else ours[who]).append(res)
                     print(f"  {name} t={threads} rep {r} {who:9}: prompt {res['prompt_tps']:7.1f} tok/s, decode "
                           f"{res['decode_tps']:6.1f} tok/s, peak RSS {res['peak_rss'] / 2**20:6.0f} MiB", flush=True)
-            row = {"model": name, "file": os.path.basename(path), "file_bytes": os.path.getsize(path),
-                   "threads": threads, "repeats": repeats,
-                   "qkvgguf_cmd": "qkvgguf " + " ".join(ours_cmd(os.path.basename(path), args.prompt_tokens,
-                                                                 args.decode_tokens, threads)[3:])}
-            for who, runs in (("qkvgguf", ours), ("llamacpp", theirs)):
-                for k in ("prompt_tps", "decode_tps", "peak_rss"):
-                    row[f"{who}_{k}"] = summary(runs, k)
-            row["prompt_ratio"] = row["qkvgguf_prompt_tps"]["median"] / row["llamacpp_prompt_tps"]["median"]
-            row["decode_ratio"] = row["qkvgguf_decode_tps"]["median"] / row["llamacpp_decode_tps"]["median"]
-            rows.append(row)
+            for n in numerics:
+                row = {"model": name, "file": os.path.basename(path), "file_bytes": os.path.getsize(path),
+                       "threads": threads, "repeats": repeats, "numerics": n,
+                       "qkvgguf_cmd": "qkvgguf " + " ".join(ours_cmd(os.path.basename(path), args.prompt_tokens,
+                                                                     args.decode_tokens, threads, n)[3:])}
+                for who, runs in (("qkvgguf", ours[n]), ("llamacpp", theirs)):
+                    for k in ("prompt_tps", "decode_tps", "peak_rss"):
+                        row[f"{who}_{k}"] = summary(runs, k)
+                row["prompt_ratio"] = row["qkvgguf_prompt_tps"]["median"] / row["llamacpp_prompt_tps"]["median"]
+                row["decode_ratio"] = row["qkvgguf_decode_tps"]["median"] / row["llamacpp_decode_tps"]["median"]
+                rows.append(row)
     result = {"prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/cpu_decode.py " + " ".join(sys.argv[1:]),
               "rows": rows}
     print(f"\nprompt {args.prompt_tokens} tokens, decode {args.decode_tokens}; medians (range) over repeats; tok/s")
-    print(f"{'model':10} {'t':>2} {'prompt ours':>22} {'llama.cpp':>22} {'x':>5} {'decode ours':>20} {'llama.cpp':>20} "
+    print(f"{'model':10} {'numerics':8} {'t':>2} {'prompt ours':>22} {'llama.cpp':>22} {'x':>5} {'decode ours':>20} {'llama.cpp':>20} "
           f"{'x':>5} {'RSS ours':>9} {'llama.cpp':>9}")
     fmt = lambda s: f"{s['median']:.1f} ({s['min']:.0f}-{s['max']:.0f})"  # noqa: E731
     for r in rows:
-        print(f"{r['model']:10} {r['threads']:>2} {fmt(r['qkvgguf_prompt_tps']):>22} {fmt(r['llamacpp_prompt_tps']):>22} "
+        print(f"{r['model']:10} {r['numerics']:8} {r['threads']:>2} {fmt(r['qkvgguf_prompt_tps']):>22} {fmt(r['llamacpp_prompt_tps']):>22} "
               f"{r['prompt_ratio']:5.2f} {fmt(r['qkvgguf_decode_tps']):>20} {fmt(r['llamacpp_decode_tps']):>20} "
               f"{r['decode_ratio']:5.2f} {r['qkvgguf_peak_rss']['median'] / 2**20:7.0f}Mi "
               f"{r['llamacpp_peak_rss']['median'] / 2**20:7.0f}Mi")

@@ -49,10 +49,11 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
                         "the compiled CPU kernels read the quantized blocks, else 1GiB; 0 = none)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="kernels: triton on CUDA GPUs (compute capability 7.5+), torch elsewhere (default auto)")
-    p.add_argument("--numerics", default="exact", choices=["exact", "llamacpp"],
+    p.add_argument("--numerics", default="exact", choices=["exact", "llamacpp", "bf16"],  # runtime/numerics.py
                    help="exact: float32 activations into every matmul (default); llamacpp: rounded first as "
                         "llama.cpp's CPU backend rounds them (Q8_0/Q8_1/Q8_K blocks or f16 by weight type), to "
-                        "reproduce its results (compare on -ctk f32 -ctv f32; docs/design.md)")
+                        "reproduce its results (compare on -ctk f32 -ctv f32; docs/design.md); bf16: CPU prompt "
+                        "matmuls in bfloat16, 2x faster on CPUs with AMX (decode unchanged)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--vram", metavar="SIZE", default=None,
                    help="VRAM budget on a CUDA device, e.g. 4GiB (default: free memory minus 256 MiB); layers that "
@@ -195,7 +196,7 @@ def cmd_perplexity(args) -> int:
     else:
         print(f"PPL = {res.ppl:.4f} ± {res.ppl_stderr:.5f}  (mean NLL {res.nll:.6f} ± {res.nll_stderr:.6f} "
               f"over {res.n_scored:,} tokens, {res.n_windows} windows of {n_ctx}, K {cfg.type_k} V {cfg.type_v}, "
-              f"{'llama.cpp numerics, ' if cfg.numerics == 'llamacpp' else ''}{seconds:.1f} s)")
+              f"{'' if cfg.numerics == 'exact' else cfg.numerics + ' numerics, '}{seconds:.1f} s)")
         if writer is not None:
             print(f"saved log-probabilities of {res.n_scored:,} tokens to {args.save_logits}")
         if cmp is not None:

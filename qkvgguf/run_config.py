@@ -52,7 +52,7 @@ class RunConfig:
     type_k: str = "f16"  # llama.cpp's default cache type
     type_v: str = "f16"
     backend: str = "auto"
-    numerics: str = "exact"  # --numerics: "llamacpp" rounds matmul inputs as llama.cpp's CPU backend (runtime/llamacpp_numerics.py)
+    numerics: str = "exact"  # --numerics: "llamacpp" rounds matmul inputs as llama.cpp does, "bf16" CPU prompt matmuls (runtime/numerics.py)
     device: str | None = None
     vram: str | int | None = None
     cpu_cache: str | int = DEFAULT_CPU_CACHE

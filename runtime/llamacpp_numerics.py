@@ -29,11 +29,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from qkvgguf.errors import QkvggufError
 from qkvgguf.quants import get_format
-
-NUMERICS = ("exact", "llamacpp")
-
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
@@ -103,14 +99,3 @@ class LlamacppOps:
         if fix is not None:
             y = y + (fix @ block_mins(w).to(fix.device).T).to(y.dtype)
         return y
-
-
-def numerics_ops(ops, numerics: str, dtype: torch.dtype = torch.float32):
-    """The ops a Model runs for --numerics: the backend's own ("exact") or wrapped ("llamacpp", which
-    needs float32 activations: the rounded values are not float16 numbers)."""
-    if numerics not in NUMERICS:
-        raise QkvggufError(f"--numerics must be one of {', '.join(NUMERICS)}, got '{numerics}'")
-    if numerics == "llamacpp" and dtype != torch.float32:
-        raise QkvggufError("--numerics llamacpp reproduces llama.cpp's CPU backend and needs float32 activations; "
-                           "the Triton backend computes in float16 (use --device cpu or --backend torch)")
-    return LlamacppOps(ops) if numerics == "llamacpp" else ops

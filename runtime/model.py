@@ -28,7 +28,7 @@ from . import ops as torch_ops
 from .arch import block_for
 from .backend import select_backend
 from .kv_cache import KVCache
-from .llamacpp_numerics import numerics_ops
+from .numerics import numerics_ops
 from .planner import OUTPUT_UNIT
 from .weights import Weights
 
@@ -37,8 +37,9 @@ class Model:
     """A GGUF decoder ready to run: config, weights (on `device`), and the ops of one backend.
 
     backend: "auto" (Triton on a capable CUDA GPU, torch elsewhere), "triton" or "torch".
-    numerics: "exact" (float32 activations into every matmul) or "llamacpp" (rounded first as llama.cpp's
-    CPU backend rounds them: runtime/llamacpp_numerics.py; to reproduce its logits).
+    numerics: "exact" (float32 activations into every matmul), "llamacpp" (rounded first as llama.cpp's
+    CPU backend rounds them: to reproduce its logits) or "bf16" (CPU prompt matmuls in bfloat16: faster
+    where the CPU has AMX); runtime/numerics.py.
     Activations are float32 on the CPU and float16 on CUDA with Triton; the residual stream is float32 on both.
     """
 

@@ -19,6 +19,7 @@ from qkvgguf.errors import QkvggufError
 from qkvgguf.quants import FORMATS, dequantize, quantize
 from qkvgguf.runtime import llamacpp_numerics as LN
 from qkvgguf.runtime import ops as torch_ops
+from qkvgguf.runtime.numerics import numerics_ops
 from qkvgguf.runtime.weights import QTensor
 
 needs_ggml = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python (the [dev] extra) not installed")
@@ -148,5 +149,5 @@ def test_model_numerics_choice(tmp_path):
     with pytest.raises(QkvggufError, match="numerics"):
         Model(gguf, numerics="fast")
     with pytest.raises(QkvggufError, match="float32"):  # the Triton backend's float16 activations
-        LN.numerics_ops(torch_ops, "llamacpp", torch.float16)
+        numerics_ops(torch_ops, "llamacpp", torch.float16)
     assert math.isfinite(float(b.sum()))

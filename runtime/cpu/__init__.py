@@ -77,6 +77,7 @@ GEMV_ROWS = 8  # x rows up to which the fused dequant-dot kernel runs; above, de
 TILE_BYTES = 32 << 20  # float32 workspace of the prompt path (largest tile of dequantized rows)
 
 _workspace: dict[str, torch.Tensor] = {}
+_state: dict = {}  # "bf16_native": has_bf16_matmul's answer; "bf16_checked": its warning given
 _by_type: dict = {}  # ggml type -> (the library, or None when it lacks the type,)
 
 
@@ -127,8 +128,11 @@ def dequantize_rows(w, r0: int, r1: int, out: torch.Tensor | None = None) -> tor
     return out
 
 
-def matmul(x: torch.Tensor, w) -> torch.Tensor | None:
-    """x (T, K) float32 @ w.T for QTensor w (N, K) -> (T, N) float32; None when the library cannot."""
+def matmul(x: torch.Tensor, w, bf16: bool = False) -> torch.Tensor | None:
+    """x (T, K) float32 @ w.T for QTensor w (N, K) -> (T, N) float32; None when the library cannot.
+    bf16: above GEMV_ROWS rows, the GEMM takes x and the weight tiles rounded to bfloat16 (to nearest,
+    ties to even) and its bfloat16 output becomes float32 again (--numerics bf16); decode rows are
+    unaffected (the fused float32 dots)."""
     lib = _lib_for(w.type)
     if lib is None or w.raw.device.type != "cpu" or len(w.shape) != 2:
         return None
@@ -143,12 +147,57 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor | None:
         if rc != 0:
             raise ValueError(f"tensor '{w.name}': {w.type.name} row of {K} values is not a whole number of blocks")
         return y
+    if bf16:
+        return _matmul_bf16(lib, x, w, y)
     rows = max(1, min(N, TILE_BYTES // (4 * K)))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         tile = dequantize_rows(w, r0, r1, _tile((r1 - r0) * K).view(r1 - r0, K))
         torch.mm(x, tile.T, out=y[:, r0:r1]) if r1 - r0 == N else y[:, r0:r1].copy_(x @ tile.T)
     return y
+
+
+def _matmul_bf16(lib, x: torch.Tensor, w, y: torch.Tensor) -> torch.Tensor:
+    """The prompt path in bfloat16: tiles dequantized straight to bfloat16 by qk_dequant_rows_bf16
+    (half the bytes of a float32 tile), one bfloat16 copy of x, torch's bfloat16 GEMM (oneDNN: AMX
+    tiles where the CPU has them, float32 accumulation), output rounded to bfloat16 and widened."""
+    if not _state.get("bf16_checked"):
+        _state["bf16_checked"] = True
+        if not has_bf16_matmul():
+            log.warning("this CPU has no bfloat16 matrix instructions (AMX-BF16 / AVX512-BF16): --numerics bf16 "
+                        "computes the same values as on one that has, but more slowly than --numerics exact")
+    N, K = w.shape
+    xb = x.to(torch.bfloat16)
+    rows = max(1, min(N, TILE_BYTES // (2 * K)))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        tile = _tile_bf16((r1 - r0) * K).view(r1 - r0, K)
+        rc = lib.qk_dequant_rows_bf16(int(w.type), w.raw.data_ptr(), w.raw.stride(0), r0, r1, K, tile.data_ptr(),
+                                      torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"tensor '{w.name}': {w.type.name} row of {K} values is not a whole number of blocks")
+        y[:, r0:r1] = xb @ tile.T
+    return y
+
+
+def _tile_bf16(n: int) -> torch.Tensor:
+    ws = _workspace.get("tile_bf16")
+    if ws is None or ws.numel() < n:
+        ws = torch.empty(n, dtype=torch.bfloat16)
+        _workspace["tile_bf16"] = ws
+    return ws[:n]
+
+
+def has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (Linux /proc/cpuinfo: amx_bf16 or avx512_bf16)."""
+    if "bf16_native" not in _state:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+        except OSError:
+            flags = []
+        _state["bf16_native"] = "amx_bf16" in flags or "avx512_bf16" in flags
+    return _state["bf16_native"]
 
 
 # -- the decode step's small ops (decode.cpp) ------------------------------------------------------------

@@ -118,6 +118,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_matmul.restype = i32
     lib.qk_dequant_rows.argtypes = [i32, p, i64, i64, i64, i64, p, i32]
     lib.qk_dequant_rows.restype = i32
+    lib.qk_dequant_rows_bf16.argtypes = [i32, p, i64, i64, i64, i64, p, i32]
+    lib.qk_dequant_rows_bf16.restype = i32
     f32 = ctypes.c_float
     lib.qk_add_rms_norm.argtypes = [p, p, p, i64, i64, f32, p, p, i32]
     lib.qk_add_rms_norm.restype = None

@@ -11,7 +11,8 @@
 //                    the weight bytes are read once per call and nothing larger than CHUNK floats
 //                    is ever written. Traffic: the weight's bytes + T*K + T*N floats.
 //   qk_dequant_rows  rows [r0, r1) to float32 (the prompt path dequantizes a bounded tile of rows
-//                    and hands it to torch's GEMM; also the tests' reference hook).
+//                    and hands it to torch's GEMM; also the tests' reference hook);
+//                    qk_dequant_rows_bf16 the same rounded to bfloat16 (--numerics bf16).
 //
 // Arithmetic: values as in ggml's dequantize_row_* (f16 scales to float32, one multiply per value,
 // K-quants' products d*sc and dmin*m first), sums in float32 in SIMD lanes (order differs from a
@@ -166,12 +167,14 @@ static void dequant_q6_k(const uint8_t* __restrict b, float* __restrict y, int64
         const uint8_t* qh = b + 128;
         const int8_t* sc = (const int8_t*)(b + 192);
         for (int n = 0; n < 2; n++, y += 128, ql += 64, qh += 32, sc += 8) {
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                y[l] = d * sc[is] * (float)(((ql[l] & 0xf) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                y[l + 32] = d * sc[is + 2] * (float)(((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                y[l + 64] = d * sc[is + 4] * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                y[l + 96] = d * sc[is + 6] * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            for (int is = 0; is < 2; is++) {  // 16 values per scale: constant products, loops that vectorize
+                const float d0 = d * sc[is], d1 = d * sc[is + 2], d2 = d * sc[is + 4], d3 = d * sc[is + 6];
+                for (int l = 16 * is; l < 16 * is + 16; l++) {
+                    y[l] = d0 * (float)(((ql[l] & 0xf) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                    y[l + 32] = d1 * (float)(((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                    y[l + 64] = d2 * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                    y[l + 96] = d3 * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                }
             }
         }
     }
@@ -187,10 +190,11 @@ static void dequant_q2_k(const uint8_t* __restrict b, float* __restrict y, int64
         const uint8_t* qs = b + 16;
         for (int h = 0; h < 2; h++)
             for (int p = 0; p < 4; p++)
-                for (int l = 0; l < 32; l++) {
-                    const int e = 128 * h + 32 * p + l, s = e / 16;
+                for (int half = 0; half < 2; half++) {  // one sub-block of 16: constant dl, ml (a loop that vectorizes)
+                    const int s = 8 * h + 2 * p + half;
                     const float dl = d * (float)(sc[s] & 15), ml = dmin * (float)(sc[s] >> 4);
-                    y[e] = dl * (float)((qs[32 * h + l] >> (2 * p)) & 3) - ml;
+                    float* o = y + 128 * h + 32 * p;
+                    for (int l = 16 * half; l < 16 * half + 16; l++) o[l] = dl * (float)((qs[32 * h + l] >> (2 * p)) & 3) - ml;
                 }
     }
 }
@@ -210,10 +214,13 @@ static void dequant_q3_k(const uint8_t* __restrict b, float* __restrict y, int64
         }
         for (int h = 0; h < 2; h++)
             for (int p = 0; p < 4; p++)
-                for (int l = 0; l < 32; l++) {
-                    const int e = 128 * h + 32 * p + l;
-                    const int q = ((qs[32 * h + l] >> (2 * p)) & 3) - 4 * (1 - ((hm[e % 32] >> (e / 32)) & 1));
-                    y[e] = dl[e / 16] * (float)q;
+                for (int half = 0; half < 2; half++) {  // e = 128 h + 32 p + l: e % 32 = l, e / 32 = 4 h + p
+                    const float ds = dl[8 * h + 2 * p + half];
+                    float* o = y + 128 * h + 32 * p;
+                    for (int l = 16 * half; l < 16 * half + 16; l++) {
+                        const int q = ((qs[32 * h + l] >> (2 * p)) & 3) - 4 * (1 - ((hm[l] >> (4 * h + p)) & 1));
+                        o[l] = ds * (float)q;
+                    }
                 }
     }
 }
@@ -720,6 +727,32 @@ int qk_dequant_rows(int type, const uint8_t* w, int64_t row_stride, int64_t r0, 
     if (!f || K % f->block != 0) return -1;
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t r = r0; r < r1; r++) f->fn(w + r * row_stride, out + (r - r0) * K, K / f->block);
+    return 0;
+}
+
+// out (r1 - r0, K) bfloat16 (as uint16 bits) = rows [r0, r1) of W, each value dequantized to float32 as
+// above and rounded to the nearest bfloat16, ties to even (the prompt path's --numerics bf16 tiles).
+// Returns 0, or -1 as qk_matmul.
+int qk_dequant_rows_bf16(int type, const uint8_t* w, int64_t row_stride, int64_t r0, int64_t r1, int64_t K,
+                         uint16_t* out, int n_threads) {
+    const Format* f = find(type);
+    if (!f || K % f->block != 0) return -1;
+    const int64_t chunk = (CHUNK / f->block > 0 ? CHUNK / f->block : 1) * f->block;  // whole blocks
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t r = r0; r < r1; r++) {
+        alignas(64) float buf[CHUNK > 256 ? CHUNK : 256];
+        const uint8_t* row = w + r * row_stride;
+        uint16_t* o = out + (r - r0) * K;
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+            const int64_t len = K - k0 < chunk ? K - k0 : chunk;
+            f->fn(row + k0 / f->block * f->bytes, buf, len / f->block);
+            for (int64_t j = 0; j < len; j++) {  // round to nearest even on the bits (vectorizes)
+                uint32_t u;
+                std::memcpy(&u, buf + j, 4);
+                o[k0 + j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+    }
     return 0;
 }
 
