@@ -53,7 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser, ctx_default: str = "min(4096, th
                    help="exact: float32 activations into every matmul (default); llamacpp: rounded first as "
                         "llama.cpp's CPU backend rounds them (Q8_0/Q8_1/Q8_K blocks or f16 by weight type), to "
                         "reproduce its results (compare on -ctk f32 -ctv f32; docs/design.md); bf16: CPU prompt "
-                        "matmuls in bfloat16, 2x faster on CPUs with AMX (decode unchanged)")
+                        "matmuls in bfloat16, 2-5x faster on CPUs with AMX (decode unchanged; benchmarks/RESULTS.md)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--vram", metavar="SIZE", default=None,
                    help="VRAM budget on a CUDA device, e.g. 4GiB (default: free memory minus 256 MiB); layers that "

@@ -7,7 +7,8 @@
               dequantized weight tiles rounded to bfloat16 (nearest, ties to even), float32 sums in oneDNN's
               GEMM (AMX tiles where the CPU has them), the output rounded to bfloat16 and widened. Decode
               rows, attention, norms and the residual stream stay float32. On a CPU with AMX it runs a
-              prompt's matmuls 2-2.5x faster than float32; its rounding is smaller than llama.cpp's 8-bit
+              prompt's matmuls 2-5x faster than float32 (benchmarks/cpu_prompt.py); its rounding is
+              smaller than llama.cpp's 8-bit
               activation rounding (benchmarks/RESULTS.md "CPU prompt in bfloat16" measures both: speed,
               perplexity and KL divergence against exact)
 

@@ -14,7 +14,11 @@ Two paths, chosen by T (the rows of x):
                      reused across calls) with qk_dequant_rows and multiply with torch's GEMM. A
                      512-token SmolLM2 prompt ran as fast this way as from a float32 copy of every
                      weight (cached copy / tiles time 0.98, median of 4, same process), so no float32
-                     copy of the model is kept (--cpu-cache defaults to none).
+                     copy of the model is kept (--cpu-cache defaults to none). With bf16=True
+                     (--numerics bf16, runtime/numerics.py) the tiles are dequantized straight to
+                     bfloat16 (qk_dequant_rows_bf16) and the GEMM is torch's bfloat16 one (AMX tiles
+                     where the CPU has them: 2-5x the float32 path per type, 2 threads here;
+                     benchmarks/cpu_prompt.py).
 
 Why this design (measured on the 2-core AVX-512 Xeon this was written on, loaded by other jobs, so
 same-process A/B ratios):
