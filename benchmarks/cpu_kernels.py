@@ -37,6 +37,28 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def quantized_weights(N: int, K: int, rng):
+    """(format, QTensor) for every registered quantized type the compiled library multiplies: one N x K
+    weight of random values (N(0, 0.02)) quantized by our quantizer (an all-ones importance where the
+    type has only the weighted one)."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType as T
+
+    from qkvgguf.quants import FORMATS, quantize
+    from qkvgguf.runtime import cpu
+    from qkvgguf.runtime.weights import QTensor
+
+    values = rng.standard_normal((N, K)).astype(np.float32) * 0.02
+    for fmt in FORMATS.values():
+        if fmt.type in (T.F32, T.F16, T.BF16) or K % fmt.block_size or not cpu.supports(fmt.type) \
+                or fmt.quantize is None and fmt.quantize_weighted is None:
+            continue
+        raw = quantize(values, fmt.type) if fmt.quantize is not None else \
+            fmt.quantize_weighted(values, np.ones(K, dtype=np.float32))
+        yield fmt, QTensor("w", T(fmt.type), (N, K), torch.from_numpy(np.ascontiguousarray(raw)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="5632x2048,2048x5632", help="N x K of the weights (output x input)")
@@ -47,11 +69,9 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    from gguf import GGMLQuantizationType as T
 
-    from qkvgguf.quants import FORMATS, dequantize, quantize
+    from qkvgguf.quants import dequantize
     from qkvgguf.runtime import cpu
-    from qkvgguf.runtime.weights import QTensor
 
     if not cpu.available():
         print("the compiled CPU kernels are unavailable here (no C++ compiler?)", file=sys.stderr)
@@ -61,22 +81,15 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.lower().split("x"))
-        values = rng.standard_normal((N, K)).astype(np.float32) * 0.02
         x = torch.from_numpy(rng.standard_normal((1, K)).astype(np.float32))
-        for fmt in FORMATS.values():
-            if fmt.type in (T.F32, T.F16, T.BF16) or K % fmt.block_size or not cpu.supports(fmt.type) \
-                    or fmt.quantize is None and fmt.quantize_weighted is None:
-                continue
-            raw = quantize(values, fmt.type) if fmt.quantize is not None else \
-                fmt.quantize_weighted(values, np.ones(K, dtype=np.float32))
-            w = QTensor("w", T(fmt.type), (N, K), torch.from_numpy(np.ascontiguousarray(raw)))
+        for fmt, w in quantized_weights(N, K, rng):
             dense = dequantize(w.raw, fmt.type).view(N, K)
             ours_t, torch_t = [], []
             for _ in range(3):  # alternate, three rounds
                 ours_t.append(_time(lambda: cpu.matmul(x, w), args.repeats))
                 torch_t.append(_time(lambda: x @ dense.T, args.repeats))
             ours, ref = min(ours_t), min(torch_t)
-            row = {"type": fmt.name, "N": N, "K": K, "weight_bytes": int(raw.nbytes),
+            row = {"type": fmt.name, "N": N, "K": K, "weight_bytes": int(w.raw.numel()),
                    "ours_gw_s": N * K / ours / 1e9, "torch_f32_gw_s": N * K / ref / 1e9, "ratio": ref / ours}
             rows.append(row)
             print(f"{fmt.name:7} {N:>5} x {K:<5} ours {row['ours_gw_s']:6.2f} G weights/s   torch float32 "

@@ -24,23 +24,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "cpu_prompt.json"
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, str(HERE))
+from cpu_kernels import _time, quantized_weights  # noqa: E402 (the same weights and timer as the decode table)
 
 
 def _best(fns: dict, repeats: int) -> dict:
@@ -63,11 +54,8 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from gguf import GGMLQuantizationType as T
 
-    from qkvgguf.quants import FORMATS, quantize
     from qkvgguf.runtime import cpu
-    from qkvgguf.runtime.weights import QTensor
 
     if not cpu.available():
         print("the compiled CPU kernels are unavailable here (no C++ compiler?)", file=sys.stderr)
@@ -76,17 +64,10 @@ def main(argv=None) -> int:
     lib = cpu.build.load()
     rng = np.random.default_rng(0)
     N, K = (int(v) for v in args.shape.lower().split("x"))
-    values = rng.standard_normal((N, K)).astype(np.float32) * 0.02
     x = torch.from_numpy(rng.standard_normal((args.rows, K)).astype(np.float32))
     flop = 2 * args.rows * N * K
     rows = []
-    for fmt in FORMATS.values():
-        if fmt.type in (T.F32, T.F16, T.BF16) or K % fmt.block_size or not cpu.supports(fmt.type) \
-                or fmt.quantize is None and fmt.quantize_weighted is None:
-            continue
-        raw = quantize(values, fmt.type) if fmt.quantize is not None else \
-            fmt.quantize_weighted(values, np.ones(K, dtype=np.float32))
-        w = QTensor("w", T(fmt.type), (N, K), torch.from_numpy(np.ascontiguousarray(raw)))
+    for fmt, w in quantized_weights(N, K, rng):
         f32, b16 = torch.empty(N, K), torch.empty(N, K, dtype=torch.bfloat16)
         nt = torch.get_num_threads()
         t = _best({

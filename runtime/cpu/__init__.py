@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 GEMV_ROWS = 8  # x rows up to which the fused dequant-dot kernel runs; above, dequantized tiles + torch GEMM
 TILE_BYTES = 32 << 20  # float32 workspace of the prompt path (largest tile of dequantized rows)
 
-_workspace: dict[str, torch.Tensor] = {}
+_workspace: dict[torch.dtype, torch.Tensor] = {}
 _state: dict = {}  # "bf16_native": has_bf16_matmul's answer; "bf16_checked": its warning given
 _by_type: dict = {}  # ggml type -> (the library, or None when it lacks the type,)
 
@@ -109,12 +109,13 @@ def _lib_for(qtype):
     return lib
 
 
-def _tile(n_floats: int) -> torch.Tensor:
-    ws = _workspace.get("tile")
-    if ws is None or ws.numel() < n_floats:
-        ws = torch.empty(n_floats, dtype=torch.float32)
-        _workspace["tile"] = ws
-    return ws[:n_floats]
+def _tile(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n values of the prompt path's workspace of that dtype (one per dtype, grown as needed, reused)."""
+    ws = _workspace.get(dtype)
+    if ws is None or ws.numel() < n:
+        ws = torch.empty(n, dtype=dtype)
+        _workspace[dtype] = ws
+    return ws[:n]
 
 
 def dequantize_rows(w, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -175,21 +176,13 @@ def _matmul_bf16(lib, x: torch.Tensor, w, y: torch.Tensor) -> torch.Tensor:
     rows = max(1, min(N, TILE_BYTES // (2 * K)))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        tile = _tile_bf16((r1 - r0) * K).view(r1 - r0, K)
+        tile = _tile((r1 - r0) * K, torch.bfloat16).view(r1 - r0, K)
         rc = lib.qk_dequant_rows_bf16(int(w.type), w.raw.data_ptr(), w.raw.stride(0), r0, r1, K, tile.data_ptr(),
                                       torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"tensor '{w.name}': {w.type.name} row of {K} values is not a whole number of blocks")
         y[:, r0:r1] = xb @ tile.T
     return y
-
-
-def _tile_bf16(n: int) -> torch.Tensor:
-    ws = _workspace.get("tile_bf16")
-    if ws is None or ws.numel() < n:
-        ws = torch.empty(n, dtype=torch.bfloat16)
-        _workspace["tile_bf16"] = ws
-    return ws[:n]
 
 
 def has_bf16_matmul() -> bool:
