@@ -31,6 +31,7 @@ from gguf import GGMLQuantizationType as T
 
 from qkvgguf.quants import get_format
 
+
 def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 

@@ -7,13 +7,14 @@
               dequantized weight tiles rounded to bfloat16 (nearest, ties to even), float32 sums in oneDNN's
               GEMM (AMX tiles where the CPU has them), the output rounded to bfloat16 and widened. Decode
               rows, attention, norms and the residual stream stay float32. On a CPU with AMX it runs a
-              prompt's matmuls 2-5x faster than float32 (benchmarks/cpu_prompt.py); its rounding is
-              smaller than llama.cpp's 8-bit
-              activation rounding (benchmarks/RESULTS.md "CPU prompt in bfloat16" measures both: speed,
-              perplexity and KL divergence against exact)
+              prompt's matmuls 2-5x faster than float32 (benchmarks/cpu_prompt.py); its rounding moves
+              the output distributions 5-9x less than llama.cpp's 8-bit activation rounding does
+              (benchmarks/RESULTS.md "CPU prompt in bfloat16": perplexity and KL divergence against exact)
 
 A mode is a wrapper around a backend's ops module that replaces `linear` and leaves every other op as
-it is.
+it is. bf16 needs the compiled CPU kernels (runtime/cpu): without them (no C++ compiler,
+QKVGGUF_CPU_KERNELS=0) it computes as exact, and on CUDA it changes nothing (Triton's activations are
+float16 there).
 """
 
 from __future__ import annotations
