@@ -173,8 +173,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past, window:
     if mask is None:
         # query t (absolute position n_past + t) sees keys 0 .. n_past + t
         mask = torch.arange(S, device=q.device)[None, :] <= (torch.arange(T, device=q.device)[:, None] + n_past)
+    gqa = q.shape[0] != k.shape[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # differentiated (convert/fisher.py): the 3-D call's math path, which saves its own copies of K
+        # and V for the backward pass; the flash kernel would save views of the cache, written in place later
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     # with a batch dimension, torch's CPU SDPA takes its flash kernel (no K/V copies per query head, no
     # T x S score matrix): 512 x 512 at 32/4 heads, d=64: 15.9 ms against 49.6 ms for the 3-D call's math path
     # (benchmarks/cpu_prompt.py)
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                          enable_gqa=q.shape[0] != k.shape[0])[0]
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=gqa)[0]
