@@ -475,6 +475,34 @@ static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, co
         _mm256_store_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8))));
         _mm256_store_ps(dsc + 8, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8)))));
         const float* sc = dsc;
+#if defined(__AVX512BW__)
+        // the 6-bit values assembled 64 bytes at a time (the loop below does it 16 int32 lanes at a time,
+        // ~4x the integer work), then widened 16 at a time; the same float operations in the same order
+        const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x03), b32 = _mm512_set1_epi8(32);
+        for (int n = 0; n < 2; n++, x += 128, ql += 64, qh += 32, sc += 8) {
+            const __m512i L = _mm512_loadu_si512((const void*)ql);  // ql[0..31] | ql[32..63]
+            const __m256i H = _mm256_loadu_si256((const __m256i*)qh);
+            const __m512i Ha = _mm512_inserti64x4(_mm512_castsi256_si512(H), _mm256_srli_epi16(H, 2), 1);
+            const __m512i Hb = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(H, 4)),
+                                                  _mm256_srli_epi16(H, 6), 1);
+            // bytes 0..31: q1 (values 0..31), 32..63: q2 (32..63); q34 the same for q3, q4 (64..127)
+            const __m512i q12 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(L, m4),
+                                                                _mm512_slli_epi16(_mm512_and_si512(Ha, m2), 4)), b32);
+            const __m512i q34 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
+                                                                _mm512_slli_epi16(_mm512_and_si512(Hb, m2), 4)), b32);
+#define Q6_LANE(v, k) cvt(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, k)))
+            // l = 0 (the first 16 values of each quarter), then l = 16, as the loop below orders them
+            acc = vfma(set1(sc[0]), vmul(Q6_LANE(q12, 0), ldf(x)), acc);
+            acc = vfma(set1(sc[2]), vmul(Q6_LANE(q12, 2), ldf(x + 32)), acc);
+            acc = vfma(set1(sc[4]), vmul(Q6_LANE(q34, 0), ldf(x + 64)), acc);
+            acc = vfma(set1(sc[6]), vmul(Q6_LANE(q34, 2), ldf(x + 96)), acc);
+            acc = vfma(set1(sc[1]), vmul(Q6_LANE(q12, 1), ldf(x + 16)), acc);
+            acc = vfma(set1(sc[3]), vmul(Q6_LANE(q12, 3), ldf(x + 48)), acc);
+            acc = vfma(set1(sc[5]), vmul(Q6_LANE(q34, 1), ldf(x + 80)), acc);
+            acc = vfma(set1(sc[7]), vmul(Q6_LANE(q34, 3), ldf(x + 112)), acc);
+#undef Q6_LANE
+        }
+#else
         for (int n = 0; n < 2; n++, x += 128, ql += 64, qh += 32, sc += 8) {
             for (int l = 0; l < 32; l += VW) {
                 const int is = l / 16;
@@ -489,6 +517,7 @@ static float dot_q6_k(const uint8_t* __restrict b, const float* __restrict x, co
                 acc = vfma(set1(sc[is + 6]), vmul(cvt(q4), ldf(x + 96 + l)), acc);
             }
         }
+#endif
     }
     return hsum(acc);
 }
