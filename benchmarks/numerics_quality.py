@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -49,10 +48,10 @@ def cli(args: list[str]) -> dict:
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of b - a over windows, and its standard error."""
+    from qkvgguf.runtime.perplexity import standard_error
+
     d = [y - x for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    se = math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1) / len(d)) if len(d) > 1 else math.nan
-    return m, se
+    return sum(d) / len(d), standard_error(d)
 
 
 def main() -> None:

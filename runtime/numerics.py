@@ -40,8 +40,8 @@ class Bf16PromptOps:
         return getattr(self.base, name)
 
     def linear(self, x: torch.Tensor, W, name: str, bias: str | None = None) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] <= cpu.GEMV_ROWS \
-                or name in getattr(W, "cpu_computed", ()) or W.cache.peek(name) is not None:
+        # where ops.linear would call cpu.matmul, call it with bf16 (which leaves decode rows as they are)
+        if x.device.type != "cpu" or name in getattr(W, "cpu_computed", ()) or W.cache.peek(name) is not None:
             return self.base.linear(x, W, name, bias)
         y = cpu.matmul(x, W[name], bf16=True)
         if y is None:  # no CPU kernel for this tensor's type

@@ -9,6 +9,7 @@
   the rounding happened); at GEMV_ROWS rows and fewer, bit-equal to the exact path (decode unchanged)
 - a Model with numerics="bf16": prompt logits within 2% (max over the largest logit) of exact and not
   equal to them, a one-token step bit-equal; the CLI accepts it and reports it in --json
+- on a CPU without bfloat16 matrix instructions: the same values and one warning
 """
 
 import json
@@ -113,3 +114,17 @@ def test_cli_bench_reports_bf16(smollm2_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
     assert out["numerics"] == "bf16" and out["prompt_tokens_per_s"] > 0
+
+
+def test_cpu_without_bf16_instructions_says_so_once(kernels, monkeypatch, caplog):
+    """Same values, one warning: on a CPU without AMX/AVX512-BF16 torch's bfloat16 GEMM is slower."""
+    w = random_tensor(T.Q4_K, 24, 2, seed=5)
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((cpu.GEMV_ROWS + 3, w.shape[1])).astype(np.float32))
+    want = cpu.matmul(x, w, bf16=True)
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu, "has_bf16_matmul", lambda: False)
+    with caplog.at_level("WARNING", logger=cpu.__name__):
+        a, b = cpu.matmul(x, w, bf16=True), cpu.matmul(x, w, bf16=True)
+    assert torch.equal(a, want) and torch.equal(b, want)
+    said = [r for r in caplog.records if "bfloat16 matrix instructions" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]

@@ -81,7 +81,7 @@ GEMV_ROWS = 8  # x rows up to which the fused dequant-dot kernel runs; above, de
 TILE_BYTES = 32 << 20  # float32 workspace of the prompt path (largest tile of dequantized rows)
 
 _workspace: dict[torch.dtype, torch.Tensor] = {}
-_state: dict = {}  # "bf16_native": has_bf16_matmul's answer; "bf16_checked": its warning given
+_state: dict = {}  # "bf16_checked": has_bf16_matmul asked (and its warning given) once
 _by_type: dict = {}  # ggml type -> (the library, or None when it lacks the type,)
 
 
@@ -186,15 +186,9 @@ def _matmul_bf16(lib, x: torch.Tensor, w, y: torch.Tensor) -> torch.Tensor:
 
 
 def has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (Linux /proc/cpuinfo: amx_bf16 or avx512_bf16)."""
-    if "bf16_native" not in _state:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-        except OSError:
-            flags = []
-        _state["bf16_native"] = "amx_bf16" in flags or "avx512_bf16" in flags
-    return _state["bf16_native"]
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles or AVX512-BF16), as torch detects it."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 # -- the decode step's small ops (decode.cpp) ------------------------------------------------------------
