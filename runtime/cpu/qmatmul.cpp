@@ -289,6 +289,7 @@ static inline vi vor(vi a, vi b) { return _mm512_or_si512(a, b); }
 static inline vi vsubi(vi a, int s) { return _mm512_sub_epi32(a, _mm512_set1_epi32(s)); }
 static inline vf cvt(vi a) { return _mm512_cvtepi32_ps(a); }
 static inline vf ldf(const float* p) { return _mm512_loadu_ps(p); }
+static inline void stf(float* p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf set1(float v) { return _mm512_set1_ps(v); }
 static inline vf zero() { return _mm512_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
@@ -314,6 +315,7 @@ static inline vi vor(vi a, vi b) { return _mm256_or_si256(a, b); }
 static inline vi vsubi(vi a, int s) { return _mm256_sub_epi32(a, _mm256_set1_epi32(s)); }
 static inline vf cvt(vi a) { return _mm256_cvtepi32_ps(a); }
 static inline vf ldf(const float* p) { return _mm256_loadu_ps(p); }
+static inline void stf(float* p, vf a) { _mm256_storeu_ps(p, a); }
 static inline vf set1(float v) { return _mm256_set1_ps(v); }
 static inline vf zero() { return _mm256_setzero_ps(); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
@@ -642,9 +644,36 @@ static float dot_iq4_xs(const uint8_t* __restrict b, const float* __restrict x, 
     }
     return hsum(acc);
 }
+
+// IQ4 dequantization in vectors (the prompt path's tiles): the scalar functions' table lookup per value
+// is a permute per lane here, and each value the same product level * scale (bit-identical)
+static inline void iq4_dequant32(const uint8_t* q, float dl, float* y) {
+    for (int g = 0; g < 16; g += VW) {
+        const vi v = ld_u8(q + g);
+        stf(y + g, vmul(lut16(IQ4_LEVELS, vand(v, 0xf)), set1(dl)));
+        stf(y + 16 + g, vmul(lut16(IQ4_LEVELS, vsrl(v, 4)), set1(dl)));
+    }
+}
+
+static void dequant_iq4_nl_v(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 18, y += 32) iq4_dequant32(b + 2, f16(b), y);
+}
+
+static void dequant_iq4_xs_v(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 136) {
+        const float d = f16(b);
+        const int sh = b[2] | (b[3] << 8);
+        for (int s = 0; s < 8; s++, y += 32) {
+            const int ls = (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+            iq4_dequant32(b + 8 + 16 * s, d * (float)ls, y);
+        }
+    }
+}
 #define DOT(f) f
+#define VEC(f) f##_v
 #else
 #define DOT(f) nullptr
+#define VEC(f) f
 #endif
 
 // -- the table: ggml type id -> layout and function (ids as in ggml.h) -------------------------------
@@ -670,8 +699,8 @@ static const Format FORMATS[] = {
     {12, 256, 2 + 2 + 12 + 128, dequant_q4_k, DOT(dot_q4_k)},  // Q4_K
     {13, 256, 2 + 2 + 12 + 32 + 128, dequant_q5_k, DOT(dot_q5_k)},  // Q5_K
     {14, 256, 128 + 64 + 16 + 2, dequant_q6_k, DOT(dot_q6_k)},  // Q6_K
-    {20, 32, 2 + 16, dequant_iq4_nl, DOT(dot_iq4_nl)},  // IQ4_NL
-    {23, 256, 2 + 2 + 4 + 128, dequant_iq4_xs, DOT(dot_iq4_xs)},  // IQ4_XS
+    {20, 32, 2 + 16, VEC(dequant_iq4_nl), DOT(dot_iq4_nl)},  // IQ4_NL
+    {23, 256, 2 + 2 + 4 + 128, VEC(dequant_iq4_xs), DOT(dot_iq4_xs)},  // IQ4_XS
     {30, 1, 2, dequant_bf16, nullptr},         // BF16
 };
 
