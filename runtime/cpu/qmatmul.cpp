@@ -241,12 +241,16 @@ static void dequant_iq4_nl(const uint8_t* __restrict b, float* __restrict y, int
 
 // IQ4_XS: f16 d, 16-bit high scale bits (2 per sub-block), 4 bytes of low nibbles, 8 x 16 bytes of
 // indices; sub-block s of 32: x = (d (ls - 32)) level, ls = low nibble | high bits << 4
+static inline int iq4_xs_ls(const uint8_t* b, int s) {  // sub-block s's signed scale, ls - 32
+    const int sh = b[2] | (b[3] << 8);
+    return (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+}
+
 static void dequant_iq4_xs(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, b += 136) {
         const float d = f16(b);
-        const int sh = b[2] | (b[3] << 8);
         for (int s = 0; s < 8; s++, y += 32) {
-            const int ls = (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+            const int ls = iq4_xs_ls(b, s);
             const float dl = d * (float)ls;
             const uint8_t* q = b + 8 + 16 * s;
             for (int j = 0; j < 16; j++) {
@@ -636,9 +640,8 @@ static float dot_iq4_xs(const uint8_t* __restrict b, const float* __restrict x, 
     vf acc = zero();
     for (int64_t i = 0; i < nb; i++, b += 136) {
         const float d = f16(b);
-        const int sh = b[2] | (b[3] << 8);
         for (int s = 0; s < 8; s++, x += 32) {
-            const int ls = (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+            const int ls = iq4_xs_ls(b, s);
             acc = vfma(set1(d * (float)ls), iq4_dot(b + 8 + 16 * s, x), acc);
         }
     }
@@ -662,9 +665,8 @@ static void dequant_iq4_nl_v(const uint8_t* __restrict b, float* __restrict y, i
 static void dequant_iq4_xs_v(const uint8_t* __restrict b, float* __restrict y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, b += 136) {
         const float d = f16(b);
-        const int sh = b[2] | (b[3] << 8);
         for (int s = 0; s < 8; s++, y += 32) {
-            const int ls = (((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32;
+            const int ls = iq4_xs_ls(b, s);
             iq4_dequant32(b + 8 + 16 * s, d * (float)ls, y);
         }
     }
